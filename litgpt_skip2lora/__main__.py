@@ -1,0 +1,81 @@
+"""``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
+
+Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf`` and
+``convert_smollm2``. ``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs Skip2-LoRA only
+when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` build this package's ``GPT`` and ``Config``, which
+load plain LitGPT checkpoints as well as Skip2-LoRA ones.
+"""
+
+import inspect
+import warnings
+from contextlib import contextmanager
+from functools import wraps
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+import litgpt.chat.base
+import litgpt.generate.base
+import torch
+from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
+from litgpt.__main__ import PARSER_DATA
+
+from litgpt_skip2lora import GPT, Config
+from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
+from litgpt_skip2lora.finetune import setup as finetune_skip2lora
+
+
+@contextmanager
+def _skip2lora_classes(module: ModuleType) -> Iterator[None]:
+    """Let a LitGPT entry point that builds ``GPT(Config...)`` itself build ours instead, for one call."""
+    saved = module.GPT, module.Config
+    module.GPT, module.Config = GPT, Config
+    try:
+        yield
+    finally:
+        module.GPT, module.Config = saved
+
+
+def _with_defaults(fn: Callable, **defaults: Any) -> inspect.Signature:
+    signature = inspect.signature(fn)
+    params = [p.replace(default=defaults.get(name, p.default)) for name, p in signature.parameters.items()]
+    return signature.replace(parameters=params)
+
+
+def _with_skip2lora_classes(fn: Callable, module: ModuleType) -> Callable:
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _skip2lora_classes(module):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def finetune(*args: Any, **kwargs: Any) -> None:
+    """LitGPT's ``finetune`` (LoRA on query and value) that runs Skip2-LoRA when ``skip2lora_enabled`` is true."""
+    return finetune_skip2lora(*args, **kwargs)
+
+
+finetune.__signature__ = _with_defaults(finetune_skip2lora, skip2lora_enabled=False, lora_query=True, lora_value=True)
+
+
+COMMANDS = {
+    **PARSER_DATA,
+    "finetune": finetune,
+    "finetune_skip2lora": finetune_skip2lora,
+    "generate": _with_skip2lora_classes(litgpt.generate.base.main, litgpt.generate.base),
+    "chat": _with_skip2lora_classes(litgpt.chat.base.main, litgpt.chat.base),
+    "convert_gguf": convert_gguf,
+    "convert_smollm2": convert_smollm2,
+}
+
+
+def main() -> None:
+    set_docstring_parse_options(attribute_docstrings=True)
+    set_config_read_mode(urls_enabled=False)
+    warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler.step\(\)`", category=UserWarning)
+    torch.set_float32_matmul_precision("high")
+    CLI(COMMANDS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""finetune_skip2lora: train Skip2-LoRA adapters without ever back-propagating the backbone, with the Skip-Cache.
+
+Epoch 1 runs the frozen backbone once per sample (under ``no_grad``) and stores what the tail needs; every later
+visit of a sample reads it back and runs only the adapters, the head and the loss. LitGPT's machinery is reused:
+data modules, ``TrainArgs``/``EvalArgs``, loggers, ``chunked_cross_entropy``, ``get_lr_scheduler``, checkpoints.
+"""
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from pprint import pprint
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import BitsandbytesPrecision
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import litgpt.finetune.lora as litgpt_lora
+from litgpt.args import EvalArgs, LogArgs, TrainArgs
+from litgpt.data import Alpaca, DataModule
+from litgpt.lora import mark_only_lora_as_trainable, merge_lora_weights
+from litgpt.parser_config import save_hyperparameters
+from litgpt.prompts import save_prompt_style
+from litgpt.tokenizer import Tokenizer
+from litgpt.types import LoggerChoice
+from litgpt.utils import (
+    auto_download_checkpoint,
+    check_valid_checkpoint_dir,
+    choose_logger,
+    chunked_cross_entropy,
+    copy_config_files,
+    instantiate_torch_optimizer,
+    load_checkpoint,
+    num_parameters,
+    parse_devices,
+    save_config,
+)
+
+from litgpt_skip2lora.cache import CacheError, Entry, SkipCache, file_digest, sample_key
+from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Features
+
+IGNORE_INDEX = -100
+COMMANDS = ["finetune_skip2lora", "finetune"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CacheArgs:
+    """Skip-Cache options."""
+
+    enabled: bool = True
+    """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
+    directory: Path | None = None
+    """Where to keep them; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses them."""
+    in_memory: bool = False
+    """Keep them in RAM instead of on disk (small runs)."""
+    max_size_gb: float | None = None
+    """Size limit; samples that do not fit are recomputed each time."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Storage dtype; default: the dtype the backbone computes in, which keeps cached training exact."""
+
+
+def setup(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/finetune/skip2lora"),
+    precision: str | None = None,
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = False,
+    lora_key: bool = False,
+    lora_value: bool = False,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    skip2lora_enabled: bool = True,
+    skip2lora_block_indices: list[int] | None = None,
+    skip2lora_output_layer: str = "lm_head",
+    skip2lora_input: Literal["raw", "norm_1", "rms"] = "raw",
+    cache: CacheArgs = CacheArgs(),
+    data: DataModule | None = None,
+    train: TrainArgs = TrainArgs(
+        save_interval=1000,
+        log_interval=1,
+        global_batch_size=16,
+        micro_batch_size=1,
+        lr_warmup_steps=100,
+        epochs=5,
+        max_seq_length=None,
+    ),
+    log: LogArgs = LogArgs(),
+    eval: EvalArgs = EvalArgs(interval=100, max_new_tokens=100, max_iters=100),
+    optimizer: str | dict = "AdamW",
+    logger_name: LoggerChoice = "csv",
+    seed: int = 1337,
+    resume: bool = False,
+    access_token: str | None = None,
+) -> None:
+    """Fine-tune with Skip2-LoRA: adapters from selected blocks straight to the output, backbone frozen and cached.
+
+    Arguments are those of ``litgpt finetune_lora``, plus:
+        skip2lora_enabled: Train Skip2-LoRA adapters. With ``false`` this runs LitGPT's own ``finetune_lora``.
+        skip2lora_block_indices: Blocks whose input feeds an adapter (negative counts from the end). Default: four
+            evenly spaced blocks, the first being 0.
+        skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
+        skip2lora_input: What an adapter reads: ``raw`` block input, the block's ``norm_1`` of it, or ``rms``-normalised.
+        cache: Skip-Cache options.
+        resume: Continue from the newest ``step-*`` checkpoint in ``out_dir``.
+    """
+    checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
+    data = Alpaca() if data is None else data
+    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_head=lora_head)
+    lora.update(zip(LORA_FLAGS, (lora_query, lora_key, lora_value, lora_projection, lora_mlp)))
+    if not skip2lora_enabled:
+        return litgpt_lora.setup(
+            checkpoint_dir, out_dir, precision, quantize, devices, num_nodes, **lora, data=data, train=train,
+            log=log, eval=eval, optimizer=optimizer, logger_name=logger_name, seed=seed,
+        )  # fmt: skip
+    pprint(locals())
+    check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
+    base = Config.from_file(checkpoint_dir / "model_config.yaml")
+    config = Config.from_file(
+        checkpoint_dir / "model_config.yaml",
+        **lora,
+        skip2lora_enabled=True,
+        skip2lora_block_indices=default_blocks(base.n_layer) if skip2lora_block_indices is None else skip2lora_block_indices,
+        skip2lora_output_layer=skip2lora_output_layer,
+        skip2lora_input=skip2lora_input,
+    )
+    devices = parse_devices(devices)
+    precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
+    cache_dir = None if cache.in_memory or not cache.enabled else (cache.directory or out_dir / "skip_cache")
+    if cache_dir is not None:
+        check_writable(cache_dir)
+    if resume and latest_checkpoint(out_dir) is None:
+        raise FileNotFoundError(f"--resume true but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
+
+    plugins = None
+    if quantize is not None:
+        dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
+        plugins, precision = BitsandbytesPrecision(quantize[4:], dtype), None
+    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    logger = choose_logger(
+        logger_name, out_dir, name=f"finetune-skip2lora-{config.name}", log_interval=train.log_interval,
+        log_args=dataclasses.asdict(log),
+    )  # fmt: skip
+    fabric = L.Fabric(
+        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
+    )
+    fabric.launch(main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, cache, cache_dir, optimizer, num_nodes, resume)
+
+
+def main(
+    fabric: L.Fabric,
+    devices: int,
+    seed: int,
+    config: Config,
+    data: DataModule,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    train: TrainArgs,
+    eval: EvalArgs,
+    cache_args: CacheArgs,
+    cache_dir: Path | None,
+    optimizer: str | dict,
+    num_nodes: int = 1,
+    resume: bool = False,
+) -> None:
+    litgpt_lora.validate_args(train, eval)
+    tokenizer = Tokenizer(checkpoint_dir)
+    train_loader, val_loader = get_dataloaders(fabric, data, tokenizer, train)
+    accum = train.gradient_accumulation_iters(devices, num_nodes)
+    max_steps = min(train.epochs * max(1, len(train_loader) // accum), train.max_steps or math.inf)
+
+    fabric.seed_everything(seed)
+    with fabric.init_module(empty_init=fabric.world_size > 1):
+        model = GPT(config)
+    mark_only_lora_as_trainable(model)
+    fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
+    fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
+    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    model.max_seq_length = min(config.block_size, train.max_seq_length or config.block_size)
+
+    fabric_model = fabric.setup_module(model)
+    fabric_model.mark_forward_method("skip2lora_logits")
+    fabric_model.mark_forward_method("skip2lora_tail")
+    opt = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad]))
+    warmup = max(1, min(train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
+    scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
+
+    cache = open_cache(fabric, model, cache_args, cache_dir, checkpoint_dir, data, train)
+    state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0}
+    if resume:
+        fabric.load(latest_checkpoint(out_dir), state)
+        fabric.print(f"Resumed from step {state['step_count']}")
+    trainer = Trainer(fabric, fabric_model, model, opt, scheduler, cache, cache_args.dtype, train, eval, accum, max_steps, state)
+    trainer.fit(train_loader, val_loader, out_dir)
+
+    if fabric.global_rank == 0:
+        litgpt_lora.generate_example(fabric, model, tokenizer, eval, data)
+    save_final(fabric, model, out_dir / "final", checkpoint_dir, data)
+
+
+def default_blocks(n_layer: int) -> list[int]:
+    """Four evenly spaced blocks starting at 0, e.g. [0, 8, 16, 24] for 32 layers."""
+    return sorted({i * n_layer // 4 for i in range(4)})
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any output is written when the cache directory cannot be created or written."""
+    existing = next(p for p in [directory, *directory.parents] if p.exists())
+    if not os.access(existing, os.W_OK) or (existing != directory and not existing.is_dir()):
+        raise CacheError(f"The Skip-Cache directory {str(directory)!r} cannot be created or written.")
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted(out_dir.glob("step-*/state.pth"))
+    return found[-1] if found else None
+
+
+class IndexedDataset(Dataset):
+    """A data module's dataset whose items also carry their index and length: the Skip-Cache's sample identity."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        return {**item, "index": index, "length": len(item["input_ids"])}
+
+
+def collate_indexed(samples: list[dict], collate_fn) -> dict:
+    batch = collate_fn(samples)
+    batch["index"] = torch.tensor([s["index"] for s in samples])
+    batch["length"] = torch.tensor([s["length"] for s in samples]).clamp(max=batch["input_ids"].size(1))
+    return batch
+
+
+def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs) -> tuple[DataLoader, DataLoader]:
+    """LitGPT's data module loaders, same sampler and collate, with sample indices added."""
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
+    with fabric.rank_zero_first():
+        data.prepare_data()
+    data.setup()
+    loaders = []
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        loaders.append(
+            DataLoader(
+                IndexedDataset(loader.dataset), batch_size=loader.batch_size, sampler=loader.sampler,
+                num_workers=loader.num_workers, collate_fn=partial(collate_indexed, collate_fn=loader.collate_fn),
+            )  # fmt: skip
+        )
+    return fabric.setup_dataloaders(*loaders)
+
+
+def open_cache(
+    fabric: L.Fabric, model: GPT, args: CacheArgs, directory: Path | None, checkpoint_dir: Path, data: DataModule, train: TrainArgs
+) -> SkipCache | None:
+    """The Skip-Cache, or None when it is off or cannot be exact (ordinary LoRA trains the cached part)."""
+    if not args.enabled:
+        return None
+    if model.backbone_requires_grad():
+        warnings.warn("Ordinary LoRA trains blocks before the Skip2-LoRA output place: the Skip-Cache is off.")
+        return None
+    fingerprint = {
+        "checkpoint": file_digest(checkpoint_dir / "lit_model.pth"),
+        "tokenizer": {p.name: file_digest(p) for p in sorted(checkpoint_dir.glob("tokenizer*"))},
+        "config": {k: v for k, v in dataclasses.asdict(model.config).items() if not k.startswith("lora_")},
+        "data": repr(data),
+        "max_seq_length": train.max_seq_length,
+        "precision": getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__),
+        "dtype": args.dtype,
+    }
+    max_bytes = None if args.max_size_gb is None else int(args.max_size_gb * 1e9)
+    with fabric.rank_zero_first():
+        return SkipCache(directory, fingerprint, max_bytes)
+
+
+class Trainer:
+    """The training loop: features from the cache or the backbone, then the tail, loss and optimizer step."""
+
+    def __init__(self, fabric, fabric_model, model: GPT, optimizer, scheduler, cache: SkipCache | None, cache_dtype: str | None, train: TrainArgs, eval: EvalArgs, accum: int, max_steps: float, state: dict) -> None:  # fmt: skip
+        self.fabric, self.fabric_model, self.model = fabric, fabric_model, model
+        self.optimizer, self.scheduler, self.cache = optimizer, scheduler, cache
+        self.train, self.eval, self.accum, self.max_steps, self.state = train, eval, accum, max_steps, state
+        self.position_wise = model.config.skip2lora_tail_start == model.config.n_layer
+        self.dtype = DTYPES.get(cache_dtype) if cache else None
+        self.backbone_samples = 0
+
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path) -> None:
+        fabric, state, train = self.fabric, self.state, self.train
+        self.model.eval()  # the frozen backbone never drops out; adapters' dropout stays on
+        for adapter in self.model.adapters:
+            adapter.train()
+        val_loss = self.validate(val_loader)
+        fabric.print(f"Validation loss before training: {val_loss:.4f}")
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
+        skip = state["iter_num"]
+        t_start = time.perf_counter()
+        for epoch in range(train.epochs):
+            epoch_t0, epoch_iters = time.perf_counter(), 0
+            bar = tqdm(train_loader, desc=f"Epoch {epoch + 1}/{train.epochs}", disable=fabric.global_rank != 0, leave=True)
+            for batch in bar:
+                if skip > 0:  # resuming: replay the sampler without computing
+                    skip -= 1
+                    continue
+                if state["step_count"] >= self.max_steps or time.perf_counter() - t_start > (train.max_time or math.inf):
+                    break
+                loss, tokens = self.training_step(batch)
+                epoch_iters += 1
+                if state["iter_num"] % train.log_interval == 0:
+                    self.log(loss, tokens, epoch, bar)
+                if state["iter_num"] % self.accum == 0:
+                    self.after_step(val_loader, out_dir)
+            if epoch_iters:
+                epoch_time = time.perf_counter() - epoch_t0
+                fabric.print(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / epoch_iters * 1000:.1f} ms/iter")
+                fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
+        val_loss = self.validate(val_loader)
+        fabric.print(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
+
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, int]:
+        self.state["iter_num"] += 1
+        self.iter_t0 = time.perf_counter()
+        features, targets = self.batch_features(batch, "train")
+        accumulating = self.state["iter_num"] % self.accum != 0
+        with self.fabric.no_backward_sync(self.fabric_model, enabled=accumulating):
+            loss = self.loss(self.fabric_model, features, targets)
+            self.fabric.backward(loss / self.accum)
+        return loss.detach(), int(batch["length"].sum())
+
+    def after_step(self, val_loader: DataLoader, out_dir: Path) -> None:
+        state = self.state
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+        state["step_count"] += 1
+        if state["step_count"] % self.eval.interval == 0:
+            val_loss = self.validate(val_loader)
+            self.fabric.print(f"step {state['step_count']}: val loss {val_loss:.4f}")
+            self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
+        if self.train.save_interval and state["step_count"] % self.train.save_interval == 0:
+            path = out_dir / f"step-{state['step_count']:06d}" / "state.pth"
+            self.fabric.save(path, state)  # adapters, optimizer, scheduler and counters: enough to resume
+
+    def log(self, loss: torch.Tensor, tokens: int, epoch: int, bar: tqdm) -> None:
+        iter_time = time.perf_counter() - self.iter_t0
+        cache = self.cache
+        metrics = {
+            "loss": loss.item(),
+            "iter": self.state["iter_num"],
+            "step": self.state["step_count"],
+            "epoch": epoch + 1,
+            "iter_time": iter_time,
+            "tokens_per_sec": tokens / iter_time,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "cache_hits": cache.hits if cache else 0,
+            "backbone_samples": self.backbone_samples,
+        }
+        self.fabric.log_dict(metrics, step=self.state["iter_num"])
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ms=f"{iter_time * 1000:.0f}", hits=metrics["cache_hits"])
+
+    @torch.no_grad()
+    def validate(self, val_loader: DataLoader) -> float:
+        """Mean of per-batch losses over the whole validation set, as LitGPT's ``validate`` averages them."""
+        losses = [self.loss(self.model, *self.batch_features(batch, "val")) for batch in val_loader]
+        mean = torch.stack(losses).mean()
+        return self.fabric.all_reduce(mean, reduce_op="mean").item()
+
+    def loss(self, model, features: Features, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the tail's logits. A position-wise tail only ever sees supervised positions."""
+        if self.position_wise:
+            logits = model.skip2lora_logits(features)
+            return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
+        return chunked_cross_entropy(model.skip2lora_tail(features, lm_head_chunk_size=128), targets)
+
+    def batch_features(self, batch: dict, split: str) -> tuple[Features, torch.Tensor]:
+        """Each sample's entry from the cache, or from one backbone pass over the samples it lacks."""
+        input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
+        keys = [
+            sample_key(split, i, input_ids[j, :n], labels[j, :n]) for j, (i, n) in enumerate(zip(batch["index"].tolist(), lengths))
+        ]
+        entries = [self.cache.get(key) if self.cache else None for key in keys]
+        missing = [j for j, entry in enumerate(entries) if entry is None]
+        if missing:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.model.backbone_requires_grad()):
+                features = self.model.skip2lora_features(input_ids[missing, : max(lengths[j] for j in missing)])
+            self.backbone_samples += len(missing)
+            for row, j in enumerate(missing):
+                entries[j] = self.entry(features, row, labels[j], lengths[j])
+                if self.cache:
+                    self.cache.put(keys[j], entries[j])
+        return self.collate(entries)
+
+    def entry(self, features: Features, row: int, labels: torch.Tensor, length: int) -> Entry:
+        """One sample's tail input: every real position, or for a position-wise tail only the supervised ones."""
+        targets = torch.full((length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        targets[:-1] = labels[1:length]
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1) if self.position_wise else slice(0, length)
+        entry = {
+            "taps": torch.stack([t[row, keep] for t in features.taps]),
+            "base": features.base[row, keep],
+            "targets": targets[keep],
+        }
+        return {k: v.to(self.dtype) if self.dtype and v.is_floating_point() else v for k, v in entry.items()}
+
+    def collate(self, entries: list[Entry]) -> tuple[Features, torch.Tensor]:
+        device = self.fabric.device
+        if self.position_wise:  # flat: rows of all samples together, no padding at all
+            taps = torch.cat([e["taps"] for e in entries], dim=1).to(device)
+            base = torch.cat([e["base"] for e in entries]).to(device)
+            return Features(list(taps), base), torch.cat([e["targets"] for e in entries]).to(device)
+        pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
+        taps = pad([e["taps"].transpose(0, 1) for e in entries]).permute(2, 0, 1, 3).to(device)
+        base = pad([e["base"] for e in entries]).to(device)
+        return Features(list(taps), base), pad([e["targets"] for e in entries], padding_value=IGNORE_INDEX).to(device)
+
+
+def save_final(fabric: L.Fabric, model: GPT, final_dir: Path, checkpoint_dir: Path, data: DataModule) -> None:
+    """A self-contained checkpoint: base weights (ordinary LoRA merged) plus the Skip2-LoRA adapters.
+
+    Skip2-LoRA cannot be merged into the base weights: its adapters read block inputs that no single weight
+    matrix at the output place sees, so they stay separate modules and load with this package's ``GPT``.
+    """
+    partial_dir = final_dir.with_name(final_dir.name + ".partial")
+    if fabric.global_rank == 0:
+        partial_dir.mkdir(parents=True, exist_ok=True)
+    litgpt_lora.save_lora_checkpoint(fabric, model, partial_dir / "lit_model.pth.lora")
+    if fabric.global_rank == 0:
+        merge_lora_weights(model)
+        state = {k: v for k, v in model.state_dict().items() if "lora_" not in k or ".skip2lora." in k}
+        torch.save(state, partial_dir / "lit_model.pth")
+        copy_config_files(checkpoint_dir, partial_dir)
+        save_config(dataclasses.replace(model.config, **{flag: False for flag in (*LORA_FLAGS, "lora_head")}), partial_dir)
+        save_hyperparameters(setup, partial_dir, known_commands=COMMANDS)
+        save_prompt_style(data.prompt_style, partial_dir)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(partial_dir, final_dir)
+        fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
+    fabric.barrier()

@@ -1,0 +1,285 @@
+"""Skip2-LoRA on top of LitGPT's LoRA model.
+
+Adapter i reads the input of block i and its low-rank output ``B_i A_i x_i * alpha / r`` skips straight to
+the output place, where the sum ``z`` of all adapters is added once. Nothing inside the backbone changes, so
+the backbone needs no backward pass, and its activations for a sample never change: they can be cached
+(see :mod:`litgpt_skip2lora.cache`). Reference: Matutani et al., ASP-DAC 2025, arXiv 2410.21073.
+
+Output places (``skip2lora_output_layer``):
+    ``"lm_head"``: ``logits = lm_head(ln_f(h) + z)``, the paper's design: the tail is one matmul.
+    ``"ln_f"``:    ``logits = lm_head(ln_f(h + z))``: ``z`` joins the residual stream and is normalised with it.
+    ``"block.K"``: ``z`` is added to the input of block K and blocks K.. run in the tail, with gradients.
+                   Adapters may read blocks 0..K; ordinary LoRA flags (``lora_query`` ...) apply to blocks K..
+                   only, so everything before K stays frozen and cacheable.
+"""
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+from typing_extensions import Self
+
+import litgpt.lora
+from litgpt.model import batched_index_select, do_softcapping
+
+ADAPTER_INPUTS = ("raw", "norm_1", "rms")
+LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
+
+Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int | None]
+
+
+@dataclass
+class Features:
+    """What the tail needs from the frozen backbone: the adapters' inputs and the tensor ``z`` is added to."""
+
+    taps: list[torch.Tensor]
+    base: torch.Tensor
+
+
+@dataclass
+class Config(litgpt.lora.Config):
+    """LitGPT's LoRA config plus Skip2-LoRA.
+
+    Args:
+        skip2lora_enabled: add Skip2-LoRA adapters (rank ``lora_r``, scaling ``lora_alpha / lora_r``,
+            dropout ``lora_dropout``).
+        skip2lora_block_indices: blocks whose input feeds an adapter; negative indices count from the end,
+            as in Python. Stored sorted and non-negative.
+        skip2lora_output_layer: where the adapters' sum is added: ``"lm_head"``, ``"ln_f"`` or ``"block.K"``.
+        skip2lora_input: what an adapter reads: the raw residual ``"raw"``, the block's own pre-attention
+            norm ``"norm_1"`` (what q/v LoRA sees), or a parameter-free RMS norm ``"rms"``.
+    """
+
+    skip2lora_enabled: bool = False
+    skip2lora_block_indices: tuple[int, ...] = ()
+    skip2lora_output_layer: str = "lm_head"
+    skip2lora_input: str = "raw"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.skip2lora_block_indices = tuple(self.skip2lora_block_indices)
+        if self.skip2lora_enabled:
+            self.skip2lora_block_indices = self._checked_indices()
+
+    @property
+    def skip2lora_tail_start(self) -> int:
+        """Index of the first block that runs in the tail; ``n_layer`` when the tail has no block."""
+        place = self.skip2lora_output_layer
+        return int(place.removeprefix("block.")) if place.startswith("block.") else self.n_layer
+
+    def _checked_indices(self) -> tuple[int, ...]:
+        if self.lora_r <= 0:
+            raise ValueError(f"Skip2-LoRA needs lora_r > 0, got lora_r={self.lora_r}.")
+        if self.skip2lora_input not in ADAPTER_INPUTS:
+            raise ValueError(f"skip2lora_input must be one of {ADAPTER_INPUTS}, got {self.skip2lora_input!r}.")
+        start = self._checked_tail_start()
+        indices = self.skip2lora_block_indices
+        if not indices:
+            raise ValueError("skip2lora_enabled is true but skip2lora_block_indices is empty: select at least one block.")
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not -self.n_layer <= i < self.n_layer:
+                raise ValueError(f"skip2lora_block_indices: {i!r} is not a block index of a {self.n_layer}-layer model.")
+        normalized = sorted(i % self.n_layer for i in indices)
+        if len(set(normalized)) != len(normalized):
+            raise ValueError(f"skip2lora_block_indices has duplicates: {list(indices)} selects {normalized}.")
+        if normalized[-1] > start:
+            raise ValueError(
+                f"skip2lora_block_indices: block {normalized[-1]} lies after the output place"
+                f" {self.skip2lora_output_layer!r}; adapters must read blocks 0..{start}."
+            )
+        return tuple(normalized)
+
+    def _checked_tail_start(self) -> int:
+        place = self.skip2lora_output_layer
+        digits = place.removeprefix("block.")
+        if place in ("lm_head", "ln_f") or (place.startswith("block.") and digits.isdigit() and 0 < int(digits) < self.n_layer):
+            return self.skip2lora_tail_start
+        raise ValueError(
+            f"skip2lora_output_layer must be 'lm_head', 'ln_f' or 'block.K' with 0 < K < {self.n_layer}, got {place!r}."
+        )
+
+
+class Skip2LoRA(litgpt.lora.LoRALayer):
+    """A LoRA branch without a pretrained weight of its own: ``dropout(x) A^T B^T * alpha / r``."""
+
+    def __init__(self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float) -> None:
+        super().__init__(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, n_embd))
+        self.lora_B = nn.Parameter(torch.empty(n_embd, r))
+        self.scaling = lora_alpha / r
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A as in LoRA (Kaiming-uniform), B zero: a fresh adapter leaves the model unchanged."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank-r code ``dropout(x) A^T * scaling``; ``forward`` is ``down(x) B^T``."""
+        return (self.lora_dropout(x) @ self.lora_A.T) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x) @ self.lora_B.T
+
+
+class Block(litgpt.lora.Block):
+    """LitGPT's LoRA block, holding ``skip2lora`` when its input is selected. Its forward is unchanged."""
+
+    def __init__(self, config: Config, block_idx: int) -> None:
+        super().__init__(config, block_idx)
+        if config.skip2lora_enabled and block_idx in config.skip2lora_block_indices:
+            self.skip2lora = Skip2LoRA(config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout)
+
+    def skip2lora_tap(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's input, computed from this block's input ``x``."""
+        kind = self.config.skip2lora_input
+        if kind == "norm_1":
+            return self.norm_1(x)
+        if kind == "rms":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
+        return x
+
+
+class GPT(litgpt.lora.GPT):
+    """LitGPT's LoRA GPT whose forward adds the Skip2-LoRA adapters' sum at ``skip2lora_output_layer``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.transformer.h = nn.ModuleList(Block(_block_config(config, i), i) for i in range(config.n_layer))
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs: Any) -> Self:
+        return cls(Config.from_name(name, **kwargs))
+
+    @property
+    def adapters(self) -> list[Skip2LoRA]:
+        return [self.transformer.h[i].skip2lora for i in self.config.skip2lora_block_indices]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        lm_head_chunk_size: int = 0,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        if not self.config.skip2lora_enabled:
+            return super().forward(idx, input_pos, input_pos_maxp1, lm_head_chunk_size)
+        rope = self._rope_and_mask(idx.size(1), input_pos, input_pos_maxp1)
+        return self._tail(self._features(idx, rope), rope, lm_head_chunk_size)
+
+    def skip2lora_features(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, input_pos_maxp1: int | None = None
+    ) -> Features:
+        """Run the frozen part (embeddings and the blocks before the output place) once."""
+        return self._features(idx, self._rope_and_mask(idx.size(1), input_pos, input_pos_maxp1))
+
+    def skip2lora_tail(
+        self,
+        features: Features,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        lm_head_chunk_size: int = 0,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Logits from cached features without running any frozen block: ``forward == tail(features)``."""
+        rope = None
+        if self.config.skip2lora_tail_start < self.config.n_layer:
+            rope = self._rope_and_mask(features.base.size(-2), input_pos, input_pos_maxp1)
+        return self._tail(features, rope, lm_head_chunk_size)
+
+    def skip2lora_delta(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """``z``: the sum of all adapter outputs, as one matmul over the concatenated rank-r codes."""
+        codes = torch.cat([a.down(t) for a, t in zip(self.adapters, taps)], dim=-1)
+        return codes @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
+
+    def skip2lora_logits(self, features: Features) -> torch.Tensor:
+        """Training logits for a position-wise tail (no block in it), cheapest first.
+
+        With output place ``lm_head``, a frozen head and few adapter ranks, ``W (h + B u) = W h + (W B) u``:
+        backward then never multiplies by the vocabulary-sized ``W`` per token, only once per step.
+        """
+        head = self.lm_head
+        factored = (
+            self.config.skip2lora_output_layer == "lm_head"
+            and not head.linear.weight.requires_grad
+            and head.r == 0
+            and 3 * self.config.lora_r * len(self.adapters) < self.config.n_embd
+        )
+        if not factored:
+            return self._tail(features, None, 0)
+        codes = torch.cat([a.down(t) for a, t in zip(self.adapters, features.taps)], dim=-1)
+        with torch.no_grad():
+            base_logits = head(features.base)
+        projected_b = head.linear.weight @ torch.cat([a.lora_B for a in self.adapters], dim=1)
+        return self._clamp(base_logits + codes @ projected_b.T)
+
+    def backbone_requires_grad(self) -> bool:
+        """Whether the frozen part has a trainable parameter (ordinary LoRA before the output place)."""
+        frozen_part = [self.transformer.wte, *self.transformer.h[: self.config.skip2lora_tail_start]]
+        return any(p.requires_grad for m in frozen_part for n, p in m.named_parameters() if "skip2lora" not in n)
+
+    def _features(self, idx: torch.Tensor, rope: Rope) -> Features:
+        start = self.config.skip2lora_tail_start
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_requires_grad()):
+            x = self.transformer.wte(idx)
+            if self.config.scale_embeddings:
+                x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+            taps = []
+            for i, block in enumerate(self.transformer.h):
+                if hasattr(block, "skip2lora"):
+                    taps.append(block.skip2lora_tap(x))
+                if i == start:
+                    break
+                x = self._block(i, x, rope)
+            base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
+        return Features(taps, base)
+
+    def _tail(self, features: Features, rope: Rope | None, lm_head_chunk_size: int) -> torch.Tensor | list[torch.Tensor]:
+        x = features.base + self.skip2lora_delta(features.taps)
+        for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
+            x = self._block(i, x, rope)
+        if self.config.skip2lora_output_layer != "lm_head":
+            x = self.transformer.ln_f(x)
+        if lm_head_chunk_size > 0:
+            return [self._clamp(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
+        return self._clamp(self.lm_head(x))
+
+    def _clamp(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else do_softcapping(logits, cap)
+
+    def _block(self, i: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        cos, sin, mask, input_pos, input_pos_maxp1 = rope
+        if self.config.rope_indices is not None:
+            which = self.config.rope_indices[i]
+            cos, sin = cos[..., which], sin[..., which]
+        return self.transformer.h[i](x, cos, sin, mask, input_pos, input_pos_maxp1)
+
+    def _rope_and_mask(self, T: int, input_pos: torch.Tensor | None, input_pos_maxp1: int | None) -> Rope:
+        """RoPE tables and attention mask for T tokens; with ``input_pos`` the KV cache is used."""
+        if T > self.max_seq_length:
+            raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {self.max_seq_length}.")
+        if input_pos is None:
+            return self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0), None, None, None
+        if input_pos.dim() > 2 or input_pos.shape[-1] != T:
+            raise ValueError(f"input_pos must have shape (T,) or (B, T) with T={T}, got {tuple(input_pos.shape)}")
+        if self.mask_cache is None:
+            raise TypeError("You need to call `gpt.set_kv_cache()`")
+        cos, sin = (batched_index_select(t, 0, input_pos) for t in (self.cos, self.sin))
+        if input_pos.dim() == 1:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        mask = batched_index_select(self.mask_cache, 2, input_pos)
+        if mask.dim() > 4:  # a batched input_pos adds a batch dim in front of the cache's own
+            mask = mask.squeeze(1)
+        if input_pos_maxp1 is not None:
+            if input_pos_maxp1 > self.max_seq_length:
+                raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
+            mask = mask[..., :input_pos_maxp1]
+        return cos, sin, mask, input_pos, input_pos_maxp1
+
+
+def _block_config(config: Config, block_idx: int) -> Config:
+    """Blocks before a ``block.K`` output place stay frozen: ordinary LoRA applies to the tail only."""
+    frozen = config.skip2lora_enabled and block_idx < config.skip2lora_tail_start < config.n_layer
+    return replace(config, **{flag: False for flag in LORA_FLAGS}) if frozen else config

@@ -1,0 +1,67 @@
+"""Tiny, offline fixtures: a random-weight Llama-style checkpoint with a WordLevel tokenizer, and Alpaca data."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+import litgpt
+from litgpt.utils import save_config
+
+WORDS = (
+    "the a cat dog sat ran on under mat log red blue big small what is colour of animal where did it go "
+    "answer question below instruction response write that appropriately completes request describes task "
+    "input provides further context an with paired . : # , ?"
+).split()
+TINY = dict(
+    name="tiny-llama", block_size=128, n_layer=4, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64,
+    bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", rotary_percentage=1.0,
+    parallel_residual=False, padding_multiple=64,
+)  # fmt: skip
+
+
+def write_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A LitGPT checkpoint folder LitGPT itself accepts, with random weights and an offline tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    tokenizer = HFTokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"})
+    )
+    config = litgpt.Config(**TINY, vocab_size=len(vocab))
+    torch.manual_seed(seed)
+    torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
+    save_config(config, directory)
+    return directory
+
+
+def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    colours, animals = ["red", "blue"], ["cat", "dog"]
+    records = [
+        {
+            "instruction": f"what is the colour of the {rng.choice(animals)} ?",
+            "input": "" if i % 2 else f"the {rng.choice(animals)} sat on the mat",
+            "output": " ".join(rng.choice(colours + ["big", "small"]) for _ in range(1 + i % 5)),
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_alpaca(tmp_path_factory.mktemp("data") / "alpaca.json", 24)
