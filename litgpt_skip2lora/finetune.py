@@ -19,6 +19,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -41,7 +42,6 @@ from litgpt.utils import (
     load_checkpoint,
     num_parameters,
     parse_devices,
-    save_config,
 )
 
 from litgpt_skip2lora.cache import CacheError, Entry, SkipCache, file_digest, sample_key
@@ -429,6 +429,12 @@ class Trainer:
         taps = pad([e["taps"].transpose(0, 1) for e in entries]).permute(2, 0, 1, 3).to(device)
         base = pad([e["base"] for e in entries]).to(device)
         return Features(list(taps), base), pad([e["targets"] for e in entries], padding_value=IGNORE_INDEX).to(device)
+
+
+def save_config(config: Config, directory: Path) -> None:
+    """LitGPT's ``model_config.yaml``, with tuples written as lists so that ``yaml.safe_load`` reads them back."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    (directory / "model_config.yaml").write_text(yaml.dump(fields), encoding="utf-8")
 
 
 def save_final(fabric: L.Fabric, model: GPT, final_dir: Path, checkpoint_dir: Path, data: DataModule) -> None:

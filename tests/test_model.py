@@ -1,0 +1,188 @@
+"""The Skip2-LoRA model: equality with LitGPT at B=0, gradients, the frozen backbone's memory, KV cache, bad input."""
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import litgpt
+from litgpt.generate.base import generate
+from litgpt.lora import mark_only_lora_as_trainable
+
+from litgpt_skip2lora import GPT, Config, Skip2LoRA
+from litgpt_skip2lora.model import Features
+
+FAMILIES = {
+    "pythia": dict(name="pythia-14m", n_layer=3, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96),
+    "llama": dict(
+        name="SmolLM2-135M-Instruct", n_layer=3, n_embd=48, n_head=6, n_query_groups=2, intermediate_size=96,
+        padded_vocab_size=96, vocab_size=96,
+    ),  # fmt: skip
+}
+PLACES = ["lm_head", "ln_f", "block.2"]
+
+
+def tiny(family: str = "llama", **kwargs) -> Config:
+    spec = dict(FAMILIES[family])
+    spec.update(lora_r=4, lora_alpha=8, skip2lora_enabled=True, skip2lora_block_indices=(0, 1))
+    spec.update(kwargs)
+    return Config.from_name(spec.pop("name"), **spec)
+
+
+def with_random_adapters(model: GPT) -> GPT:
+    for adapter in model.adapters:
+        torch.nn.init.normal_(adapter.lora_B, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("place", PLACES)
+def test_zero_b_equals_base_model_exactly(family: str, place: str) -> None:
+    config = tiny(family, skip2lora_output_layer=place)
+    torch.manual_seed(0)
+    base = litgpt.model.GPT(litgpt.Config.from_name(config.name, **{k: getattr(config, k) for k in FAMILIES[family] if k != "name"}))
+    model = GPT(config)
+    result = model.load_state_dict(base.state_dict(), strict=False)  # a plain LitGPT checkpoint loads as it is
+    assert result.unexpected_keys == []
+    assert all(".skip2lora." in k for k in result.missing_keys) and result.missing_keys
+    idx = torch.randint(0, 96, (2, 9))
+    assert torch.equal(model(idx), base(idx))
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_gradients_reach_adapters_only(place: str) -> None:
+    model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place)))
+    mark_only_lora_as_trainable(model)
+    model(torch.randint(0, 96, (2, 9))).sum().backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {f"transformer.h.{i}.skip2lora.lora_{m}" for i in (0, 1) for m in "AB"}
+
+
+def test_ordinary_lora_together_keeps_the_graph() -> None:
+    model = with_random_adapters(GPT(tiny(lora_query=True, lora_value=True)))
+    mark_only_lora_as_trainable(model)
+    assert model.backbone_requires_grad()
+    model(torch.randint(0, 96, (2, 9))).sum().backward()
+    qkv_grads = [p.grad for n, p in model.named_parameters() if "attn.qkv.lora_B" in n]
+    assert len(qkv_grads) == 3 and all(g is not None and g.abs().sum() > 0 for g in qkv_grads)
+
+
+def test_ordinary_lora_before_a_block_output_place_is_off() -> None:
+    model = GPT(tiny(lora_query=True, skip2lora_output_layer="block.2"))
+    lora_blocks = {n.split(".")[2] for n, _ in model.named_parameters() if "qkv.lora_A" in n}
+    assert lora_blocks == {"2"}
+    mark_only_lora_as_trainable(model)
+    assert not model.backbone_requires_grad()
+
+
+def saved_bytes(n_layer: int) -> int:
+    model = with_random_adapters(GPT(tiny(n_layer=n_layer)))
+    mark_only_lora_as_trainable(model)
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 96, (2, 16))).sum().backward()
+    return total
+
+
+def test_backward_memory_does_not_grow_with_depth() -> None:
+    assert saved_bytes(2) == saved_bytes(8) > 0
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_kv_cached_generation_equals_full_recomputation(place: str) -> None:
+    torch.manual_seed(1)
+    model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place))).eval()
+    prompt = torch.randint(0, 96, (5,))
+    model.set_kv_cache(batch_size=1)
+    cached = generate(model, prompt, max_returned_tokens=12, temperature=0.0)
+    model.clear_kv_cache()
+    tokens = prompt
+    with torch.no_grad():
+        while len(tokens) < 12:
+            tokens = torch.cat([tokens, model(tokens[None])[0, -1].argmax().view(1)])
+    assert torch.equal(cached, tokens)
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_chunked_head_equals_unchunked(place: str) -> None:
+    model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place)))
+    idx = torch.randint(0, 96, (2, 9))
+    assert torch.allclose(torch.cat(model(idx, lm_head_chunk_size=4), dim=1), model(idx), atol=1e-6)
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_tail_from_features_equals_full_forward(place: str) -> None:
+    model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place)))
+    idx = torch.randint(0, 96, (2, 9))
+    features = model.skip2lora_features(idx)
+    assert torch.equal(model.skip2lora_tail(features), model(idx))
+    if place != "block.2":  # position-wise tails also take flat rows, the layout training uses
+        flat = Features([t.flatten(0, 1) for t in features.taps], features.base.flatten(0, 1))
+        assert torch.allclose(model.skip2lora_logits(flat), model(idx).flatten(0, 1), atol=1e-5)
+
+
+def test_features_run_without_autograd_graph() -> None:
+    model = GPT(tiny())
+    mark_only_lora_as_trainable(model)
+    features = model.skip2lora_features(torch.randint(0, 96, (1, 4)))
+    assert features.base.grad_fn is None and all(t.grad_fn is None for t in features.taps)
+
+
+def test_adapter_only_checkpoint_roundtrip(tmp_path) -> None:
+    source = with_random_adapters(GPT(tiny()))
+    adapters = {k: v for k, v in source.state_dict().items() if "lora_" in k}
+    torch.save(adapters, tmp_path / "adapters.pth")
+    target = GPT(tiny())
+    target.load_state_dict(source.state_dict())
+    for adapter in target.adapters:
+        adapter.reset_parameters()
+    target.load_state_dict(torch.load(tmp_path / "adapters.pth"), strict=False)
+    idx = torch.randint(0, 96, (1, 6))
+    assert torch.equal(target(idx), source(idx))
+
+
+def test_layer_shapes_and_scaling() -> None:
+    layer = Skip2LoRA(n_embd=16, r=4, lora_alpha=8, lora_dropout=0.0)
+    assert layer.lora_A.shape == (4, 16) and layer.lora_B.shape == (16, 4) and layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    torch.nn.init.ones_(layer.lora_B)
+    x = torch.randn(3, 16)
+    assert torch.allclose(layer(x), x @ layer.lora_A.T @ layer.lora_B.T * 2.0)
+
+
+def test_negative_indices_count_from_the_end_and_config_round_trips(tmp_path) -> None:
+    config = tiny(skip2lora_block_indices=[-1, 0])
+    assert config.skip2lora_block_indices == (0, 2)
+    path = tmp_path / "model_config.yaml"
+    from litgpt_skip2lora.finetune import save_config
+
+    save_config(config, tmp_path)
+    assert Config.from_file(path) == config
+    assert Config.from_checkpoint(tmp_path) == config
+    assert asdict(Config.from_name("pythia-14m"))["skip2lora_enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(skip2lora_block_indices=(3,)), "3 is not a block index of a 3-layer model"),
+        (dict(skip2lora_block_indices=(-4,)), "-4 is not a block index"),
+        (dict(skip2lora_block_indices=(1, 1)), "duplicates"),
+        (dict(skip2lora_block_indices=(0, -3)), "duplicates"),
+        (dict(skip2lora_block_indices=()), "skip2lora_block_indices is empty"),
+        (dict(lora_r=0), "needs lora_r > 0"),
+        (dict(skip2lora_output_layer="head"), "skip2lora_output_layer must be"),
+        (dict(skip2lora_output_layer="block.3"), "skip2lora_output_layer must be"),
+        (dict(skip2lora_output_layer="block.1", skip2lora_block_indices=(0, 2)), "lies after the output place"),
+        (dict(skip2lora_input="layernorm"), "skip2lora_input must be"),
+    ],
+)
+def test_bad_config_is_refused_with_a_clear_message(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
