@@ -58,10 +58,11 @@ def convert_gguf(gguf_path: Path, checkpoint_dir: Path, model_name: str | None =
     check_supported(reader)
     config = Config.from_name(model_name or infer_model_name(reader, gguf_path))
     check_hyperparameters(reader, config)
+    tokenizer = build_tokenizer(reader)  # before writing anything: it refuses unsupported vocabularies
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, checkpoint_dir)
-    save_tokenizer(reader, checkpoint_dir)
+    save_tokenizer(reader, tokenizer, checkpoint_dir)
     save_prompt_style(model_name_to_prompt_style(config.name), checkpoint_dir)
     state_dict = gguf_state_dict(reader, config)
     # written last and renamed into place, so its presence means the folder is complete
@@ -209,9 +210,8 @@ def pad_vocab(weight: torch.Tensor, config: Config) -> torch.Tensor:
     return torch.cat((weight, weight.new_zeros(missing, weight.shape[1]))) if missing > 0 else weight
 
 
-def save_tokenizer(reader: gguf.GGUFReader, checkpoint_dir: Path) -> None:
+def save_tokenizer(reader: gguf.GGUFReader, tokenizer: Tokenizer, checkpoint_dir: Path) -> None:
     """Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` from the GGUF vocabulary."""
-    tokenizer = build_tokenizer(reader)
     tokenizer.save(str(checkpoint_dir / "tokenizer.json"))
     tokens = meta(reader, "tokenizer.ggml.tokens")
     gguf_keys = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
@@ -242,6 +242,6 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     token_types = meta(reader, "tokenizer.ggml.token_type", [])
-    control = [t for t, ttype in zip(tokens, token_types) if ttype == gguf.TokenType.CONTROL]
+    control = [t for t, ttype in zip(tokens, token_types, strict=True) if ttype == gguf.TokenType.CONTROL]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     return tokenizer

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import litgpt.finetune.lora as litgpt_lora
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
-from litgpt.lora import mark_only_lora_as_trainable, merge_lora_weights
+from litgpt.lora import LoRALayer, mark_only_lora_as_trainable, merge_lora_weights
 from litgpt.parser_config import save_hyperparameters
 from litgpt.prompts import save_prompt_style
 from litgpt.tokenizer import Tokenizer
@@ -190,6 +190,10 @@ def main(
     fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
     load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    if fabric.world_size > 1:  # empty_init left the LoRA weights, which no checkpoint holds, uninitialised
+        for module in model.modules():
+            if isinstance(module, LoRALayer):
+                module.reset_parameters()
     model.max_seq_length = min(config.block_size, train.max_seq_length or config.block_size)
 
     fabric_model = fabric.setup_module(model)
@@ -200,7 +204,7 @@ def main(
     scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
 
     cache = open_cache(fabric, model, cache_args, cache_dir, checkpoint_dir, data, train)
-    state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0}
+    state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0, "rng": None}
     if resume:
         fabric.load(latest_checkpoint(out_dir), state)
         fabric.print(f"Resumed from step {state['step_count']}")
@@ -280,7 +284,7 @@ def open_cache(
         "checkpoint": file_digest(checkpoint_dir / "lit_model.pth"),
         "tokenizer": {p.name: file_digest(p) for p in sorted(checkpoint_dir.glob("tokenizer*"))},
         "config": {k: v for k, v in dataclasses.asdict(model.config).items() if not k.startswith("lora_")},
-        "data": repr(data),
+        "data": {"module": type(data).__name__, **{k: v if isinstance(v, (str, int, float, bool, Path, type(None))) else type(v).__name__ for k, v in vars(data).items()}},
         "max_seq_length": train.max_seq_length,
         "precision": getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__),
         "dtype": args.dtype,
@@ -303,9 +307,7 @@ class Trainer:
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path) -> None:
         fabric, state, train = self.fabric, self.state, self.train
-        self.model.eval()  # the frozen backbone never drops out; adapters' dropout stays on
-        for adapter in self.model.adapters:
-            adapter.train()
+        self.model.eval()  # the frozen backbone never drops out; only the adapters switch to training mode
         val_loss = self.validate(val_loader)
         fabric.print(f"Validation loss before training: {val_loss:.4f}")
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
@@ -315,8 +317,10 @@ class Trainer:
             epoch_t0, epoch_iters = time.perf_counter(), 0
             bar = tqdm(train_loader, desc=f"Epoch {epoch + 1}/{train.epochs}", disable=fabric.global_rank != 0, leave=True)
             for batch in bar:
-                if skip > 0:  # resuming: replay the sampler without computing
+                if skip > 0:  # resuming: replay the sampler without computing, then restore the RNG as saved
                     skip -= 1
+                    if skip == 0:
+                        torch.set_rng_state(state["rng"])
                     continue
                 if state["step_count"] >= self.max_steps or time.perf_counter() - t_start > (train.max_time or math.inf):
                     break
@@ -356,7 +360,8 @@ class Trainer:
             self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
         if self.train.save_interval and state["step_count"] % self.train.save_interval == 0:
             path = out_dir / f"step-{state['step_count']:06d}" / "state.pth"
-            self.fabric.save(path, state)  # adapters, optimizer, scheduler and counters: enough to resume
+            state["rng"] = torch.get_rng_state()  # adapters' dropout continues as if never interrupted
+            self.fabric.save(path, state)  # with adapters, optimizer, scheduler and counters: enough to resume
 
     def log(self, loss: torch.Tensor, tokens: int, epoch: int, bar: tqdm) -> None:
         iter_time = time.perf_counter() - self.iter_t0
@@ -378,9 +383,15 @@ class Trainer:
     @torch.no_grad()
     def validate(self, val_loader: DataLoader) -> float:
         """Mean of per-batch losses over the whole validation set, as LitGPT's ``validate`` averages them."""
+        self.set_adapters_training(False)
         losses = [self.loss(self.model, *self.batch_features(batch, "val")) for batch in val_loader]
+        self.set_adapters_training(True)
         mean = torch.stack(losses).mean()
         return self.fabric.all_reduce(mean, reduce_op="mean").item()
+
+    def set_adapters_training(self, mode: bool) -> None:
+        for adapter in self.model.adapters:
+            adapter.train(mode)
 
     def loss(self, model, features: Features, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the tail's logits. A position-wise tail only ever sees supervised positions."""

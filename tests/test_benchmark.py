@@ -1,0 +1,38 @@
+"""The benchmark script end to end on a tiny model: every configuration measured, ratios consistent, no timings judged."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
+EXPECTED = ["lora", "skip2-2", "skip2-2-cached", "skip2-4-cached-quarter", "lora-same-params"]
+ENVIRONMENT = ["date", "python", "torch", "litgpt", "device", "device_name", "threads", "precision", "batch_size", "seq_len", "rank"]  # fmt: skip
+
+
+def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
+    args = ["--model", "pythia-14m", "--n-layer", "2", "--device", "cpu", "--blocks", "2", "--batch-size", "2"]
+    args += ["--seq-len", "16", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "overridden to n_layer=2" in done.stdout
+    (path,) = tmp_path.glob("benchmark-*.json")
+    report = json.loads(path.read_text())
+
+    assert all(report["environment"][key] is not None for key in ENVIRONMENT)
+    results = report["configurations"]
+    assert list(results) == EXPECTED
+    base = results["lora"]
+    for name, result in results.items():
+        assert name in done.stdout
+        for figure, times in result["times_ms"].items():
+            assert len(times) == 1 and times[0] > 0
+            assert result["median_ms"][figure] == times[0]
+            assert result["ratio_to_lora"][figure] == pytest.approx(times[0] / base["median_ms"][figure])
+        assert result["peak_memory_mb"] > 0
+        assert result["ratio_to_lora"]["peak_memory"] == pytest.approx(result["peak_memory_mb"] / base["peak_memory_mb"])
+        assert 0 < result["trainable_params"] < result["total_params"]
+    assert results["skip2-4-cached-quarter"]["labelled_fraction"] == 0.25
+    assert results["skip2-2-cached"]["cached"] and not results["skip2-2"]["cached"]

@@ -1,0 +1,200 @@
+"""finetune_skip2lora end to end on a tiny random-weight checkpoint: the real loop, the real cache, no mocks."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import JSON
+
+import litgpt_skip2lora.model
+from litgpt_skip2lora.cache import CacheError
+from litgpt_skip2lora.finetune import CacheArgs, Trainer, setup
+
+REPO = Path(__file__).parent.parent
+N_LAYER = 4
+
+
+def run(checkpoint: Path, data_file: Path, out_dir: Path, epochs: int = 3, **kwargs) -> pd.DataFrame:
+    """One fine-tune in this process; returns the per-iteration rows of its metrics.csv."""
+    args = dict(
+        precision="32-true", skip2lora_block_indices=[0, 2], lora_r=4, lora_alpha=8, seed=7,
+        data=JSON(json_path=data_file, val_split_fraction=0.25, num_workers=0),
+        train=TrainArgs(epochs=epochs, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=None),
+        eval=EvalArgs(interval=1000, max_new_tokens=3), optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}},
+    )  # fmt: skip
+    args.update(kwargs)
+    with pytest.MonkeyPatch.context() as patch:  # LitGPT's save_hyperparameters re-parses the command line
+        patch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(checkpoint)])
+        setup(checkpoint, out_dir=out_dir, **args)
+    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+    return metrics.dropna(subset=["loss"]).reset_index(drop=True)
+
+
+def losses(metrics: pd.DataFrame) -> torch.Tensor:
+    """Per-iteration training losses, at float32 tolerance (the loss is computed in float32)."""
+    return torch.tensor(metrics["loss"].values, dtype=torch.float32)
+
+
+@pytest.fixture()
+def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the backbone block forwards of each training step (the real forward still runs)."""
+    calls, per_step = [0], []
+    block_forward, training_step = litgpt_skip2lora.model.Block.forward, Trainer.training_step
+
+    def counting_forward(self, *args, **kwargs):
+        calls[0] += 1
+        return block_forward(self, *args, **kwargs)
+
+    def counting_step(self, batch):
+        before = calls[0]
+        result = training_step(self, batch)
+        per_step.append(calls[0] - before)
+        return result
+
+    monkeypatch.setattr(litgpt_skip2lora.model.Block, "forward", counting_forward)
+    monkeypatch.setattr(Trainer, "training_step", counting_step)
+    return per_step
+
+
+@pytest.mark.parametrize("place", ["lm_head", "block.3"])
+def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int], place: str
+) -> None:
+    cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", skip2lora_output_layer=place)
+    steps_per_epoch = len(cached) // 3
+    tail_blocks = 0 if place == "lm_head" else 1  # block.3: block 3 runs in the tail, with gradients
+    assert block_calls_per_step[:steps_per_epoch] == [N_LAYER] * steps_per_epoch
+    assert block_calls_per_step[steps_per_epoch : 3 * steps_per_epoch] == [tail_blocks] * (2 * steps_per_epoch)
+    assert cached["cache_hits"].iloc[-1] > 0
+
+    uncached = run(
+        tiny_checkpoint, alpaca_file, tmp_path / "uncached", skip2lora_output_layer=place, cache=CacheArgs(enabled=False)
+    )
+    n_train, n_val = 18, 6  # the first validation runs before training and fills the val entries
+    assert cached["backbone_samples"].iloc[-1] == n_train + n_val
+    assert uncached["backbone_samples"].iloc[-1] == 3 * n_train + n_val
+    torch.testing.assert_close(losses(cached), losses(uncached))
+    assert cached["loss"].iloc[-3:].mean() < cached["loss"].iloc[:3].mean()  # it learns
+
+
+def test_final_checkpoint_generates_through_the_cli(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=1)
+    final = tmp_path / "out" / "final"
+    assert {"lit_model.pth", "lit_model.pth.lora", "model_config.yaml", "hyperparameters.yaml", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    config = yaml.safe_load((final / "model_config.yaml").read_text())
+    assert config["skip2lora_enabled"] and config["skip2lora_block_indices"] == [0, 2]
+    out = subprocess.run(
+        [sys.executable, "-m", "litgpt_skip2lora", "generate", str(final), "--prompt", "what is the colour",
+         "--max_new_tokens", "4", "--precision", "32-true"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "what is the colour" in out.stdout
+
+
+def test_cache_is_reused_and_damage_is_detected(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int]
+) -> None:
+    cache = CacheArgs(directory=tmp_path / "cache")
+    first = run(tiny_checkpoint, alpaca_file, tmp_path / "a", epochs=1, cache=cache)
+    entries = sorted((tmp_path / "cache").glob("train-*.s2l"))
+    assert len(entries) == 18 and not list((tmp_path / "cache").glob("*.tmp"))
+
+    block_calls_per_step.clear()
+    run(tiny_checkpoint, alpaca_file, tmp_path / "b", epochs=1, cache=cache)
+    assert sum(block_calls_per_step) == 0  # a second run on the same data reads everything back
+
+    damaged = bytearray(entries[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    entries[0].write_bytes(bytes(damaged))
+    entries[1].write_bytes(entries[1].read_bytes()[:-100])
+    block_calls_per_step.clear()
+    with pytest.warns(UserWarning, match="damaged"):
+        again = run(tiny_checkpoint, alpaca_file, tmp_path / "c", epochs=1, cache=cache)
+    assert again["backbone_samples"].iloc[-1] == 2 and sum(block_calls_per_step) > 0
+    torch.testing.assert_close(losses(again), losses(first))
+
+    with pytest.warns(UserWarning, match="built for other inputs"):
+        run(tiny_checkpoint, alpaca_file, tmp_path / "d", epochs=1, cache=cache, skip2lora_block_indices=[1, 3])
+
+
+def test_size_limit_falls_back_to_recomputation(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="Skip-Cache is full"):
+        metrics = run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=2, cache=CacheArgs(max_size_gb=2e-4))
+    assert 18 + 6 < metrics["backbone_samples"].iloc[-1] < 2 * 18 + 6  # some train samples fit, some not
+    assert metrics["loss"].notna().all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(checkpoint="missing"), FileNotFoundError, "checkpoint_dir"),
+        (dict(skip2lora_block_indices=[0, 9]), ValueError, "9 is not a block index of a 4-layer model"),
+        (dict(cache="a-file/skip_cache"), CacheError, "cannot be created or written"),
+        (dict(resume=True), FileNotFoundError, "no step-"),
+    ],
+)
+def test_bad_arguments_stop_before_any_output(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, kwargs: dict, error: type, message: str
+) -> None:
+    checkpoint = tmp_path / kwargs.pop("checkpoint") if "checkpoint" in kwargs else tiny_checkpoint
+    if "cache" in kwargs:  # a directory below a plain file can never be created, whoever runs the test
+        (tmp_path / "a-file").write_text("")
+        kwargs["cache"] = CacheArgs(directory=tmp_path / kwargs["cache"])
+    with pytest.raises(error, match=message):
+        run(checkpoint.absolute(), alpaca_file, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=5)
+    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
+    crashed = tmp_path / "crashed"  # as if killed after step 5: its later checkpoint and final output never written
+    shutil.copytree(tmp_path / "full", crashed, ignore=shutil.ignore_patterns("step-000010", "final"))
+    resumed = run(tiny_checkpoint, alpaca_file, crashed, train=train, resume=True)
+    assert resumed["iter"].iloc[0] == 6
+    torch.testing.assert_close(losses(resumed), losses(full)[5:])
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "litgpt_skip2lora", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_finetune_command_follows_the_yaml(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    common = {
+        "checkpoint_dir": str(tiny_checkpoint), "precision": "32-true", "lora_r": 4, "lora_alpha": 8,
+        "data": {"class_path": "litgpt.data.JSON", "init_args": {"json_path": str(alpaca_file), "val_split_fraction": 0.25}},
+        "train": {"epochs": 1, "micro_batch_size": 4, "global_batch_size": 4, "lr_warmup_steps": 1},
+        "eval": {"interval": 1000, "max_new_tokens": 2},
+    }  # fmt: skip
+    for name, extra in {"skip2lora": {"skip2lora_enabled": True, "skip2lora_block_indices": [0, 1], "lora_query": False, "lora_value": False}, "lora": {}}.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**common, **extra, "out_dir": str(tmp_path / name)}))
+        result = cli("finetune", "--config", str(tmp_path / f"{name}.yaml"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    skip2lora_config = yaml.safe_load((tmp_path / "skip2lora" / "final" / "model_config.yaml").read_text())
+    assert skip2lora_config["skip2lora_block_indices"] == [0, 1]
+    assert (tmp_path / "skip2lora" / "skip_cache" / "fingerprint.json").is_file()
+    assert (tmp_path / "lora" / "final" / "lit_model.pth").is_file() and not (tmp_path / "lora" / "skip_cache").exists()
+
+
+def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    result = cli(
+        "finetune_skip2lora", str(tiny_checkpoint), "--devices", "2", "--precision", "32-true", "--lora_r", "4",
+        "--skip2lora_block_indices", "[0,2]", "--data", "JSON", "--data.json_path", str(alpaca_file),
+        "--data.val_split_fraction", "0.25", "--train.epochs", "2", "--train.micro_batch_size", "2",
+        "--train.global_batch_size", "4", "--train.lr_warmup_steps", "1", "--eval.interval", "1000",
+        "--eval.max_new_tokens", "2", "--out_dir", str(tmp_path / "ddp"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
+    assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
