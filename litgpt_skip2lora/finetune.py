@@ -309,12 +309,13 @@ class Trainer:
         fabric, state, train = self.fabric, self.state, self.train
         self.model.eval()  # the frozen backbone never drops out; only the adapters switch to training mode
         val_loss = self.validate(val_loader)
-        fabric.print(f"Validation loss before training: {val_loss:.4f}")
+        summary = [f"Validation loss before training: {val_loss:.4f}"]
+        fabric.print(summary[0])
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
         skip = state["iter_num"]
         t_start = time.perf_counter()
         for epoch in range(train.epochs):
-            epoch_t0, epoch_iters = time.perf_counter(), 0
+            epoch_t0, epoch_iters, backbone_before = time.perf_counter(), 0, self.backbone_samples
             bar = tqdm(train_loader, desc=f"Epoch {epoch + 1}/{train.epochs}", disable=fabric.global_rank != 0, leave=True)
             for batch in bar:
                 if skip > 0:  # resuming: replay the sampler without computing, then restore the RNG as saved
@@ -332,10 +333,14 @@ class Trainer:
                     self.after_step(val_loader, out_dir)
             if epoch_iters:
                 epoch_time = time.perf_counter() - epoch_t0
-                fabric.print(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / epoch_iters * 1000:.1f} ms/iter")
+                ran = self.backbone_samples - backbone_before
+                how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
+                summary.append(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / epoch_iters * 1000:.1f} ms/iter ({how})")
+                fabric.print(summary[-1])
                 fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
         val_loss = self.validate(val_loader)
-        fabric.print(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
+        summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
+        fabric.print("\n".join(["", "Summary", *summary]))
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, int]:

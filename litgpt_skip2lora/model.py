@@ -196,15 +196,17 @@ class GPT(litgpt.lora.GPT):
     def skip2lora_logits(self, features: Features) -> torch.Tensor:
         """Training logits for a position-wise tail (no block in it), cheapest first.
 
-        With output place ``lm_head``, a frozen head and few adapter ranks, ``W (h + B u) = W h + (W B) u``:
-        backward then never multiplies by the vocabulary-sized ``W`` per token, only once per step.
+        With output place ``lm_head`` and a frozen head, ``W (h + B u) = W h + (W B) u``: backward then multiplies
+        by the vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row. That pays when the rows
+        ``n`` outnumber the ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
         """
-        head = self.lm_head
+        head, d = self.lm_head, self.config.n_embd
+        ranks, rows = self.config.lora_r * len(self.adapters), features.base.numel() // d
         factored = (
             self.config.skip2lora_output_layer == "lm_head"
             and not head.linear.weight.requires_grad
             and head.r == 0
-            and 3 * self.config.lora_r * len(self.adapters) < self.config.n_embd
+            and rows * (d - 3 * ranks) > 2 * d * ranks
         )
         if not factored:
             return self._tail(features, None, 0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from litgpt.data import JSON, DataModule
+from litgpt.data import JSON, DataModule, SFTDataset
 from litgpt.prompts import PromptStyle
 from litgpt.tokenizer import Tokenizer
 from torch.utils.data import DataLoader
@@ -112,6 +112,15 @@ class InstructData(DataModule):
         )
         self.json_data.connect(self.tokenizer, self.batch_size, self.max_seq_length)
         self.json_data.setup()
+
+    @property
+    def train_dataset(self) -> SFTDataset:
+        return self.json_data.train_dataset
+
+    @property
+    def test_dataset(self) -> SFTDataset:
+        """The validation split, under the name LitGPT's ``select_sft_generate_example`` reads."""
+        return self.json_data.test_dataset
 
     def train_dataloader(self) -> DataLoader:
         return self.json_data.train_dataloader()
