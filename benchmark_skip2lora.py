@@ -170,9 +170,8 @@ def skip2lora_step(fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: 
     fabric_model.mark_forward_method("skip2lora_tail")
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     cache = SkipCache(None, {}) if spec.cached else None
-    never = EvalArgs(interval=10**9)
     state = {"iter_num": 0, "step_count": 0}
-    trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, cache, None, TrainArgs(save_interval=None), never, 1, math.inf, state)  # fmt: skip
+    trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, cache, None, TrainArgs(), EvalArgs(), 1, math.inf, state)  # fmt: skip
     if cache is not None:
         with torch.no_grad():
             trainer.batch_features(batch, "train")  # fills the cache: the first epoch's work, not timed
@@ -188,7 +187,7 @@ def skip2lora_step(fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: 
     def step(batch: dict) -> None:
         trainer.training_step(batch)
         clock.mark()
-        trainer.after_step(None, Path())
+        trainer.optimizer_step()
 
     return step
 

@@ -1,7 +1,7 @@
 """``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
 
-Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf`` and
-``convert_smollm2``. ``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs Skip2-LoRA only
+Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf``,
+``convert_smollm2`` and ``compare``. ``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs Skip2-LoRA only
 when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` build this package's ``GPT`` and ``Config``, which
 load plain LitGPT checkpoints as well as Skip2-LoRA ones.
 """
@@ -20,6 +20,7 @@ from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
 from litgpt.__main__ import PARSER_DATA
 
 from litgpt_skip2lora import GPT, Config
+from litgpt_skip2lora.compare import compare
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
 
@@ -66,6 +67,7 @@ COMMANDS = {
     "chat": _with_skip2lora_classes(litgpt.chat.base.main, litgpt.chat.base),
     "convert_gguf": convert_gguf,
     "convert_smollm2": convert_smollm2,
+    "compare": compare,
 }
 
 

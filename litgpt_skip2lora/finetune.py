@@ -87,7 +87,7 @@ def setup(
     skip2lora_enabled: bool = True,
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
-    skip2lora_input: Literal["raw", "norm_1", "rms"] = "raw",
+    skip2lora_input: str = "raw",
     cache: CacheArgs = CacheArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
@@ -306,46 +306,51 @@ class Trainer:
         self.backbone_samples = 0
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path) -> None:
-        fabric, state, train = self.fabric, self.state, self.train
+        fabric, state = self.fabric, self.state
         self.model.eval()  # the frozen backbone never drops out; only the adapters switch to training mode
-        val_loss = self.validate(val_loader)
-        summary = [f"Validation loss before training: {val_loss:.4f}"]
+        summary = [f"Validation loss before training: {self.log_validation(val_loader):.4f}"]
         fabric.print(summary[0])
-        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
-        skip = state["iter_num"]
-        t_start = time.perf_counter()
-        for epoch in range(train.epochs):
-            epoch_t0, epoch_iters, backbone_before = time.perf_counter(), 0, self.backbone_samples
-            bar = tqdm(train_loader, desc=f"Epoch {epoch + 1}/{train.epochs}", disable=fabric.global_rank != 0, leave=True)
-            for batch in bar:
-                if skip > 0:  # resuming: replay the sampler without computing, then restore the RNG as saved
-                    skip -= 1
-                    if skip == 0:
-                        torch.set_rng_state(state["rng"])
-                    continue
-                if state["step_count"] >= self.max_steps or time.perf_counter() - t_start > (train.max_time or math.inf):
-                    break
-                loss, tokens = self.training_step(batch)
-                epoch_iters += 1
-                if state["iter_num"] % train.log_interval == 0:
-                    self.log(loss, tokens, epoch, bar)
-                if state["iter_num"] % self.accum == 0:
-                    self.after_step(val_loader, out_dir)
-            if epoch_iters:
-                epoch_time = time.perf_counter() - epoch_t0
-                ran = self.backbone_samples - backbone_before
+        self.skip, self.t_start = state["iter_num"], time.perf_counter()
+        for epoch in range(self.train.epochs):
+            epoch_t0, backbone_before = time.perf_counter(), self.backbone_samples
+            iters = self.run_epoch(train_loader, val_loader, out_dir, epoch)
+            if iters:
+                epoch_time, ran = time.perf_counter() - epoch_t0, self.backbone_samples - backbone_before
                 how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
-                summary.append(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / epoch_iters * 1000:.1f} ms/iter ({how})")
+                summary.append(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / iters * 1000:.1f} ms/iter ({how})")
                 fabric.print(summary[-1])
                 fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
-        val_loss = self.validate(val_loader)
+        val_loss = self.log_validation(val_loader)
         summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
         fabric.print("\n".join(["", "Summary", *summary]))
-        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
+
+    def run_epoch(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path, epoch: int) -> int:
+        """One pass over the training data; returns the number of iterations it ran."""
+        state, train, iters = self.state, self.train, 0
+        bar = tqdm(train_loader, desc=f"Epoch {epoch + 1}/{train.epochs}", disable=self.fabric.global_rank != 0)
+        self.iter_t0 = time.perf_counter()  # like LitGPT's iter_time: batch loading and optimizer step included
+        for batch in bar:
+            if self.skip > 0:  # resuming: replay the sampler without computing, then restore the RNG as saved
+                self.skip -= 1
+                if self.skip == 0:
+                    torch.set_rng_state(state["rng"])
+                continue
+            if state["step_count"] >= self.max_steps or time.perf_counter() - self.t_start > (train.max_time or math.inf):
+                break
+            loss, tokens = self.training_step(batch)
+            iters += 1
+            stepped = state["iter_num"] % self.accum == 0
+            if stepped:
+                self.optimizer_step()
+            if state["iter_num"] % train.log_interval == 0:
+                self.log(loss, tokens, epoch, bar)
+            if stepped:
+                self.evaluate_and_save(val_loader, out_dir)
+            self.iter_t0 = time.perf_counter()
+        return iters
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, int]:
         self.state["iter_num"] += 1
-        self.iter_t0 = time.perf_counter()
         features, targets = self.batch_features(batch, "train")
         accumulating = self.state["iter_num"] % self.accum != 0
         with self.fabric.no_backward_sync(self.fabric_model, enabled=accumulating):
@@ -353,20 +358,24 @@ class Trainer:
             self.fabric.backward(loss / self.accum)
         return loss.detach(), int(batch["length"].sum())
 
-    def after_step(self, val_loader: DataLoader, out_dir: Path) -> None:
-        state = self.state
+    def optimizer_step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.scheduler.step()
-        state["step_count"] += 1
-        if state["step_count"] % self.eval.interval == 0:
-            val_loss = self.validate(val_loader)
-            self.fabric.print(f"step {state['step_count']}: val loss {val_loss:.4f}")
-            self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=state["iter_num"])
-        if self.train.save_interval and state["step_count"] % self.train.save_interval == 0:
-            path = out_dir / f"step-{state['step_count']:06d}" / "state.pth"
-            state["rng"] = torch.get_rng_state()  # adapters' dropout continues as if never interrupted
-            self.fabric.save(path, state)  # with adapters, optimizer, scheduler and counters: enough to resume
+        self.state["step_count"] += 1
+
+    def evaluate_and_save(self, val_loader: DataLoader, out_dir: Path) -> None:
+        step = self.state["step_count"]
+        if step % self.eval.interval == 0:
+            self.fabric.print(f"step {step}: val loss {self.log_validation(val_loader):.4f}")
+        if self.train.save_interval and step % self.train.save_interval == 0:
+            self.state["rng"] = torch.get_rng_state()  # adapters' dropout continues as if never interrupted
+            self.fabric.save(out_dir / f"step-{step:06d}" / "state.pth", self.state)  # enough to resume
+
+    def log_validation(self, val_loader: DataLoader) -> float:
+        val_loss = self.validate(val_loader)
+        self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=self.state["iter_num"])
+        return val_loss
 
     def log(self, loss: torch.Tensor, tokens: int, epoch: int, bar: tqdm) -> None:
         iter_time = time.perf_counter() - self.iter_t0

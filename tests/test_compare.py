@@ -23,7 +23,7 @@ GOOD = ["lora", "skip2lora", "skip2lora-lnf"]
 
 
 @pytest.fixture(scope="module")
-def compared(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
+def compared(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """One comparison for the whole module: four fresh processes are most of this file's time."""
     tmp = tmp_path_factory.mktemp("compare")
     variants = tmp / "variants.yaml"
@@ -42,7 +42,8 @@ def test_every_variant_has_measured_figures(compared: tuple[dict, Path, Path]) -
     for name in GOOD:
         run = runs[name]
         assert run["status"] == "ok" and run["returncode"] == 0, run["log_tail"]
-        assert math.isfinite(run["final_val_loss"]) and run["final_val_ppl"] == pytest.approx(math.exp(run["final_val_loss"]))
+        assert math.isfinite(run["final_val_loss"])
+        assert run["final_val_ppl"] == pytest.approx(math.exp(run["final_val_loss"]))
         assert math.isfinite(run["initial_val_loss"]) and run["val_curve"][0]["step"] == 0
         assert run["peak_rss_mb"] > 0 and run["wall_time_s"] > run["train_time_s"] > 0 and run["trainable_params"] > 0
         assert len(run["epoch_train_time_s"]) == 2
@@ -69,7 +70,8 @@ def test_ratios_follow_the_raw_figures(compared: tuple[dict, Path, Path]) -> Non
 
 def test_a_failed_variant_is_recorded(compared: tuple[dict, Path, Path]) -> None:
     bad = compared[0]["runs"]["bad"]
-    assert bad["status"] == f"failed (exit code {bad['returncode']})" and bad["returncode"] != 0 and "skip2lora_input" in bad["log_tail"]
+    assert bad["returncode"] != 0 and bad["status"] == f"failed (exit code {bad['returncode']})"
+    assert "skip2lora_input" in bad["log_tail"]
     assert bad["val_loss_diff"] is None and bad["train_time_ratio"] is None and bad["peak_rss_ratio"] is None
 
 

@@ -186,3 +186,21 @@ def test_negative_indices_count_from_the_end_and_config_round_trips(tmp_path) ->
 def test_bad_config_is_refused_with_a_clear_message(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tiny(**kwargs)
+
+
+def test_factored_head_gives_the_same_logits_and_gradients() -> None:
+    """With few ranks and many rows training uses ``W h + (W B) u``; it must equal ``W (h + B u)``."""
+    model = with_random_adapters(GPT(tiny(lora_r=1, lora_alpha=2)))
+    mark_only_lora_as_trainable(model)
+    features = model.skip2lora_features(torch.randint(0, 96, (4, 16)))
+    flat = Features([t.flatten(0, 1) for t in features.taps], features.base.flatten(0, 1))
+    results = []
+    for logits_fn in (model.skip2lora_logits, lambda f: model.skip2lora_tail(f)):
+        model.zero_grad()
+        logits = logits_fn(flat)
+        logits.logsumexp(-1).sum().backward()
+        results.append((logits.detach(), [a.lora_B.grad.clone() for a in model.adapters]))
+    (factored, factored_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(factored, plain)
+    for g1, g2 in zip(factored_grads, plain_grads):
+        torch.testing.assert_close(g1, g2)
