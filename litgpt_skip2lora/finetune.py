@@ -211,9 +211,9 @@ def main(
     trainer = Trainer(fabric, fabric_model, model, opt, scheduler, cache, cache_args.dtype, train, eval, accum, max_steps, state)
     trainer.fit(train_loader, val_loader, out_dir)
 
+    save_final(fabric, model, out_dir / "final", checkpoint_dir, data)
     if fabric.global_rank == 0:
         litgpt_lora.generate_example(fabric, model, tokenizer, eval, data)
-    save_final(fabric, model, out_dir / "final", checkpoint_dir, data)
 
 
 def default_blocks(n_layer: int) -> list[int]:

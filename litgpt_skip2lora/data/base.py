@@ -75,6 +75,8 @@ class InstructData(DataModule):
 
     def __post_init__(self) -> None:
         super().__init__()
+        if isinstance(self.prompt_style, str):  # LitGPT's finetune scripts call prompt_style.apply
+            self.prompt_style = PromptStyle.from_name(self.prompt_style)
 
     @property
     def split_dir(self) -> Path:
