@@ -146,7 +146,9 @@ class GPT(litgpt.lora.GPT):
     """LitGPT's LoRA GPT whose forward adds the Skip2-LoRA adapters' sum at ``skip2lora_output_layer``."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
+        # LitGPT's LoRA GPT would build blocks of its own class: build it without any, so no weight exists twice
+        super().__init__(replace(config, n_layer=0, skip2lora_enabled=False))
+        self.config = config
         self.transformer.h = nn.ModuleList(Block(_block_config(config, i), i) for i in range(config.n_layer))
 
     @classmethod
