@@ -14,6 +14,10 @@ from litgpt_skip2lora.model import Features
 
 FAMILIES = {
     "pythia": dict(name="pythia-14m", n_layer=3, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96),
+    "gemma": dict(  # sliding-window blocks, per-block RoPE tables, extra norms, logit softcapping
+        name="gemma-3-1b-it", n_layer=3, n_embd=64, n_head=4, n_query_groups=1, head_size=16, intermediate_size=128,
+        padded_vocab_size=96, vocab_size=96,
+    ),  # fmt: skip
     "llama": dict(
         name="SmolLM2-135M-Instruct", n_layer=3, n_embd=48, n_head=6, n_query_groups=2, intermediate_size=96,
         padded_vocab_size=96, vocab_size=96,
