@@ -423,8 +423,7 @@ class Trainer:
         entries = [self.cache.get(key) if self.cache else None for key in keys]
         missing = [j for j, entry in enumerate(entries) if entry is None]
         if missing:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.model.backbone_requires_grad()):
-                features = self.model.skip2lora_features(input_ids[missing, : max(lengths[j] for j in missing)])
+            features = self.model.skip2lora_features(input_ids[missing, : max(lengths[j] for j in missing)])
             self.backbone_samples += len(missing)
             for row, j in enumerate(missing):
                 entries[j] = self.entry(features, row, labels[j], lengths[j])
