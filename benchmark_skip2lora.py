@@ -167,7 +167,6 @@ def lora_step(fabric: L.Fabric, model: torch.nn.Module, optimizer, clock: Clock)
 def skip2lora_step(fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: Spec, batch: dict, clock: Clock) -> Callable[[dict], None]:  # fmt: skip
     """One step of this package's ``Trainer``; its loss is wrapped only to mark where the forward ends."""
     fabric_model.mark_forward_method("skip2lora_logits")
-    fabric_model.mark_forward_method("skip2lora_tail")
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     cache = SkipCache(None, {}) if spec.cached else None
     state = {"iter_num": 0, "step_count": 0}

@@ -198,7 +198,6 @@ def main(
 
     fabric_model = fabric.setup_module(model)
     fabric_model.mark_forward_method("skip2lora_logits")
-    fabric_model.mark_forward_method("skip2lora_tail")
     opt = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad]))
     warmup = max(1, min(train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
     scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
@@ -408,11 +407,11 @@ class Trainer:
             adapter.train(mode)
 
     def loss(self, model, features: Features, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the tail's logits. A position-wise tail only ever sees supervised positions."""
-        if self.position_wise:
-            logits = model.skip2lora_logits(features)
-            return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
-        return chunked_cross_entropy(model.skip2lora_tail(features, lm_head_chunk_size=128), targets)
+        """Cross-entropy of the tail's logits at the supervised positions, the only ones the loss reads."""
+        supervised = None if self.position_wise else targets != IGNORE_INDEX
+        logits = model.skip2lora_logits(features, supervised)
+        targets = targets if supervised is None else targets[supervised]
+        return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 
     def batch_features(self, batch: dict, split: str) -> tuple[Features, torch.Tensor]:
         """Each sample's entry from the cache, or from one backbone pass over the samples it lacks."""

@@ -195,13 +195,19 @@ class GPT(litgpt.lora.GPT):
         codes = torch.cat([a.down(t) for a, t in zip(self.adapters, taps)], dim=-1)
         return codes @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
 
-    def skip2lora_logits(self, features: Features) -> torch.Tensor:
-        """Training logits for a position-wise tail (no block in it), cheapest first.
+    def skip2lora_logits(self, features: Features, supervised: torch.Tensor | None = None) -> torch.Tensor:
+        """Training logits of the supervised rows only, cheapest first: the head is the costliest matmul.
 
-        With output place ``lm_head`` and a frozen head, ``W (h + B u) = W h + (W B) u``: backward then multiplies
-        by the vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row. That pays when the rows
-        ``n`` outnumber the ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
+        A tail with blocks takes padded ``(B, T)`` features and the boolean ``supervised`` mask: its blocks run
+        over every position (attention needs them all), the head only over the rows the loss reads.
+        A position-wise tail takes flat features, supervised rows only. With output place ``lm_head`` and a
+        frozen head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the vocabulary-sized ``W``
+        once per step (for ``W B``) instead of once per row. That pays when the rows ``n`` outnumber the
+        ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
         """
+        if self.config.skip2lora_tail_start < self.config.n_layer:
+            rope = self._rope_and_mask(features.base.size(-2), None, None)
+            return self._clamp(self.lm_head(self._hidden(features, rope)[supervised]))
         head, d = self.lm_head, self.config.n_embd
         ranks, rows = self.config.lora_r * len(self.adapters), features.base.numel() // d
         factored = (
@@ -239,12 +245,15 @@ class GPT(litgpt.lora.GPT):
             base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
         return Features(taps, base)
 
-    def _tail(self, features: Features, rope: Rope | None, lm_head_chunk_size: int) -> torch.Tensor | list[torch.Tensor]:
+    def _hidden(self, features: Features, rope: Rope | None) -> torch.Tensor:
+        """What ``lm_head`` reads: ``z`` added at the output place, then the tail's blocks and final norm."""
         x = features.base + self.skip2lora_delta(features.taps)
         for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
             x = self._block(i, x, rope)
-        if self.config.skip2lora_output_layer != "lm_head":
-            x = self.transformer.ln_f(x)
+        return x if self.config.skip2lora_output_layer == "lm_head" else self.transformer.ln_f(x)
+
+    def _tail(self, features: Features, rope: Rope | None, lm_head_chunk_size: int) -> torch.Tensor | list[torch.Tensor]:
+        x = self._hidden(features, rope)
         if lm_head_chunk_size > 0:
             return [self._clamp(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
         return self._clamp(self.lm_head(x))

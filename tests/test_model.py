@@ -126,9 +126,13 @@ def test_tail_from_features_equals_full_forward(place: str) -> None:
     idx = torch.randint(0, 96, (2, 9))
     features = model.skip2lora_features(idx)
     assert torch.equal(model.skip2lora_tail(features), model(idx))
-    if place != "block.2":  # position-wise tails also take flat rows, the layout training uses
-        flat = Features([t.flatten(0, 1) for t in features.taps], features.base.flatten(0, 1))
-        assert torch.allclose(model.skip2lora_logits(flat), model(idx).flatten(0, 1), atol=1e-5)
+    supervised = torch.rand(2, 9) < 0.5  # training logits: the supervised rows only
+    if place == "block.2":  # a tail with blocks takes padded features and the mask
+        logits = model.skip2lora_logits(features, supervised)
+    else:  # position-wise tails take the supervised rows flat, the layout training uses
+        rows = Features([t[supervised] for t in features.taps], features.base[supervised])
+        logits = model.skip2lora_logits(rows)
+    assert torch.allclose(logits, model(idx)[supervised], atol=1e-5)
 
 
 def test_features_run_without_autograd_graph() -> None:
