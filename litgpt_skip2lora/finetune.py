@@ -306,7 +306,7 @@ class Trainer:
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path) -> None:
         fabric, state = self.fabric, self.state
-        self.model.eval()  # the frozen backbone never drops out; only the adapters switch to training mode
+        self.model.eval()  # the frozen part never drops out; validation switches the tail to training mode after it
         summary = [f"Validation loss before training: {self.log_validation(val_loader):.4f}"]
         fabric.print(summary[0])
         self.skip, self.t_start = state["iter_num"], time.perf_counter()
@@ -396,15 +396,15 @@ class Trainer:
     @torch.no_grad()
     def validate(self, val_loader: DataLoader) -> float:
         """Mean of per-batch losses over the whole validation set, as LitGPT's ``validate`` averages them."""
-        self.set_adapters_training(False)
+        self.set_tail_training(False)
         losses = [self.loss(self.model, *self.batch_features(batch, "val")) for batch in val_loader]
-        self.set_adapters_training(True)
+        self.set_tail_training(True)
         mean = torch.stack(losses).mean()
         return self.fabric.all_reduce(mean, reduce_op="mean").item()
 
-    def set_adapters_training(self, mode: bool) -> None:
-        for adapter in self.model.adapters:
-            adapter.train(mode)
+    def set_tail_training(self, mode: bool) -> None:
+        for module in self.model.tail_modules:
+            module.train(mode)
 
     def loss(self, model, features: Features, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the tail's logits at the supervised positions, the only ones the loss reads."""

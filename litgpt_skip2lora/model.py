@@ -159,6 +159,11 @@ class GPT(litgpt.lora.GPT):
     def adapters(self) -> list[Skip2LoRA]:
         return [self.transformer.h[i].skip2lora for i in self.config.skip2lora_block_indices]
 
+    @property
+    def tail_modules(self) -> list[nn.Module]:
+        """What trains, so what switches to training mode (LoRA dropout): the adapters and the tail's blocks."""
+        return [*self.adapters, *self.transformer.h[self.config.skip2lora_tail_start :]]
+
     def forward(
         self,
         idx: torch.Tensor,
