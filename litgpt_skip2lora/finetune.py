@@ -88,6 +88,7 @@ def setup(
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
     skip2lora_input: str = "raw",
+    skip2lora_mix: str = "none",
     cache: CacheArgs = CacheArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
@@ -115,6 +116,8 @@ def setup(
             evenly spaced blocks, the first being 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
         skip2lora_input: What an adapter reads: ``raw`` block input, the block's ``norm_1`` of it, or ``rms``-normalised.
+        skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
+            attention probabilities (cached with the block inputs).
         cache: Skip-Cache options.
         resume: Continue from the newest ``step-*`` checkpoint in ``out_dir``.
     """
@@ -137,6 +140,7 @@ def setup(
         skip2lora_block_indices=default_blocks(base.n_layer) if skip2lora_block_indices is None else skip2lora_block_indices,
         skip2lora_output_layer=skip2lora_output_layer,
         skip2lora_input=skip2lora_input,
+        skip2lora_mix=skip2lora_mix,
     )
     devices = parse_devices(devices)
     precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
@@ -300,7 +304,8 @@ class Trainer:
         self.fabric, self.fabric_model, self.model = fabric, fabric_model, model
         self.optimizer, self.scheduler, self.cache = optimizer, scheduler, cache
         self.train, self.eval, self.accum, self.max_steps, self.state = train, eval, accum, max_steps, state
-        self.position_wise = model.config.skip2lora_tail_start == model.config.n_layer
+        config = model.config
+        self.position_wise = config.skip2lora_tail_start == config.n_layer and config.skip2lora_mix == "none"
         self.dtype = DTYPES.get(cache_dtype) if cache else None
         self.backbone_samples = 0
 
@@ -440,6 +445,8 @@ class Trainer:
             "base": features.base[row, keep],
             "targets": targets[keep],
         }
+        if features.probs:
+            entry["probs"] = torch.stack([p[row, :, :length, :length] for p in features.probs])
         return {k: v.to(self.dtype) if self.dtype and v.is_floating_point() else v for k, v in entry.items()}
 
     def collate(self, entries: list[Entry]) -> tuple[Features, torch.Tensor]:
@@ -451,7 +458,19 @@ class Trainer:
         pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
         taps = pad([e["taps"].transpose(0, 1) for e in entries]).permute(2, 0, 1, 3).to(device)
         base = pad([e["base"] for e in entries]).to(device)
-        return Features(list(taps), base), pad([e["targets"] for e in entries], padding_value=IGNORE_INDEX).to(device)
+        features = Features(list(taps), base, [p.to(device) for p in pad_square([e.get("probs") for e in entries])])
+        return features, pad([e["targets"] for e in entries], padding_value=IGNORE_INDEX).to(device)
+
+
+def pad_square(probs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Per adapter block, the samples' ``(n, H, T, T)`` attention probabilities zero-padded to the longest ``T``."""
+    if probs[0] is None:
+        return []
+    n, heads, longest = probs[0].size(0), probs[0].size(1), max(p.size(-1) for p in probs)
+    padded = probs[0].new_zeros(n, len(probs), heads, longest, longest)
+    for j, p in enumerate(probs):
+        padded[:, j, :, : p.size(-1), : p.size(-1)] = p
+    return list(padded)
 
 
 def save_config(config: Config, directory: Path) -> None:

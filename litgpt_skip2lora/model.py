@@ -11,10 +11,14 @@ Output places (``skip2lora_output_layer``):
     ``"block.K"``: ``z`` is added to the input of block K and blocks K.. run in the tail, with gradients.
                    Adapters may read blocks 0..K; ordinary LoRA flags (``lora_query`` ...) apply to blocks K..
                    only, so everything before K stays frozen and cacheable.
+
+Attention-mixed adapters (``skip2lora_mix="attention"``) mix their low-rank codes across positions with the frozen
+block's own attention probabilities ``P``: ``z_i = P_i (x_i A_i^T) B_i^T`` per head, the first-order effect LoRA on
+the block's values would have. ``P`` is fixed for a frozen block, so it is cached with the block's input.
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ import litgpt.lora
 from litgpt.model import batched_index_select, do_softcapping
 
 ADAPTER_INPUTS = ("raw", "norm_1", "rms")
+MIXES = ("none", "attention")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int | None]
@@ -36,6 +41,8 @@ class Features:
 
     taps: list[torch.Tensor]
     base: torch.Tensor
+    probs: list[torch.Tensor] = field(default_factory=list)
+    """The adapter blocks' attention probabilities ``(B, n_head, T, T)``, for attention-mixed adapters only."""
 
 
 @dataclass
@@ -50,12 +57,15 @@ class Config(litgpt.lora.Config):
         skip2lora_output_layer: where the adapters' sum is added: ``"lm_head"``, ``"ln_f"`` or ``"block.K"``.
         skip2lora_input: what an adapter reads: the raw residual ``"raw"``, the block's own pre-attention
             norm ``"norm_1"`` (what q/v LoRA sees), or a parameter-free RMS norm ``"rms"``.
+        skip2lora_mix: ``"none"``: each position's adapter output depends on that position only, as in the paper;
+            ``"attention"``: the codes are mixed across positions by the frozen block's attention (see above).
     """
 
     skip2lora_enabled: bool = False
     skip2lora_block_indices: tuple[int, ...] = ()
     skip2lora_output_layer: str = "lm_head"
     skip2lora_input: str = "raw"
+    skip2lora_mix: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +84,8 @@ class Config(litgpt.lora.Config):
             raise ValueError(f"Skip2-LoRA needs lora_r > 0, got lora_r={self.lora_r}.")
         if self.skip2lora_input not in ADAPTER_INPUTS:
             raise ValueError(f"skip2lora_input must be one of {ADAPTER_INPUTS}, got {self.skip2lora_input!r}.")
+        if self.skip2lora_mix not in MIXES:
+            raise ValueError(f"skip2lora_mix must be one of {MIXES}, got {self.skip2lora_mix!r}.")
         start = self._checked_tail_start()
         indices = self.skip2lora_block_indices
         if not indices:
@@ -89,6 +101,11 @@ class Config(litgpt.lora.Config):
                 f"skip2lora_block_indices: block {normalized[-1]} lies after the output place"
                 f" {self.skip2lora_output_layer!r}; adapters must read blocks 0..{start}."
             )
+        if self.skip2lora_mix == "attention" and normalized[-1] == start:
+            raise ValueError(
+                f"skip2lora_mix='attention': block {start} runs in the tail, so its attention is not frozen;"
+                f" adapters must read blocks 0..{start - 1}."
+            )
         return tuple(normalized)
 
     def _checked_tail_start(self) -> int:
@@ -102,13 +119,19 @@ class Config(litgpt.lora.Config):
 
 
 class Skip2LoRA(litgpt.lora.LoRALayer):
-    """A LoRA branch without a pretrained weight of its own: ``dropout(x) A^T B^T * alpha / r``."""
+    """A LoRA branch without a pretrained weight of its own: ``dropout(x) A^T B^T * alpha / r``.
 
-    def __init__(self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float) -> None:
+    Attention-mixed (``groups`` > 1 or ``heads`` > 1), it holds rank ``r`` per key/value group in ``A`` and per
+    head in ``B``, as LoRA on a block's values and output projection would.
+    """
+
+    def __init__(self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float, groups: int = 1, heads: int = 1) -> None:  # fmt: skip
         super().__init__(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, n_embd))
-        self.lora_B = nn.Parameter(torch.empty(n_embd, r))
+        self.groups, self.heads = groups, heads
+        self.lora_A = nn.Parameter(torch.empty(r * groups, n_embd))
+        self.lora_B = nn.Parameter(torch.empty(n_embd, r * heads))
         self.scaling = lora_alpha / r
+        self.code_cache: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -120,8 +143,46 @@ class Skip2LoRA(litgpt.lora.LoRALayer):
         """The rank-r code ``dropout(x) A^T * scaling``; ``forward`` is ``down(x) B^T``."""
         return (self.lora_dropout(x) @ self.lora_A.T) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x) @ self.lora_B.T
+    def mix(self, codes: torch.Tensor, probs: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Each head's attention ``probs`` (B, heads, T, S) averages its group's codes: (B, T, heads * r).
+
+        With ``input_pos`` (KV-cached generation) the codes of earlier positions come from ``code_cache``.
+        """
+        if input_pos is not None:
+            if input_pos.dim() != 1:
+                raise NotImplementedError("Attention-mixed adapters support a 1-D input_pos only.")
+            self.code_cache.index_copy_(1, input_pos, codes)
+            codes = self.code_cache[:, : probs.size(-1)]
+        per_group = codes.unflatten(-1, (self.groups, self.r)).transpose(1, 2)
+        per_head = per_group.repeat_interleave(self.heads // self.groups, dim=1)
+        return (probs @ per_head).transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        codes = self.down(x)
+        return (codes if probs is None else self.mix(codes, probs)) @ self.lora_B.T
+
+
+class CausalSelfAttention(litgpt.lora.CausalSelfAttention):
+    """LitGPT's LoRA attention, keeping its attention probabilities for the block's attention-mixed adapter."""
+
+    probs: torch.Tensor | None = None
+
+    def scaled_dot_product_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self.probs = attention_probs(q, k, mask, self.config, self.mscale)
+        return super().scaled_dot_product_attention(q, k, v, mask)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, config: Config, mscale: float) -> torch.Tensor:  # fmt: skip
+    """The weights LitGPT's attention averages the values with (same scale, softcapping and masks)."""
+    scores = q @ k.mT * (mscale**2 / math.sqrt(config.attention_scores_scalar or config.head_size))
+    if config.attention_logit_softcapping is not None:
+        scores = do_softcapping(scores, config.attention_logit_softcapping)
+    if mask is None:  # training: causal, as ``is_causal``
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1, dtype=torch.float).to(q.dtype)
 
 
 class Block(litgpt.lora.Block):
@@ -130,7 +191,11 @@ class Block(litgpt.lora.Block):
     def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__(config, block_idx)
         if config.skip2lora_enabled and block_idx in config.skip2lora_block_indices:
-            self.skip2lora = Skip2LoRA(config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout)
+            mixed = config.skip2lora_mix == "attention"
+            groups, heads = (config.n_query_groups, config.n_head) if mixed else (1, 1)
+            self.skip2lora = Skip2LoRA(config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout, groups, heads)
+            if mixed:  # the same weights, built again as the class that keeps its attention probabilities
+                self.attn = CausalSelfAttention(config, block_idx)
 
     def skip2lora_tap(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's input, computed from this block's input ``x``."""
@@ -190,28 +255,31 @@ class GPT(litgpt.lora.GPT):
         lm_head_chunk_size: int = 0,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Logits from cached features without running any frozen block: ``forward == tail(features)``."""
-        rope = None
-        if self.config.skip2lora_tail_start < self.config.n_layer:
+        rope = None  # position-wise features may be flat rows, more than a sequence's positions
+        if self.config.skip2lora_tail_start < self.config.n_layer or input_pos is not None:
             rope = self._rope_and_mask(features.base.size(-2), input_pos, input_pos_maxp1)
         return self._tail(features, rope, lm_head_chunk_size)
 
-    def skip2lora_delta(self, taps: list[torch.Tensor]) -> torch.Tensor:
+    def skip2lora_delta(self, features: Features, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """``z``: the sum of all adapter outputs, as one matmul over the concatenated rank-r codes."""
-        codes = torch.cat([a.down(t) for a, t in zip(self.adapters, taps)], dim=-1)
-        return codes @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
+        codes = [a.down(t) for a, t in zip(self.adapters, features.taps)]
+        if features.probs:
+            codes = [a.mix(c, p, input_pos) for a, c, p in zip(self.adapters, codes, features.probs)]
+        return torch.cat(codes, dim=-1) @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
 
     def skip2lora_logits(self, features: Features, supervised: torch.Tensor | None = None) -> torch.Tensor:
         """Training logits of the supervised rows only, cheapest first: the head is the costliest matmul.
 
-        A tail with blocks takes padded ``(B, T)`` features and the boolean ``supervised`` mask: its blocks run
-        over every position (attention needs them all), the head only over the rows the loss reads.
+        A tail with blocks or attention-mixed adapters takes padded ``(B, T)`` features and the boolean
+        ``supervised`` mask: attention needs every position, the head only the rows the loss reads.
         A position-wise tail takes flat features, supervised rows only. With output place ``lm_head`` and a
         frozen head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the vocabulary-sized ``W``
         once per step (for ``W B``) instead of once per row. That pays when the rows ``n`` outnumber the
         ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
         """
-        if self.config.skip2lora_tail_start < self.config.n_layer:
-            rope = self._rope_and_mask(features.base.size(-2), None, None)
+        if supervised is not None:
+            has_blocks = self.config.skip2lora_tail_start < self.config.n_layer
+            rope = self._rope_and_mask(features.base.size(-2), None, None) if has_blocks else None
             return self._clamp(self.lm_head(self._hidden(features, rope)[supervised]))
         head, d = self.lm_head, self.config.n_embd
         ranks, rows = self.config.lora_r * len(self.adapters), features.base.numel() // d
@@ -235,24 +303,27 @@ class GPT(litgpt.lora.GPT):
         return any(p.requires_grad for m in frozen_part for n, p in m.named_parameters() if "skip2lora" not in n)
 
     def _features(self, idx: torch.Tensor, rope: Rope) -> Features:
-        start = self.config.skip2lora_tail_start
+        start, mixed = self.config.skip2lora_tail_start, self.config.skip2lora_mix == "attention"
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_requires_grad()):
             x = self.transformer.wte(idx)
             if self.config.scale_embeddings:
                 x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
-            taps = []
+            features = Features([], x)
             for i, block in enumerate(self.transformer.h):
                 if hasattr(block, "skip2lora"):
-                    taps.append(block.skip2lora_tap(x))
+                    features.taps.append(block.skip2lora_tap(x))
                 if i == start:
                     break
                 x = self._block(i, x, rope)
-            base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
-        return Features(taps, base)
+                if mixed and hasattr(block, "skip2lora"):
+                    features.probs.append(block.attn.probs)
+                    block.attn.probs = None
+            features.base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
+        return features
 
     def _hidden(self, features: Features, rope: Rope | None) -> torch.Tensor:
         """What ``lm_head`` reads: ``z`` added at the output place, then the tail's blocks and final norm."""
-        x = features.base + self.skip2lora_delta(features.taps)
+        x = features.base + self.skip2lora_delta(features, None if rope is None else rope[3])
         for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
             x = self._block(i, x, rope)
         return x if self.config.skip2lora_output_layer == "lm_head" else self.transformer.ln_f(x)
@@ -262,6 +333,19 @@ class GPT(litgpt.lora.GPT):
         if lm_head_chunk_size > 0:
             return [self._clamp(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
         return self._clamp(self.lm_head(x))
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, *args: Any, **kwargs: Any) -> None:
+        """LitGPT's KV cache, plus each attention-mixed adapter's cache of its earlier positions' codes."""
+        super().set_kv_cache(batch_size, max_seq_length, *args, **kwargs)
+        if self.config.skip2lora_mix == "attention":
+            length = max_seq_length or self.max_seq_length
+            for a in self.adapters:
+                a.code_cache = a.lora_A.new_zeros(batch_size, length, a.lora_A.size(0))
+
+    def clear_kv_cache(self) -> None:
+        super().clear_kv_cache()
+        for a in self.adapters:
+            a.code_cache = None
 
     def _clamp(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping

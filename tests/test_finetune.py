@@ -64,13 +64,14 @@ def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return per_step
 
 
-@pytest.mark.parametrize("place", ["lm_head", "block.3"])
+@pytest.mark.parametrize(("place", "mix"), [("lm_head", "none"), ("block.3", "none"), ("lm_head", "attention")])
 def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int], place: str
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int], place: str, mix: str
 ) -> None:
     # in the tail, block 3 trains with q/v LoRA and dropout: the random stream must not depend on the cache
     tail_lora = {} if place == "lm_head" else dict(lora_query=True, lora_value=True, lora_dropout=0.2)
-    cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", skip2lora_output_layer=place, **tail_lora)
+    options = {**tail_lora, "skip2lora_mix": mix}
+    cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", skip2lora_output_layer=place, **options)
     steps_per_epoch = len(cached) // 3
     tail_blocks = 0 if place == "lm_head" else 1  # block.3: block 3 runs in the tail, with gradients
     assert block_calls_per_step[:steps_per_epoch] == [N_LAYER] * steps_per_epoch
@@ -79,7 +80,7 @@ def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
 
     uncached = run(
         tiny_checkpoint, alpaca_file, tmp_path / "uncached", skip2lora_output_layer=place, cache=CacheArgs(enabled=False),
-        **tail_lora,
+        **options,
     )
     n_train, n_val = 18, 6  # the first validation runs before training and fills the val entries
     assert cached["backbone_samples"].iloc[-1] == n_train + n_val
