@@ -216,12 +216,15 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     ok = {name: run for name, run in runs.items() if run["status"] == "ok"}
     for x, label, png in (("step", "training iteration", "val_loss_vs_step.png"),
                           ("train_time_s", "cumulative training time (s)", "val_loss_vs_time.png")):  # fmt: skip
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for name, run in ok.items():
-            ax.plot([p[x] for p in run["val_curve"]], [p["val_loss"] for p in run["val_curve"]], marker="o", label=name)
-        ax.set(xlabel=label, ylabel="validation loss", title=f"Validation loss: {title}")
+        fig, ax = plt.subplots(figsize=(10, 6))
+        colors = plt.get_cmap("tab20").colors  # one color per variant, up to 20
+        for i, (name, run) in enumerate(ok.items()):
+            ax.plot([p[x] for p in run["val_curve"]], [p["val_loss"] for p in run["val_curve"]], label=name,
+                    marker="osD^v<>"[i % 7], color=colors[i % len(colors)], linewidth=3 if i == 0 else 1.5)  # fmt: skip
+        ax.set(xlabel=label, ylabel="validation loss")
+        ax.set_title(f"Validation loss: {title}", wrap=True, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
         fig.savefig(out_dir / png, dpi=120)
         plt.close(fig)
