@@ -52,14 +52,18 @@ class SkipCache:
         return entry
 
     def put(self, key: str, entry: Entry) -> bool:
-        """Store an entry; False when it does not fit (the sample will be recomputed next time)."""
-        size = sum(t.numel() * t.element_size() for t in entry.values())
+        """Store an entry; False when it does not fit (the sample will be recomputed next time).
+
+        Its size counts what it occupies: the file's bytes on disk (as ``_open`` counts them), the tensors' in RAM.
+        """
+        data = None if self.directory is None else _encode(entry)
+        size = sum(t.numel() * t.element_size() for t in entry.values()) if data is None else len(data)
         if not self._fits(size):
             return False
-        if self.directory is None:
+        if data is None:
             self.memory[key] = {name: t.detach().clone() for name, t in entry.items()}
         else:
-            self._write(key, entry)
+            _atomic_write(self.directory / f"{key}{SUFFIX}", data)
         self.bytes += size
         return True
 
@@ -113,9 +117,11 @@ class SkipCache:
             path.unlink(missing_ok=True)
             return None
 
-    def _write(self, key: str, entry: Entry) -> None:
-        payload = save_tensors({name: t.detach().contiguous().cpu() for name, t in entry.items()})
-        _atomic_write(self.directory / f"{key}{SUFFIX}", payload + zlib.crc32(payload).to_bytes(4, "little"))
+
+def _encode(entry: Entry) -> bytes:
+    """An entry's file: the safetensors encoding of its tensors, then their CRC-32."""
+    payload = save_tensors({name: t.detach().contiguous().cpu() for name, t in entry.items()})
+    return payload + zlib.crc32(payload).to_bytes(4, "little")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

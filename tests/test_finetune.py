@@ -15,7 +15,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import JSON
 
 import litgpt_skip2lora.model
-from litgpt_skip2lora.cache import CacheError
+from litgpt_skip2lora.cache import CacheError, SkipCache
 from litgpt_skip2lora.finetune import CacheArgs, Trainer, setup
 
 REPO = Path(__file__).parent.parent
@@ -202,3 +202,12 @@ def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
     assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
+
+
+def test_cache_counts_the_bytes_its_files_occupy(tmp_path: Path) -> None:
+    """The size limit compares like with like: what ``put`` adds is what a reopened cache finds on disk."""
+    cache = SkipCache(tmp_path / "cache", {"model": "tiny"})
+    for i in range(3):
+        assert cache.put(f"train-{i}", {"taps": torch.randn(2, 5, 7), "targets": torch.arange(5)})
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.s2l"))
+    assert cache.bytes == on_disk == SkipCache(tmp_path / "cache", {"model": "tiny"}).bytes
