@@ -12,7 +12,6 @@ Weights are random, which does not change the cost of a step.
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -31,7 +30,6 @@ import torch
 
 import litgpt
 import litgpt.lora
-from litgpt.args import EvalArgs, TrainArgs
 from litgpt.finetune.lora import get_lr_scheduler
 from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
 
@@ -169,8 +167,7 @@ def skip2lora_step(fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: 
     fabric_model.mark_forward_method("skip2lora_logits")
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     cache = SkipCache(None, {}) if spec.cached else None
-    state = {"iter_num": 0, "step_count": 0}
-    trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, cache, None, TrainArgs(), EvalArgs(), 1, math.inf, state)  # fmt: skip
+    trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, cache=cache)
     if cache is not None:
         with torch.no_grad():
             trainer.batch_features(batch, "train")  # fills the cache: the first epoch's work, not timed

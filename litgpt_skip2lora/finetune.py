@@ -211,7 +211,10 @@ def main(
     if resume:
         fabric.load(latest_checkpoint(out_dir), state)
         fabric.print(f"Resumed from step {state['step_count']}")
-    trainer = Trainer(fabric, fabric_model, model, opt, scheduler, cache, cache_args.dtype, train, eval, accum, max_steps, state)
+    trainer = Trainer(
+        fabric, fabric_model, model, opt, scheduler, cache=cache, cache_dtype=cache_args.dtype, train=train, eval=eval,
+        accum=accum, max_steps=max_steps, state=state,
+    )  # fmt: skip
     trainer.fit(train_loader, val_loader, out_dir)
 
     save_final(fabric, model, out_dir / "final", checkpoint_dir, data)
@@ -300,7 +303,23 @@ def open_cache(
 class Trainer:
     """The training loop: features from the cache or the backbone, then the tail, loss and optimizer step."""
 
-    def __init__(self, fabric, fabric_model, model: GPT, optimizer, scheduler, cache: SkipCache | None, cache_dtype: str | None, train: TrainArgs, eval: EvalArgs, accum: int, max_steps: float, state: dict) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fabric: L.Fabric,
+        fabric_model,
+        model: GPT,
+        optimizer,
+        scheduler,
+        *,
+        cache: SkipCache | None = None,
+        cache_dtype: str | None = None,
+        train: TrainArgs = TrainArgs(),
+        eval: EvalArgs = EvalArgs(),
+        accum: int = 1,
+        max_steps: float = math.inf,
+        state: dict | None = None,
+    ) -> None:
+        state = {"iter_num": 0, "step_count": 0, "rng": None} if state is None else state
         self.fabric, self.fabric_model, self.model = fabric, fabric_model, model
         self.optimizer, self.scheduler, self.cache = optimizer, scheduler, cache
         self.train, self.eval, self.accum, self.max_steps, self.state = train, eval, accum, max_steps, state
