@@ -247,3 +247,10 @@ def test_attention_mix_is_each_heads_attention_over_its_groups_codes() -> None:
         group = head // 2  # heads 0, 1 share group 0's codes; heads 2, 3 group 1's
         expected = probs[0, head] @ codes[0, :, 2 * group : 2 * group + 2]
         torch.testing.assert_close(mixed[0, :, 2 * head : 2 * head + 2], expected)
+
+
+def test_attention_mix_refuses_a_batched_input_pos() -> None:
+    model = GPT(tiny(skip2lora_mix="attention")).eval()
+    model.set_kv_cache(batch_size=2)
+    with pytest.raises(NotImplementedError, match="1-D input_pos only"):
+        model(torch.randint(0, 96, (2, 3)), input_pos=torch.arange(3).repeat(2, 1))
