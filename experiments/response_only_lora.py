@@ -2,7 +2,7 @@
 
 If LoRA changed only the positions from the last prompt token on, the prompt's keys and values in every block
 would be the frozen model's, fixed per sample and cacheable exactly like Skip2-LoRA's features, and training
-would run the blocks over the response positions only (about one in six here). Before building that, this
+would run the blocks over the response positions only (WordNet's responses are short). Before building that, this
 script measures the quality side alone: LitGPT's LoRA (q+v, r=8, lr 2e-4, the baseline's settings) trained
 with the LoRA branches switched off at prompt positions, against the same loop with them on everywhere:
 

@@ -308,18 +308,18 @@ class GPT(litgpt.lora.GPT):
             x = self.transformer.wte(idx)
             if self.config.scale_embeddings:
                 x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
-            features = Features([], x)
+            taps, probs = [], []
             for i, block in enumerate(self.transformer.h):
                 if hasattr(block, "skip2lora"):
-                    features.taps.append(block.skip2lora_tap(x))
+                    taps.append(block.skip2lora_tap(x))
                 if i == start:
                     break
                 x = self._block(i, x, rope)
                 if mixed and hasattr(block, "skip2lora"):
-                    features.probs.append(block.attn.probs)
+                    probs.append(block.attn.probs)
                     block.attn.probs = None
-            features.base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
-        return features
+            base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
+        return Features(taps, base, probs)
 
     def _hidden(self, features: Features, rope: Rope | None) -> torch.Tensor:
         """What ``lm_head`` reads: ``z`` added at the output place, then the tail's blocks and final norm."""
