@@ -3,7 +3,11 @@
 Every configuration runs in a fresh process of this script (``--worker NAME``), so that its peak memory is its
 own: on CUDA ``torch.cuda.max_memory_allocated``, on CPU the process's peak resident set (``ru_maxrss``). The
 steps timed are the real ones: LitGPT's ``finetune_lora`` step for LoRA, and this package's ``Trainer`` for
-Skip2-LoRA (uncached: one backbone pass per step; cached: tail only, features read from a warmed Skip-Cache).
+Skip2-LoRA (uncached: one backbone pass per step; cached: tail only, features read from a filled Skip-Cache
+through the ``FeatureLoader`` that training uses, prefetch included). Each timed step gets a batch of its own, so a
+cached step reads its entries as in training: ``-cached`` from the placement ``auto`` picks for a small cache
+(GPU memory on CUDA, RAM on CPU), ``-memory`` from pinned host RAM (CUDA only), ``-disk`` from the disk cache
+with its shard files in the page cache, ``-disk-cold`` after dropping them from it (``posix_fadvise``).
 Weights are random, which does not change the cost of a step.
 
     python benchmark_skip2lora.py                     # SmolLM2-135M-Instruct, CPU-sized default
@@ -18,6 +22,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +32,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import BitsandbytesPrecision
 
 import litgpt
 import litgpt.lora
 from litgpt.finetune.lora import get_lr_scheduler
 from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
 
-from litgpt_skip2lora.cache import SkipCache
-from litgpt_skip2lora.finetune import IGNORE_INDEX, Trainer
+from litgpt_skip2lora.cache import IGNORE_INDEX, FeatureLoader, SkipCache, open_store
+from litgpt_skip2lora.finetune import Trainer
 from litgpt_skip2lora.model import GPT, Config
 
 BASELINE = "lora"
@@ -51,8 +57,13 @@ class Spec:
 
     rank: int
     blocks: tuple[int, ...] = ()
-    cached: bool = False
+    placement: str | None = None  # where the Skip-Cache keeps entries; None: uncached
     labelled: float = 1.0  # fraction of each sequence that carries labels (the last part)
+    cold: bool = False  # disk cache dropped from the page cache before the timed steps
+
+    @property
+    def cached(self) -> bool:
+        return self.placement is not None
 
     @property
     def kind(self) -> str:
@@ -91,12 +102,17 @@ def trainable_parameters(config: litgpt.lora.Config) -> int:
 def configurations(args: argparse.Namespace) -> dict[str, Spec]:
     """All configurations by name; the same-parameters LoRA rank is the one closest to Skip2-LoRA on 4 blocks."""
     n_layer = args.n_layer or litgpt.Config.from_name(args.model).n_layer
+    fast = "device" if args.device == "cuda" else "memory"
     specs = {BASELINE: Spec(args.rank)}
     for count in args.blocks.split(","):
         blocks = spaced_blocks(count, n_layer)
         specs[f"skip2-{count}"] = Spec(args.rank, blocks)
-        specs[f"skip2-{count}-cached"] = Spec(args.rank, blocks, cached=True)
-    specs[QUARTER] = Spec(args.rank, spaced_blocks("4", n_layer), cached=True, labelled=0.25)
+        specs[f"skip2-{count}-cached"] = Spec(args.rank, blocks, fast)
+        if args.device == "cuda":
+            specs[f"skip2-{count}-memory"] = Spec(args.rank, blocks, "memory")
+        specs[f"skip2-{count}-disk"] = Spec(args.rank, blocks, "disk")
+        specs[f"skip2-{count}-disk-cold"] = Spec(args.rank, blocks, "disk", cold=True)
+    specs[QUARTER] = Spec(args.rank, spaced_blocks("4", n_layer), fast, labelled=0.25)
     target = trainable_parameters(model_config(args, specs[QUARTER]))
     per_rank = trainable_parameters(model_config(args, Spec(1)))  # LoRA's trainable count is linear in r
     specs[SAME_PARAMS] = Spec(max(1, round(target / per_rank)))
@@ -116,13 +132,18 @@ class Clock:
         self.marks.append(time.perf_counter())
 
 
-def make_batch(config: litgpt.lora.Config, spec: Spec, args: argparse.Namespace, device: torch.device) -> dict:
-    """Random tokens; labels = inputs (as LitGPT's SFT data), -100 on the unlabelled first part of each sequence."""
-    input_ids = torch.randint(config.vocab_size, (args.batch_size, args.seq_len), device=device)
-    labels = input_ids.clone()
-    labels[:, : round(args.seq_len * (1 - spec.labelled))] = IGNORE_INDEX
-    index = torch.arange(args.batch_size, device=device)
-    return {"input_ids": input_ids, "labels": labels, "index": index, "length": torch.full_like(index, args.seq_len)}
+def make_batches(config: litgpt.lora.Config, spec: Spec, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One batch per step of random tokens; labels = inputs (as LitGPT's SFT data), -100 on the unlabelled first
+    part of each sequence; sample indices distinct across batches, so every step reads entries of its own."""
+    batches = []
+    for i in range(args.warmup + args.repeats):
+        input_ids = torch.randint(config.vocab_size, (args.batch_size, args.seq_len), device=device)
+        labels = input_ids.clone()
+        labels[:, : round(args.seq_len * (1 - spec.labelled))] = IGNORE_INDEX
+        index = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device)
+        length = torch.full_like(index, args.seq_len)
+        batches.append({"input_ids": input_ids, "labels": labels, "index": index, "length": length})
+    return batches
 
 
 def build(fabric: L.Fabric, config: litgpt.lora.Config, seq_len: int) -> tuple[litgpt.lora.GPT, torch.nn.Module, torch.optim.Optimizer]:  # fmt: skip
@@ -144,11 +165,13 @@ def build(fabric: L.Fabric, config: litgpt.lora.Config, seq_len: int) -> tuple[l
     return model, fabric_model, fabric.setup_optimizers(optimizer)
 
 
-def lora_step(fabric: L.Fabric, model: torch.nn.Module, optimizer, clock: Clock) -> Callable[[dict], None]:
-    """One step of ``litgpt finetune_lora`` (no gradient accumulation)."""
+def lora_step(fabric: L.Fabric, model: torch.nn.Module, optimizer, batches: list[dict], clock: Clock) -> Callable[[], None]:  # fmt: skip
+    """One step of ``litgpt finetune_lora`` (no gradient accumulation) per call, over the batches in turn."""
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
+    iterator = iter(batches)
 
-    def step(batch: dict) -> None:
+    def step() -> None:
+        batch = next(iterator)
         logits = model(batch["input_ids"], lm_head_chunk_size=128)
         logits[-1] = logits[-1][..., :-1, :]
         loss = chunked_cross_entropy(logits, batch["labels"][..., 1:])
@@ -162,15 +185,29 @@ def lora_step(fabric: L.Fabric, model: torch.nn.Module, optimizer, clock: Clock)
     return step
 
 
-def skip2lora_step(fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: Spec, batch: dict, clock: Clock) -> Callable[[dict], None]:  # fmt: skip
-    """One step of this package's ``Trainer``; its loss is wrapped only to mark where the forward ends."""
+def skip2lora_step(
+    fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: Spec, batches: list[dict], clock: Clock, out: Path
+) -> Callable[[], None]:
+    """One step of this package's ``Trainer`` per call, its features from the ``FeatureLoader`` as in training.
+
+    For a cached configuration the cache is filled first (the first epoch's work, not timed); the forward time
+    then includes waiting for the prefetched entries. The loss is wrapped only to mark where the forward ends.
+    """
     fabric_model.mark_forward_method("skip2lora_logits")
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
-    cache = SkipCache(None, {}) if spec.cached else None
-    trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, cache=cache)
+    cache = None
+    if spec.cached:
+        cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
+    dtype = model.transformer.wte.weight.dtype
+    features = FeatureLoader(model.skip2lora_features, cache, fabric.device, dtype, model.config.skip2lora_position_wise)
     if cache is not None:
         with torch.no_grad():
-            trainer.batch_features(batch, "train")  # fills the cache: the first epoch's work, not timed
+            for _ in features.batches(batches, "train"):
+                pass
+        cache.flush()
+        if spec.cold:
+            drop_from_page_cache(out / "skip_cache")
+    trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, features=features)
     loss = trainer.loss
 
     def timed_loss(*args) -> torch.Tensor:
@@ -179,45 +216,49 @@ def skip2lora_step(fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: 
         return value
 
     trainer.loss = timed_loss
+    iterator = features.batches(batches, "train")
 
-    def step(batch: dict) -> None:
-        trainer.training_step(batch)
+    def step() -> None:
+        trainer.training_step(next(iterator))
         clock.mark()
         trainer.optimizer_step()
 
     return step
 
 
+def drop_from_page_cache(directory: Path) -> None:
+    """Written shard bytes flushed to disk, then evicted from the page cache: the next read comes from the disk."""
+    for path in directory.glob("shard-*.bin"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
     """Time one configuration in this process and report its figures, raw times in ms."""
-    fabric = L.Fabric(accelerator=args.device, devices=1, precision=args.precision)
+    fabric = L.Fabric(accelerator=args.device, devices=1, **precision_args(args))
     fabric.seed_everything(1337)
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     config = model_config(args, spec)
     model, fabric_model, optimizer = build(fabric, config, args.seq_len)
-    batch = make_batch(config, spec, args, fabric.device)
+    batches = make_batches(config, spec, args, fabric.device)
     clock = Clock(fabric.device)
     setup_mb = memory_in_use_mb(fabric.device)
     if spec.blocks:
-        step = skip2lora_step(fabric, model, fabric_model, optimizer, spec, batch, clock)
+        with tempfile.TemporaryDirectory(dir=args.out) as scratch:
+            step = skip2lora_step(fabric, model, fabric_model, optimizer, spec, batches, clock, Path(scratch))
+            times = time_steps(step, clock, args)
     else:
-        step = lora_step(fabric, fabric_model, optimizer, clock)
-    times = {"forward": [], "backward": [], "step": []}
-    for i in range(args.warmup + args.repeats):
-        clock.marks.clear()
-        clock.mark()
-        step(batch)
-        clock.mark()
-        start, forward_end, backward_end, end = clock.marks
-        if i >= args.warmup:
-            times["forward"].append((forward_end - start) * 1e3)
-            times["backward"].append((backward_end - forward_end) * 1e3)
-            times["step"].append((end - start) * 1e3)
+        times = time_steps(lora_step(fabric, fabric_model, optimizer, batches, clock), clock, args)
     return {
         "rank": spec.rank,
         "blocks": list(spec.blocks),
-        "cached": spec.cached,
+        "placement": spec.placement,
+        "cold": spec.cold,
         "labelled_fraction": spec.labelled,
         "total_params": num_parameters(model),
         "trainable_params": num_parameters(model, requires_grad=True),
@@ -226,6 +267,30 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
         "memory_after_setup_mb": setup_mb,
         "peak_memory_mb": peak_memory_mb(fabric.device),
     }
+
+
+def time_steps(step: Callable[[], None], clock: Clock, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Forward (features included), backward and whole-step times in ms of the steps after the warm-up."""
+    times = {"forward": [], "backward": [], "step": []}
+    for i in range(args.warmup + args.repeats):
+        clock.marks.clear()
+        clock.mark()
+        step()
+        clock.mark()
+        start, forward_end, backward_end, end = clock.marks
+        if i >= args.warmup:
+            times["forward"].append((forward_end - start) * 1e3)
+            times["backward"].append((backward_end - forward_end) * 1e3)
+            times["step"].append((end - start) * 1e3)
+    return times
+
+
+def precision_args(args: argparse.Namespace) -> dict:
+    """Fabric's precision, or with ``--quantize`` the bitsandbytes plugin computing in the precision's dtype."""
+    if args.quantize is None:
+        return {"precision": args.precision}
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}[args.precision]
+    return {"plugins": BitsandbytesPrecision(args.quantize.removeprefix("bnb."), dtype)}
 
 
 def memory_in_use_mb(device: torch.device) -> float:
@@ -293,6 +358,7 @@ def environment(args: argparse.Namespace) -> dict:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "precision": args.precision,
+        "quantize": args.quantize,
         "model": args.model,
         "n_layer_override": args.n_layer,
         "batch_size": args.batch_size,
@@ -319,6 +385,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--quantize", choices=("bnb.nf4", "bnb.nf4-dq", "bnb.int8"), help="frozen weights in bitsandbytes")
     parser.add_argument("--blocks", default="2,4,6,all", help="Skip2-LoRA block counts, evenly spaced from block 0")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -333,6 +400,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)  # also where the disk configurations keep their cache
     specs = configurations(args)
     if args.worker:
         print(json.dumps(run_worker(args, specs[args.worker])))
@@ -343,16 +411,16 @@ def main() -> None:
         raise SystemExit(f"Unknown configurations {sorted(unknown)}; choose from {list(specs)}.")
     if args.n_layer is not None:
         print(f"Note: {args.model} overridden to n_layer={args.n_layer}.")
-    print(f"{args.model} | {args.device} {args.precision} | batch {args.batch_size} x {args.seq_len} | rank {args.rank}")
+    print(f"{args.model} | {args.device} {args.precision} {args.quantize or ''} | batch {args.batch_size} x {args.seq_len} | rank {args.rank}")
     print(f"{SAME_PARAMS}: LoRA q+v with rank {specs[SAME_PARAMS].rank}, the trainable count closest to skip2-4's.")
     results = {}
     for name in names:
-        print(f"running {name} ...", flush=True)
+        print(f"running {name} ...", end=" ", flush=True)
         results[name] = run_in_subprocess(name)
+        print(f"step {results[name]['median_ms']['step']:.1f} ms, peak {results[name]['peak_memory_mb']:.0f} MiB", flush=True)
     add_ratios(results)
     print(table(results, specs))
     report = {"environment": environment(args), "configurations": results}
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"benchmark-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"Wrote {path}")

@@ -76,7 +76,12 @@ def main() -> None:
     set_config_read_mode(urls_enabled=False)
     warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler.step\(\)`", category=UserWarning)
     torch.set_float32_matmul_precision("high")
-    CLI(COMMANDS)
+    try:
+        CLI(COMMANDS)
+    except Exception as err:  # an error the user caused is one line; anything unexpected keeps its traceback
+        if getattr(err, "user_error", False):
+            raise SystemExit(f"error: {err}") from None
+        raise
 
 
 if __name__ == "__main__":

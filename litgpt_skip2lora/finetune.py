@@ -5,12 +5,18 @@ visit of a sample reads it back and runs only the adapters, the head and the los
 data modules, ``TrainArgs``/``EvalArgs``, loggers, ``chunked_cross_entropy``, ``get_lr_scheduler``, checkpoints.
 """
 
+import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +33,7 @@ from tqdm import tqdm
 import litgpt.finetune.lora as litgpt_lora
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
-from litgpt.lora import LoRALayer, mark_only_lora_as_trainable, merge_lora_weights
+from litgpt.lora import LoRALayer, lora_filter, mark_only_lora_as_trainable
 from litgpt.parser_config import save_hyperparameters
 from litgpt.prompts import save_prompt_style
 from litgpt.tokenizer import Tokenizer
@@ -44,35 +50,50 @@ from litgpt.utils import (
     parse_devices,
 )
 
-from litgpt_skip2lora.cache import CacheError, Entry, SkipCache, file_digest, sample_key
+from litgpt_skip2lora.cache import (
+    IGNORE_INDEX,
+    STORAGE_DTYPES,
+    Batch,
+    CacheArgs,
+    CacheError,
+    FeatureLoader,
+    SkipCache,
+    choose_placement,
+    file_digest,
+    open_store,
+)
 from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Features
 
-IGNORE_INDEX = -100
 COMMANDS = ["finetune_skip2lora", "finetune"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class CacheArgs:
-    """Skip-Cache options."""
+class Run:
+    """Everything ``main`` needs, decided and checked by ``setup`` before any output is written."""
 
-    enabled: bool = True
-    """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
-    directory: Path | None = None
-    """Where to keep them; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses them."""
-    in_memory: bool = False
-    """Keep them in RAM instead of on disk (small runs)."""
-    max_size_gb: float | None = None
-    """Size limit; samples that do not fit are recomputed each time."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Storage dtype; default: the dtype the backbone computes in, which keeps cached training exact."""
+    config: Config
+    checkpoint_dir: Path
+    out_dir: Path
+    data: DataModule
+    train: TrainArgs
+    eval: EvalArgs
+    cache: CacheArgs
+    optimizer: str | dict
+    devices: int
+    num_nodes: int
+    seed: int
+    resume: Path | None
+    """The step checkpoint to continue from."""
+    quantize: str | None
+    command: str
+    """How this run was started, for the message that says how to resume it."""
 
 
 def setup(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune/skip2lora"),
     precision: str | None = None,
-    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"] | None = None,
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training"] | None = None,
     devices: int | str = 1,
     num_nodes: int = 1,
     lora_r: int = 8,
@@ -119,9 +140,11 @@ def setup(
         skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
             attention probabilities (cached with the block inputs).
         cache: Skip-Cache options.
-        resume: Continue from the newest ``step-*`` checkpoint in ``out_dir``.
+        resume: Continue from the newest ``step-*`` checkpoint in ``out_dir`` (one is written at every epoch's end,
+            every ``train.save_interval`` steps and on Ctrl-C or SIGTERM).
     """
-    checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
+    with user_errors():
+        checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
     data = Alpaca() if data is None else data
     lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_head=lora_head)
     lora.update(zip(LORA_FLAGS, (lora_query, lora_key, lora_value, lora_projection, lora_mlp)))
@@ -130,101 +153,178 @@ def setup(
             checkpoint_dir, out_dir, precision, quantize, devices, num_nodes, **lora, data=data, train=train,
             log=log, eval=eval, optimizer=optimizer, logger_name=logger_name, seed=seed,
         )  # fmt: skip
+    with user_errors():
+        check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
+        check_train_args(train, eval)
+        check_quantize(quantize, precision)
+        config = Config.from_file(
+            checkpoint_dir / "model_config.yaml", **lora, skip2lora_enabled=True,
+            skip2lora_block_indices=skip2lora_block_indices or default_blocks(checkpoint_dir), skip2lora_output_layer=skip2lora_output_layer,
+            skip2lora_input=skip2lora_input, skip2lora_mix=skip2lora_mix,
+        )  # fmt: skip
+        if cache.enabled and cache.placement in ("auto", "disk"):
+            check_writable(cache.directory or out_dir / "skip_cache")
+        checkpoint = latest_checkpoint(out_dir) if resume else None
+        if resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
     pprint(locals())
-    check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
-    base = Config.from_file(checkpoint_dir / "model_config.yaml")
-    config = Config.from_file(
-        checkpoint_dir / "model_config.yaml",
-        **lora,
-        skip2lora_enabled=True,
-        skip2lora_block_indices=default_blocks(base.n_layer) if skip2lora_block_indices is None else skip2lora_block_indices,
-        skip2lora_output_layer=skip2lora_output_layer,
-        skip2lora_input=skip2lora_input,
-        skip2lora_mix=skip2lora_mix,
-    )
     devices = parse_devices(devices)
     precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
-    cache_dir = None if cache.in_memory or not cache.enabled else (cache.directory or out_dir / "skip_cache")
-    if cache_dir is not None:
-        check_writable(cache_dir)
-    if resume and latest_checkpoint(out_dir) is None:
-        raise FileNotFoundError(f"--resume true but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
-
     plugins = None
     if quantize is not None:
         dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
         plugins, precision = BitsandbytesPrecision(quantize[4:], dtype), None
-    strategy = "ddp" if devices * num_nodes > 1 else "auto"
     logger = choose_logger(
         logger_name, out_dir, name=f"finetune-skip2lora-{config.name}", log_interval=train.log_interval,
         log_args=dataclasses.asdict(log),
     )  # fmt: skip
+    strategy = "ddp" if devices * num_nodes > 1 else "auto"
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
-    fabric.launch(main, devices, seed, config, data, checkpoint_dir, out_dir, train, eval, cache, cache_dir, optimizer, num_nodes, resume)
+    command = " ".join(["litgpt-skip2lora", *sys.argv[1:]]) if sys.argv[1:2] else "the same command"
+    run = Run(
+        config, checkpoint_dir, out_dir, data, train, eval, cache, optimizer, devices, num_nodes, seed, checkpoint,
+        quantize, command,
+    )  # fmt: skip
+    fabric.launch(main, run)
 
 
-def main(
-    fabric: L.Fabric,
-    devices: int,
-    seed: int,
-    config: Config,
-    data: DataModule,
-    checkpoint_dir: Path,
-    out_dir: Path,
-    train: TrainArgs,
-    eval: EvalArgs,
-    cache_args: CacheArgs,
-    cache_dir: Path | None,
-    optimizer: str | dict,
-    num_nodes: int = 1,
-    resume: bool = False,
-) -> None:
-    litgpt_lora.validate_args(train, eval)
-    tokenizer = Tokenizer(checkpoint_dir)
-    train_loader, val_loader = get_dataloaders(fabric, data, tokenizer, train)
-    accum = train.gradient_accumulation_iters(devices, num_nodes)
-    max_steps = min(train.epochs * max(1, len(train_loader) // accum), train.max_steps or math.inf)
+def main(fabric: L.Fabric, run: Run) -> None:
+    tokenizer = Tokenizer(run.checkpoint_dir)
+    train_loader, val_loader = get_dataloaders(fabric, run.data, tokenizer, run.train)
+    accum = run.train.gradient_accumulation_iters(run.devices, run.num_nodes)
+    max_steps = min(run.train.epochs * max(1, len(train_loader) // accum), run.train.max_steps or math.inf)
 
-    fabric.seed_everything(seed)
+    fabric.seed_everything(run.seed)
     with fabric.init_module(empty_init=fabric.world_size > 1):
-        model = GPT(config)
+        model = GPT(run.config)
     mark_only_lora_as_trainable(model)
     fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
-    load_checkpoint(fabric, model, checkpoint_dir / "lit_model.pth", strict=False)
+    load_checkpoint(fabric, model, run.checkpoint_dir / "lit_model.pth", strict=False)
     if fabric.world_size > 1:  # empty_init left the LoRA weights, which no checkpoint holds, uninitialised
         for module in model.modules():
             if isinstance(module, LoRALayer):
                 module.reset_parameters()
-    model.max_seq_length = min(config.block_size, train.max_seq_length or config.block_size)
+    model.max_seq_length = min(run.config.block_size, run.train.max_seq_length or run.config.block_size)
 
     fabric_model = fabric.setup_module(model)
     fabric_model.mark_forward_method("skip2lora_logits")
-    opt = fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad]))
-    warmup = max(1, min(train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
+    opt = fabric.setup_optimizers(instantiate_torch_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad]))  # fmt: skip
+    warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
     scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
 
-    cache = open_cache(fabric, model, cache_args, cache_dir, checkpoint_dir, data, train)
+    features = feature_loader(fabric, model, run, train_loader)
     state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0, "rng": None}
-    if resume:
-        fabric.load(latest_checkpoint(out_dir), state)
-        fabric.print(f"Resumed from step {state['step_count']}")
+    if run.resume is not None:
+        fabric.load(run.resume, state, strict=False)  # the checkpoint holds the trained parameters only
+        fabric.print(f"Resumed from {str(run.resume)!r} (step {state['step_count']})")
     trainer = Trainer(
-        fabric, fabric_model, model, opt, scheduler, cache=cache, cache_dtype=cache_args.dtype, train=train, eval=eval,
-        accum=accum, max_steps=max_steps, state=state,
+        fabric, fabric_model, model, opt, scheduler, features=features, train=run.train, eval=run.eval, accum=accum,
+        max_steps=max_steps, state=state, out_dir=run.out_dir,
     )  # fmt: skip
-    trainer.fit(train_loader, val_loader, out_dir)
-
-    save_final(fabric, model, out_dir / "final", checkpoint_dir, data)
+    try:
+        finished = trainer.fit(train_loader, val_loader)
+    finally:
+        features.close()
+    if not finished:
+        fabric.print(f"Interrupted; a checkpoint is saved. Resume with: {run.command} --resume true")
+        raise SystemExit(130)
+    final_dir = save_final(fabric, model, run)
     if fabric.global_rank == 0:
-        litgpt_lora.generate_example(fabric, model, tokenizer, eval, data)
+        fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
+        litgpt_lora.generate_example(fabric, model, tokenizer, run.eval, run.data)
 
 
-def default_blocks(n_layer: int) -> list[int]:
+def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoader) -> FeatureLoader:
+    """The training loop's source of features, with the Skip-Cache placed where the whole of it fits best."""
+    dtype = model.transformer.wte.weight.dtype
+    compute = model.skip2lora_features
+    position_wise = model.config.skip2lora_position_wise
+    cache = None
+    if not run.cache.enabled:
+        fabric.print("Skip-Cache: off (--cache.enabled false); every step runs the backbone.")
+    elif model.backbone_requires_grad():
+        warnings.warn("Ordinary LoRA trains blocks before the Skip2-LoRA output place: the Skip-Cache is off.")
+    else:
+        stored = STORAGE_DTYPES.get(run.cache.dtype) or dtype
+        estimate = estimate_bytes(train_loader.dataset, model.config, stored, position_wise)
+        max_bytes = None if run.cache.max_size_gb is None else int(run.cache.max_size_gb * 1e9)
+        placement, why = choose_placement(run.cache.placement, estimate, fabric.device, max_bytes)
+        fabric.print(f"Skip-Cache: {placement} ({why}; about {estimate / 1e9:.2f} GB for the training set).")
+        directory = run.cache.directory or run.out_dir / "skip_cache"
+        stamp = fingerprint(run, fabric, model.config)
+        with fabric.rank_zero_first():
+            store = open_store(placement, fabric.device, directory, stamp)
+        cache = SkipCache(store, max_bytes, STORAGE_DTYPES.get(run.cache.dtype))
+    return FeatureLoader(compute, cache, fabric.device, dtype, position_wise, run.cache.prefetch)
+
+
+def fingerprint(run: Run, fabric: L.Fabric, config: Config) -> dict:
+    """Everything the cached activations depend on; a cache built for anything else is rebuilt."""
+    data = run.data
+    plain = (str, int, float, bool, Path, type(None))
+    return {
+        "checkpoint": file_digest(run.checkpoint_dir / "lit_model.pth"),
+        "tokenizer": {p.name: file_digest(p) for p in sorted(run.checkpoint_dir.glob("tokenizer*"))},
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if not k.startswith("lora_")},
+        "data": {"module": type(data).__name__, **{k: v if isinstance(v, plain) else type(v).__name__ for k, v in vars(data).items()}},
+        "max_seq_length": run.train.max_seq_length,
+        "precision": getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__),
+        "quantize": run.quantize,  # a 4-bit backbone's activations differ from a bf16 one's
+        "dtype": run.cache.dtype,
+    }  # fmt: skip
+
+
+def estimate_bytes(dataset: Dataset, config: Config, dtype: torch.dtype, position_wise: bool, sample: int = 256) -> int:
+    """The training set's cache size, from the rows of up to ``sample`` samples (tokenising them is cheap)."""
+    taken = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // sample))]
+    if not taken:
+        return 0
+    rows = [int((s["labels"][1:] != IGNORE_INDEX).sum()) if position_wise else s["length"] for s in taken]
+    per_row = (len(config.skip2lora_block_indices) + 1) * config.n_embd * dtype.itemsize + 8
+    if config.skip2lora_mix == "attention":
+        per_row += len(config.skip2lora_block_indices) * config.n_head * max(rows) * dtype.itemsize
+    return int(sum(rows) / len(rows) * len(dataset) * per_row)
+
+
+def default_blocks(checkpoint_dir: Path) -> list[int]:
     """Four evenly spaced blocks starting at 0, e.g. [0, 8, 16, 24] for 32 layers."""
+    n_layer = yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())["n_layer"]
     return sorted({i * n_layer // 4 for i in range(4)})
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Marks the errors raised inside as the user's: the CLI prints them as one line, without a traceback."""
+    try:
+        yield
+    except Exception as err:
+        err.user_error = True
+        raise
+
+
+def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
+    if not train.epochs and not train.max_steps:
+        raise ValueError(f"--train.epochs must be at least 1 (or set --train.max_steps); got epochs={train.epochs}.")
+    if eval.max_new_tokens is None:
+        raise ValueError("--eval.max_new_tokens must be set.")
+    for name in ("max_tokens", "max_norm", "tie_embeddings", "lr_warmup_fraction"):
+        if getattr(train, name) is not None:
+            raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
+
+
+def check_quantize(quantize: str | None, precision: str | None) -> None:
+    """bitsandbytes quantizes on CUDA GPUs only, its int8 layers compute in float16: say so before anything starts."""
+    if quantize is None:
+        return
+    if quantize.startswith("bnb.int8") and precision != "16-true":
+        raise ValueError(f"--quantize {quantize} computes in float16: add --precision 16-true.")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); none is available here.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
 
 
 def check_writable(directory: Path) -> None:
@@ -277,31 +377,8 @@ def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, tr
     return fabric.setup_dataloaders(*loaders)
 
 
-def open_cache(
-    fabric: L.Fabric, model: GPT, args: CacheArgs, directory: Path | None, checkpoint_dir: Path, data: DataModule, train: TrainArgs
-) -> SkipCache | None:
-    """The Skip-Cache, or None when it is off or cannot be exact (ordinary LoRA trains the cached part)."""
-    if not args.enabled:
-        return None
-    if model.backbone_requires_grad():
-        warnings.warn("Ordinary LoRA trains blocks before the Skip2-LoRA output place: the Skip-Cache is off.")
-        return None
-    fingerprint = {
-        "checkpoint": file_digest(checkpoint_dir / "lit_model.pth"),
-        "tokenizer": {p.name: file_digest(p) for p in sorted(checkpoint_dir.glob("tokenizer*"))},
-        "config": {k: v for k, v in dataclasses.asdict(model.config).items() if not k.startswith("lora_")},
-        "data": {"module": type(data).__name__, **{k: v if isinstance(v, (str, int, float, bool, Path, type(None))) else type(v).__name__ for k, v in vars(data).items()}},
-        "max_seq_length": train.max_seq_length,
-        "precision": getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__),
-        "dtype": args.dtype,
-    }
-    max_bytes = None if args.max_size_gb is None else int(args.max_size_gb * 1e9)
-    with fabric.rank_zero_first():
-        return SkipCache(directory, fingerprint, max_bytes)
-
-
 class Trainer:
-    """The training loop: features from the cache or the backbone, then the tail, loss and optimizer step."""
+    """The training loop: each batch's features from the ``FeatureLoader``, then the tail, loss and optimizer step."""
 
     def __init__(
         self,
@@ -311,75 +388,89 @@ class Trainer:
         optimizer,
         scheduler,
         *,
-        cache: SkipCache | None = None,
-        cache_dtype: str | None = None,
+        features: FeatureLoader,
         train: TrainArgs = TrainArgs(),
         eval: EvalArgs = EvalArgs(),
         accum: int = 1,
         max_steps: float = math.inf,
         state: dict | None = None,
+        out_dir: Path | None = None,
     ) -> None:
-        state = {"iter_num": 0, "step_count": 0, "rng": None} if state is None else state
         self.fabric, self.fabric_model, self.model = fabric, fabric_model, model
-        self.optimizer, self.scheduler, self.cache = optimizer, scheduler, cache
-        self.train, self.eval, self.accum, self.max_steps, self.state = train, eval, accum, max_steps, state
-        config = model.config
-        self.position_wise = config.skip2lora_tail_start == config.n_layer and config.skip2lora_mix == "none"
-        self.dtype = DTYPES.get(cache_dtype) if cache else None
-        self.backbone_samples = 0
+        self.optimizer, self.scheduler, self.features = optimizer, scheduler, features
+        self.train, self.eval, self.accum, self.max_steps = train, eval, accum, max_steps
+        self.state = {"iter_num": 0, "step_count": 0, "rng": None} if state is None else state
+        self.out_dir = out_dir
+        self.replay = self.state["iter_num"]  # iterations a resumed run passes over without computing
+        self.interrupted = False
 
-    def fit(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path) -> None:
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
+        """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
         fabric, state = self.fabric, self.state
         self.model.eval()  # the frozen part never drops out; validation switches the tail to training mode after it
-        summary = [f"Validation loss before training: {self.log_validation(val_loader):.4f}"]
+        when = f"at resume (step {state['step_count']})" if self.replay else "before training"
+        summary = [f"Validation loss {when}: {self.log_validation(val_loader):.4f}"]
         fabric.print(summary[0])
-        self.skip, self.t_start = state["iter_num"], time.perf_counter()
-        for epoch in range(self.train.epochs):
-            epoch_t0, backbone_before = time.perf_counter(), self.backbone_samples
-            iters = self.run_epoch(train_loader, val_loader, out_dir, epoch)
-            if iters:
-                epoch_time, ran = time.perf_counter() - epoch_t0, self.backbone_samples - backbone_before
-                how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
-                summary.append(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / iters * 1000:.1f} ms/iter ({how})")
-                fabric.print(summary[-1])
-                fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
+        self.t_start = time.perf_counter()
+        with stop_on_signals(self):
+            for epoch in range(self.train.epochs):
+                epoch_t0, backbone_before = time.perf_counter(), self.features.backbone_samples
+                iters = self.run_epoch(train_loader, val_loader, epoch)
+                if self.interrupted:
+                    self.save_checkpoint()
+                    return False
+                if iters:
+                    epoch_time, ran = time.perf_counter() - epoch_t0, self.features.backbone_samples - backbone_before
+                    how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
+                    summary.append(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / iters * 1000:.1f} ms/iter ({how})")  # fmt: skip
+                    fabric.print(summary[-1])
+                    fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
+                    self.save_checkpoint()
         val_loss = self.log_validation(val_loader)
         summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
         fabric.print("\n".join(["", "Summary", *summary]))
+        return True
 
-    def run_epoch(self, train_loader: DataLoader, val_loader: DataLoader, out_dir: Path, epoch: int) -> int:
+    def run_epoch(self, train_loader: DataLoader, val_loader: DataLoader, epoch: int) -> int:
         """One pass over the training data; returns the number of iterations it ran."""
         state, train, iters = self.state, self.train, 0
-        bar = tqdm(train_loader, desc=f"Epoch {epoch + 1}/{train.epochs}", disable=self.fabric.global_rank != 0)
+        batches, skip = iter(train_loader), min(self.replay, len(train_loader))
+        for _ in range(skip):  # resuming: replay the sampler without computing, then restore the RNG as saved
+            next(batches)
+        self.replay -= skip
+        if skip and not self.replay:
+            self.restore_rng()
+        bar = tqdm(
+            total=len(train_loader), initial=skip, desc=f"Epoch {epoch + 1}/{train.epochs}", dynamic_ncols=True,
+            disable=self.fabric.global_rank != 0,
+        )  # fmt: skip
         self.iter_t0 = time.perf_counter()  # like LitGPT's iter_time: batch loading and optimizer step included
-        for batch in bar:
-            if self.skip > 0:  # resuming: replay the sampler without computing, then restore the RNG as saved
-                self.skip -= 1
-                if self.skip == 0:
-                    torch.set_rng_state(state["rng"])
-                continue
+        for batch in self.features.batches(batches, "train"):
             if state["step_count"] >= self.max_steps or time.perf_counter() - self.t_start > (train.max_time or math.inf):
                 break
-            loss, tokens = self.training_step(batch)
+            loss = self.training_step(batch)
             iters += 1
+            bar.update()
             stepped = state["iter_num"] % self.accum == 0
             if stepped:
                 self.optimizer_step()
             if state["iter_num"] % train.log_interval == 0:
-                self.log(loss, tokens, epoch, bar)
+                self.log(loss, batch, epoch, bar)
             if stepped:
-                self.evaluate_and_save(val_loader, out_dir)
+                self.evaluate_and_save(val_loader)
+                if self.interrupted:
+                    break
             self.iter_t0 = time.perf_counter()
+        bar.close()
         return iters
 
-    def training_step(self, batch: dict) -> tuple[torch.Tensor, int]:
+    def training_step(self, batch: Batch) -> torch.Tensor:
         self.state["iter_num"] += 1
-        features, targets = self.batch_features(batch, "train")
         accumulating = self.state["iter_num"] % self.accum != 0
         with self.fabric.no_backward_sync(self.fabric_model, enabled=accumulating):
-            loss = self.loss(self.fabric_model, features, targets)
+            loss = self.loss(self.fabric_model, batch.features, batch.targets)
             self.fabric.backward(loss / self.accum)
-        return loss.detach(), int(batch["length"].sum())
+        return loss.detach()
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -387,32 +478,55 @@ class Trainer:
         self.scheduler.step()
         self.state["step_count"] += 1
 
-    def evaluate_and_save(self, val_loader: DataLoader, out_dir: Path) -> None:
+    def evaluate_and_save(self, val_loader: DataLoader) -> None:
         step = self.state["step_count"]
         if step % self.eval.interval == 0:
-            self.fabric.print(f"step {step}: val loss {self.log_validation(val_loader):.4f}")
+            tqdm.write(f"step {step}: val loss {self.log_validation(val_loader):.4f}")
         if self.train.save_interval and step % self.train.save_interval == 0:
-            self.state["rng"] = torch.get_rng_state()  # adapters' dropout continues as if never interrupted
-            self.fabric.save(out_dir / f"step-{step:06d}" / "state.pth", self.state)  # enough to resume
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """The trained parameters, optimizer, scheduler, counters and RNG: enough to resume exactly, nothing frozen.
+
+        Written under a temporary name and renamed, so a crash never leaves a half-written checkpoint behind.
+        """
+        if self.out_dir is None:
+            return
+        self.state["rng"] = torch.get_rng_state()  # the tail's dropout continues as if never interrupted
+        if torch.cuda.is_available():
+            self.state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        path = self.out_dir / f"step-{self.state['step_count']:06d}"
+        partial_dir = path.with_name(f".{path.name}.partial")
+        self.fabric.save(partial_dir / "state.pth", self.state, filter={"model": lora_filter})
+        if self.fabric.global_rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(partial_dir, path)
+        self.fabric.barrier()
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.state["rng"])
+        if self.state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(self.state["cuda_rng"])
 
     def log_validation(self, val_loader: DataLoader) -> float:
         val_loss = self.validate(val_loader)
         self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=self.state["iter_num"])
         return val_loss
 
-    def log(self, loss: torch.Tensor, tokens: int, epoch: int, bar: tqdm) -> None:
+    def log(self, loss: torch.Tensor, batch: Batch, epoch: int, bar: tqdm) -> None:
         iter_time = time.perf_counter() - self.iter_t0
-        cache = self.cache
+        cache = self.features.cache
         metrics = {
             "loss": loss.item(),
             "iter": self.state["iter_num"],
             "step": self.state["step_count"],
             "epoch": epoch + 1,
             "iter_time": iter_time,
-            "tokens_per_sec": tokens / iter_time,
+            "feature_wait": batch.wait,
+            "tokens_per_sec": batch.tokens / iter_time,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "cache_hits": cache.hits if cache else 0,
-            "backbone_samples": self.backbone_samples,
+            "backbone_samples": self.features.backbone_samples,
         }
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", ms=f"{iter_time * 1000:.0f}", hits=metrics["cache_hits"])
@@ -421,7 +535,7 @@ class Trainer:
     def validate(self, val_loader: DataLoader) -> float:
         """Mean of per-batch losses over the whole validation set, as LitGPT's ``validate`` averages them."""
         self.set_tail_training(False)
-        losses = [self.loss(self.model, *self.batch_features(batch, "val")) for batch in val_loader]
+        losses = [self.loss(self.model, b.features, b.targets) for b in self.features.batches(val_loader, "val")]
         self.set_tail_training(True)
         mean = torch.stack(losses).mean()
         return self.fabric.all_reduce(mean, reduce_op="mean").item()
@@ -432,64 +546,29 @@ class Trainer:
 
     def loss(self, model, features: Features, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the tail's logits at the supervised positions, the only ones the loss reads."""
-        supervised = None if self.position_wise else targets != IGNORE_INDEX
+        supervised = None if self.model.config.skip2lora_position_wise else targets != IGNORE_INDEX
         logits = model.skip2lora_logits(features, supervised)
         targets = targets if supervised is None else targets[supervised]
         return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 
-    def batch_features(self, batch: dict, split: str) -> tuple[Features, torch.Tensor]:
-        """Each sample's entry from the cache, or from one backbone pass over the samples it lacks."""
-        input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
-        keys = [
-            sample_key(split, i, input_ids[j, :n], labels[j, :n]) for j, (i, n) in enumerate(zip(batch["index"].tolist(), lengths))
-        ]
-        entries = [self.cache.get(key) if self.cache else None for key in keys]
-        missing = [j for j, entry in enumerate(entries) if entry is None]
-        if missing:
-            features = self.model.skip2lora_features(input_ids[missing, : max(lengths[j] for j in missing)])
-            self.backbone_samples += len(missing)
-            for row, j in enumerate(missing):
-                entries[j] = self.entry(features, row, labels[j], lengths[j])
-                if self.cache:
-                    self.cache.put(keys[j], entries[j])
-        return self.collate(entries)
 
-    def entry(self, features: Features, row: int, labels: torch.Tensor, length: int) -> Entry:
-        """One sample's tail input: every real position, or for a position-wise tail only the supervised ones."""
-        targets = torch.full((length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-        targets[:-1] = labels[1:length]
-        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1) if self.position_wise else slice(0, length)
-        entry = {
-            "taps": torch.stack([t[row, keep] for t in features.taps]),
-            "base": features.base[row, keep],
-            "targets": targets[keep],
-        }
-        if features.probs:
-            entry["probs"] = torch.stack([p[row, :, :length, :length] for p in features.probs])
-        return {k: v.to(self.dtype) if self.dtype and v.is_floating_point() else v for k, v in entry.items()}
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT and SIGTERM let the current step finish, then stop training with a resumable checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    def collate(self, entries: list[Entry]) -> tuple[Features, torch.Tensor]:
-        device = self.fabric.device
-        if self.position_wise:  # flat: rows of all samples together, no padding at all
-            taps = torch.cat([e["taps"] for e in entries], dim=1).to(device)
-            base = torch.cat([e["base"] for e in entries]).to(device)
-            return Features(list(taps), base), torch.cat([e["targets"] for e in entries]).to(device)
-        pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
-        taps = pad([e["taps"].transpose(0, 1) for e in entries]).permute(2, 0, 1, 3).to(device)
-        base = pad([e["base"] for e in entries]).to(device)
-        features = Features(list(taps), base, [p.to(device) for p in pad_square([e.get("probs") for e in entries])])
-        return features, pad([e["targets"] for e in entries], padding_value=IGNORE_INDEX).to(device)
+    def handle(signum: int, frame) -> None:
+        trainer.interrupted = True
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step ...")
 
-
-def pad_square(probs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Per adapter block, the samples' ``(n, H, T, T)`` attention probabilities zero-padded to the longest ``T``."""
-    if probs[0] is None:
-        return []
-    n, heads, longest = probs[0].size(0), probs[0].size(1), max(p.size(-1) for p in probs)
-    padded = probs[0].new_zeros(n, len(probs), heads, longest, longest)
-    for j, p in enumerate(probs):
-        padded[:, j, :, : p.size(-1), : p.size(-1)] = p
-    return list(padded)
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def save_config(config: Config, directory: Path) -> None:
@@ -498,25 +577,36 @@ def save_config(config: Config, directory: Path) -> None:
     (directory / "model_config.yaml").write_text(yaml.dump(fields), encoding="utf-8")
 
 
-def save_final(fabric: L.Fabric, model: GPT, final_dir: Path, checkpoint_dir: Path, data: DataModule) -> None:
-    """A self-contained checkpoint: base weights (ordinary LoRA merged) plus the Skip2-LoRA adapters.
+def save_final(fabric: L.Fabric, model: GPT, run: Run) -> Path:
+    """A self-contained checkpoint: the base weights as the checkpoint holds them, plus every trained parameter.
 
-    Skip2-LoRA cannot be merged into the base weights: its adapters read block inputs that no single weight
-    matrix at the output place sees, so they stay separate modules and load with this package's ``GPT``.
+    Nothing is merged: Skip2-LoRA's adapters read block inputs that no single weight matrix at the output place
+    sees, and a 4-bit backbone has no matrix to merge a tail's LoRA into; so the adapters stay modules of their
+    own, and the same file comes out of a bf16 and a quantized run. It loads with this package's ``GPT``.
     """
-    partial_dir = final_dir.with_name(final_dir.name + ".partial")
+    final_dir = free_final_dir(run.out_dir)
+    partial_dir = final_dir.with_name(f".{final_dir.name}.partial")
     if fabric.global_rank == 0:
         partial_dir.mkdir(parents=True, exist_ok=True)
     litgpt_lora.save_lora_checkpoint(fabric, model, partial_dir / "lit_model.pth.lora")
     if fabric.global_rank == 0:
-        merge_lora_weights(model)
-        state = {k: v for k, v in model.state_dict().items() if "lora_" not in k or ".skip2lora." in k}
+        state = torch.load(run.checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
+        state.update({k: v.detach().cpu() for k, v in model.state_dict().items() if lora_filter(k, v)})
         torch.save(state, partial_dir / "lit_model.pth")
-        copy_config_files(checkpoint_dir, partial_dir)
-        save_config(dataclasses.replace(model.config, **{flag: False for flag in (*LORA_FLAGS, "lora_head")}), partial_dir)
+        copy_config_files(run.checkpoint_dir, partial_dir)
+        save_config(model.config, partial_dir)
         save_hyperparameters(setup, partial_dir, known_commands=COMMANDS)
-        save_prompt_style(data.prompt_style, partial_dir)
-        shutil.rmtree(final_dir, ignore_errors=True)
+        save_prompt_style(run.data.prompt_style, partial_dir)
         os.replace(partial_dir, final_dir)
-        fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
     fabric.barrier()
+    return final_dir
+
+
+def free_final_dir(out_dir: Path) -> Path:
+    """``final``, or when an earlier run's ``final`` is there, the first free ``final-N``: nothing is replaced."""
+    final, n = out_dir / "final", 1
+    while final.exists():
+        final, n = out_dir / f"final-{n}", n + 1
+    if n > 1:
+        warnings.warn(f"{str(out_dir / 'final')!r} holds an earlier run's model; this run's goes to {str(final)!r}.")
+    return final

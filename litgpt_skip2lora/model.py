@@ -79,6 +79,12 @@ class Config(litgpt.lora.Config):
         place = self.skip2lora_output_layer
         return int(place.removeprefix("block.")) if place.startswith("block.") else self.n_layer
 
+    @property
+    def skip2lora_position_wise(self) -> bool:
+        """Whether the tail treats every position alone (no tail block, no mixing): then only the supervised rows
+        matter, and the cache and the tail take them as flat rows rather than padded ``(B, T)`` sequences."""
+        return self.skip2lora_tail_start == self.n_layer and self.skip2lora_mix == "none"
+
     def _checked_indices(self) -> tuple[int, ...]:
         if self.lora_r <= 0:
             raise ValueError(f"Skip2-LoRA needs lora_r > 0, got lora_r={self.lora_r}.")
@@ -273,7 +279,7 @@ class GPT(litgpt.lora.GPT):
         A tail with blocks or attention-mixed adapters takes padded ``(B, T)`` features and the boolean
         ``supervised`` mask: attention needs every position, the head only the rows the loss reads.
         A position-wise tail takes flat features, supervised rows only. With output place ``lm_head`` and a
-        frozen head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the vocabulary-sized ``W``
+        frozen, unquantized head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the vocabulary-sized ``W``
         once per step (for ``W B``) instead of once per row. That pays when the rows ``n`` outnumber the
         ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
         """
@@ -286,6 +292,7 @@ class GPT(litgpt.lora.GPT):
         factored = (
             self.config.skip2lora_output_layer == "lm_head"
             and not head.linear.weight.requires_grad
+            and head.linear.weight.is_floating_point()  # a 4- or 8-bit head has no matrix to multiply B by
             and head.r == 0
             and rows * (d - 3 * ranks) > 2 * d * ranks
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
-EXPECTED = ["lora", "skip2-2", "skip2-2-cached", "skip2-4-cached-quarter", "lora-same-params"]
+EXPECTED = ["lora", "skip2-2", "skip2-2-cached", "skip2-2-disk", "skip2-2-disk-cold", "skip2-4-cached-quarter", "lora-same-params"]
 ENVIRONMENT = ["date", "python", "torch", "litgpt", "device", "device_name", "threads", "precision", "batch_size", "seq_len", "rank"]  # fmt: skip
 
 
@@ -35,4 +35,6 @@ def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
         assert result["ratio_to_lora"]["peak_memory"] == pytest.approx(result["peak_memory_mb"] / base["peak_memory_mb"])
         assert 0 < result["trainable_params"] < result["total_params"]
     assert results["skip2-4-cached-quarter"]["labelled_fraction"] == 0.25
-    assert results["skip2-2-cached"]["cached"] and not results["skip2-2"]["cached"]
+    assert results["skip2-2-cached"]["placement"] == "memory" and results["skip2-2"]["placement"] is None
+    assert results["skip2-2-disk-cold"]["placement"] == "disk" and results["skip2-2-disk-cold"]["cold"]
+    assert list(tmp_path.iterdir()) == [path]  # the disk configurations' caches are cleaned up

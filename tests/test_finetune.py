@@ -1,5 +1,6 @@
 """finetune_skip2lora end to end on a tiny random-weight checkpoint: the real loop, the real cache, no mocks."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,8 +16,8 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import JSON
 
 import litgpt_skip2lora.model
-from litgpt_skip2lora.cache import CacheError, SkipCache
-from litgpt_skip2lora.finetune import CacheArgs, Trainer, setup
+from litgpt_skip2lora.cache import CacheArgs, CacheError, FeatureLoader
+from litgpt_skip2lora.finetune import Trainer, setup
 
 REPO = Path(__file__).parent.parent
 N_LAYER = 4
@@ -45,21 +46,28 @@ def losses(metrics: pd.DataFrame) -> torch.Tensor:
 
 @pytest.fixture()
 def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the backbone block forwards of each training step (the real forward still runs)."""
-    calls, per_step = [0], []
-    block_forward, training_step = litgpt_skip2lora.model.Block.forward, Trainer.training_step
+    """Counts the backbone block forwards of each training step, its features' computation included."""
+    calls, fetched, per_step = [0], [0], []
+    block_forward, resolve, training_step = litgpt_skip2lora.model.Block.forward, FeatureLoader._resolve, Trainer.training_step
 
     def counting_forward(self, *args, **kwargs):
         calls[0] += 1
         return block_forward(self, *args, **kwargs)
 
+    def counting_resolve(self, *args):  # a batch's features are resolved just before its step
+        before = calls[0]
+        result = resolve(self, *args)
+        fetched[0] = calls[0] - before
+        return result
+
     def counting_step(self, batch):
         before = calls[0]
         result = training_step(self, batch)
-        per_step.append(calls[0] - before)
+        per_step.append(fetched[0] + calls[0] - before)
         return result
 
     monkeypatch.setattr(litgpt_skip2lora.model.Block, "forward", counting_forward)
+    monkeypatch.setattr(FeatureLoader, "_resolve", counting_resolve)
     monkeypatch.setattr(Trainer, "training_step", counting_step)
     return per_step
 
@@ -108,19 +116,21 @@ def test_final_checkpoint_generates_through_the_cli(tiny_checkpoint: Path, alpac
 def test_cache_is_reused_and_damage_is_detected(
     tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int]
 ) -> None:
-    cache = CacheArgs(directory=tmp_path / "cache")
+    cache = CacheArgs(placement="disk", directory=tmp_path / "cache")
     first = run(tiny_checkpoint, alpaca_file, tmp_path / "a", epochs=1, cache=cache)
-    entries = sorted((tmp_path / "cache").glob("train-*.s2l"))
-    assert len(entries) == 18 and not list((tmp_path / "cache").glob("*.tmp"))
+    (index,) = (tmp_path / "cache").glob("shard-*.idx")
+    records = [json.loads(line) for line in index.read_text().splitlines()]
+    assert sum(r["key"].startswith("train-") for r in records) == 18
 
     block_calls_per_step.clear()
     run(tiny_checkpoint, alpaca_file, tmp_path / "b", epochs=1, cache=cache)
     assert sum(block_calls_per_step) == 0  # a second run on the same data reads everything back
 
-    damaged = bytearray(entries[0].read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    entries[0].write_bytes(bytes(damaged))
-    entries[1].write_bytes(entries[1].read_bytes()[:-100])
+    shard = index.with_suffix(".bin")
+    data = bytearray(shard.read_bytes())
+    train = [r for r in records if r["key"].startswith("train-")]
+    data[train[0]["offset"] + train[0]["length"] // 2] ^= 0xFF  # one entry damaged, the last one cut short
+    shard.write_bytes(bytes(data[: train[-1]["offset"] + train[-1]["length"] - 100]))
     block_calls_per_step.clear()
     with pytest.warns(UserWarning, match="damaged"):
         again = run(tiny_checkpoint, alpaca_file, tmp_path / "c", epochs=1, cache=cache)
@@ -181,13 +191,15 @@ def test_finetune_command_follows_the_yaml(tiny_checkpoint: Path, alpaca_file: P
         "train": {"epochs": 1, "micro_batch_size": 4, "global_batch_size": 4, "lr_warmup_steps": 1},
         "eval": {"interval": 1000, "max_new_tokens": 2},
     }  # fmt: skip
+    stdout = {}
     for name, extra in {"skip2lora": {"skip2lora_enabled": True, "skip2lora_block_indices": [0, 1], "lora_query": False, "lora_value": False}, "lora": {}}.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**common, **extra, "out_dir": str(tmp_path / name)}))
         result = cli("finetune", "--config", str(tmp_path / f"{name}.yaml"), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
+        stdout[name] = result.stdout
     skip2lora_config = yaml.safe_load((tmp_path / "skip2lora" / "final" / "model_config.yaml").read_text())
     assert skip2lora_config["skip2lora_block_indices"] == [0, 1]
-    assert (tmp_path / "skip2lora" / "skip_cache" / "fingerprint.json").is_file()
+    assert "Skip-Cache: memory" in stdout["skip2lora"]  # a tiny cache fits in RAM: no disk cache is written
     assert (tmp_path / "lora" / "final" / "lit_model.pth").is_file() and not (tmp_path / "lora" / "skip_cache").exists()
 
 
@@ -202,12 +214,3 @@ def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
     assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
-
-
-def test_cache_counts_the_bytes_its_files_occupy(tmp_path: Path) -> None:
-    """The size limit compares like with like: what ``put`` adds is what a reopened cache finds on disk."""
-    cache = SkipCache(tmp_path / "cache", {"model": "tiny"})
-    for i in range(3):
-        assert cache.put(f"train-{i}", {"taps": torch.randn(2, 5, 7), "targets": torch.arange(5)})
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.s2l"))
-    assert cache.bytes == on_disk == SkipCache(tmp_path / "cache", {"model": "tiny"}).bytes
