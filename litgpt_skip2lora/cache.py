@@ -54,7 +54,7 @@ class CacheArgs:
     """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
     placement: Literal["auto", "device", "memory", "disk"] = "auto"
     """Where entries live. ``auto``: GPU memory when the whole cache fits half of what is free there, else host RAM
-    (pinned on a GPU machine) when it fits half of what is available, else ``directory`` on disk."""
+    when it fits half of what is available, else ``directory`` on disk."""
     directory: Path | None = None
     """The disk placement's folder; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses it."""
     max_size_gb: float | None = None
@@ -499,6 +499,8 @@ class FeatureLoader:
         self.pin = device.type == "cuda" and not on_device
         self.read_device = device if on_device else torch.device("cpu")
         self.backbone_samples = 0
+        self.time = {"read_wait": 0.0, "read_batches": 0, "backbone": 0.0, "backbone_batches": 0}
+        self._slow_warned = False
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="skip-cache-reader")
 
     def batches(self, loader: Iterable[dict], split: str) -> Iterator[Batch]:
@@ -532,10 +534,15 @@ class FeatureLoader:
         wait = time.perf_counter() - t0
         tokens = int(batch["length"].sum())
         if collated is not None:
+            self.time["read_wait"] += wait
+            self.time["read_batches"] += 1
             return Batch(*to_features(collated, self.device, self.dtype), tokens, wait)
         missing = [j for j, e in enumerate(entries) if e is None]
         input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
+        t0 = self._now()
         features = self.compute(input_ids[missing, : max(lengths[j] for j in missing)])
+        self.time["backbone"] += self._now() - t0
+        self.time["backbone_batches"] += 1
         self.backbone_samples += len(missing)
         for row, j in enumerate(missing):
             entries[j] = make_entry(features, row, labels[j], lengths[j], self.position_wise)
@@ -544,6 +551,27 @@ class FeatureLoader:
                 self.cache.put(keys[j], entries[j])
         entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
         return Batch(*to_features(collate(entries, self.position_wise, False), self.device, self.dtype), tokens, 0.0)
+
+
+    def warn_if_reads_are_slow(self) -> None:
+        """A cache that keeps the step waiting longer than the backbone would take is no gain: say so, once."""
+        t = self.time
+        if self._slow_warned or not t["read_batches"] or not t["backbone_batches"]:
+            return
+        read, compute = t["read_wait"] / t["read_batches"], t["backbone"] / t["backbone_batches"]
+        if read > compute:
+            warnings.warn(
+                f"Skip-Cache reads ({self.cache.placement}) kept each step waiting {read * 1000:.0f} ms, longer than"
+                f" the backbone took ({compute * 1000:.0f} ms per batch): --cache.placement memory (if it fits) or"
+                " --cache.enabled false would be faster."
+            )
+            self._slow_warned = True
+
+    def _now(self) -> float:
+        """The time once queued GPU work is done, so that the backbone's time is its real cost."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
 
 def batch_keys(batch: dict, split: str) -> list[str]:

@@ -426,6 +426,7 @@ class Trainer:
                     fabric.print(summary[-1])
                     fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
                     self.save_checkpoint()
+                    self.features.warn_if_reads_are_slow()
         val_loss = self.log_validation(val_loader)
         summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
         fabric.print("\n".join(["", "Summary", *summary]))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -214,3 +215,123 @@ def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
     assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
+
+
+def test_step_checkpoints_hold_only_what_training_changes(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    train = TrainArgs(epochs=1, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=2)
+    run(tiny_checkpoint, alpaca_file, tmp_path / "out", train=train)
+    step = sorted((tmp_path / "out").glob("step-*/state.pth"))[0]
+    state = torch.load(step, weights_only=False)
+    assert all("lora_" in key for key in state["model"])
+    trained = sum(t.numel() for t in state["model"].values())
+    assert trained == 2 * 2 * 4 * 32  # two adapters, A (r x d) and B (d x r), r=4, n_embd=32
+    frozen = sum(t.numel() for t in torch.load(tiny_checkpoint / "lit_model.pth").values())
+    # parameters and AdamW's two moments in float32, plus counters, RNG state and pickling overhead
+    assert step.stat().st_size < 3 * 4 * trained + 64_000 < 4 * frozen
+    assert not list((tmp_path / "out").glob(".step-*"))  # written under a temporary name, then renamed
+
+
+def interrupt_at(step: int, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sends ``sig`` to this process right after optimizer step ``step``, as a user's Ctrl-C or a scheduler would."""
+    optimizer_step = Trainer.optimizer_step
+
+    def signalling_step(self) -> None:
+        optimizer_step(self)
+        if self.state["step_count"] == step:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", signalling_step)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, sig: signal.Signals, capsys: pytest.CaptureFixture
+) -> None:
+    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=None)
+    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_at(7, sig, patch)
+        with pytest.raises(SystemExit) as stopped:
+            run(tiny_checkpoint, alpaca_file, tmp_path / "stopped", train=train)
+    assert stopped.value.code == 130 and "--resume true" in capsys.readouterr().out
+    assert (tmp_path / "stopped" / "step-000007" / "state.pth").is_file()
+    assert not (tmp_path / "stopped" / "final").exists()
+    resumed = run(tiny_checkpoint, alpaca_file, tmp_path / "stopped", train=train, resume=True)
+    assert "Validation loss at resume (step 7)" in capsys.readouterr().out
+    torch.testing.assert_close(losses(resumed), losses(full)[7:])
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import pytest
+from test_finetune import run, Trainer
+from litgpt.args import TrainArgs
+from pathlib import Path
+optimizer_step = Trainer.optimizer_step
+def step(self):
+    optimizer_step(self)
+    if self.state["step_count"] == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+Trainer.optimizer_step = step
+train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=3)
+run(Path({checkpoint!r}), Path({data!r}), Path({out!r}), train=train)
+"""
+
+
+def test_resume_after_sigkill_from_the_newest_checkpoint(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=3)
+    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
+    script = KILLED_RUN.format(
+        tests=str(Path(__file__).parent), checkpoint=str(tiny_checkpoint), data=str(alpaca_file), out=str(tmp_path / "killed")
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # steps 3 and 6 by the interval, 5 at the end of the first epoch; killed after step 8
+    assert sorted(p.name for p in (tmp_path / "killed").glob("step-*")) == ["step-000003", "step-000005", "step-000006"]
+    resumed = run(tiny_checkpoint, alpaca_file, tmp_path / "killed", train=train, resume=True)
+    torch.testing.assert_close(losses(resumed), losses(full)[6:])
+    final = {k: torch.load(tmp_path / d / "final" / "lit_model.pth.lora")["model"] for k, d in [("a", "full"), ("b", "killed")]}
+    for key, value in final["a"].items():
+        torch.testing.assert_close(final["b"][key], value)
+
+
+def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=1)
+    first = (tmp_path / "out" / "final" / "lit_model.pth").read_bytes()
+    with pytest.warns(UserWarning, match="holds an earlier run's model"):
+        run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=1, skip2lora_block_indices=[1, 3])
+    assert (tmp_path / "out" / "final" / "lit_model.pth").read_bytes() == first
+    second = yaml.safe_load((tmp_path / "out" / "final-1" / "model_config.yaml").read_text())
+    assert second["skip2lora_block_indices"] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint_dir", "/nonexistent/checkpoint"], "checkpoint_dir"),
+        (["--skip2lora_block_indices", "[0,9]"], "9 is not a block index of a 4-layer model"),
+        (["--skip2lora_output_layer", "head"], "skip2lora_output_layer must be"),
+        (["--cache.directory", "{tmp}/a-file/cache", "--cache.placement", "disk"], "cannot be created or written"),
+        (["--train.epochs", "0"], "--train.epochs must be at least 1"),
+        (["--resume", "true"], "holds no step-"),
+        (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
+    ],
+)
+def test_a_users_error_is_one_line_without_traceback(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    if "--quantize" in args and torch.cuda.is_available():
+        pytest.skip("this machine has the GPU that the refusal is about")
+    (tmp_path / "a-file").write_text("")
+    checkpoint = args.pop(1) if args[0] == "--checkpoint_dir" else str(tiny_checkpoint)
+    args = args[1:] if args and args[0] == "--checkpoint_dir" else args
+    result = cli(
+        "finetune_skip2lora", checkpoint, "--data", "JSON", "--data.json_path", str(alpaca_file),
+        "--precision", "32-true", "--out_dir", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert not (tmp_path / "out").exists()
