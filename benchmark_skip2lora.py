@@ -31,11 +31,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import lightning as L
-import torch
-from lightning.fabric.plugins import BitsandbytesPrecision
-
 import litgpt
 import litgpt.lora
+import torch
+from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt.finetune.lora import get_lr_scheduler
 from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
 
@@ -83,7 +82,9 @@ def model_config(args: argparse.Namespace, spec: Spec) -> litgpt.lora.Config:
     override = {} if args.n_layer is None else {"n_layer": args.n_layer}
     lora = dict(lora_r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=0.05)
     if spec.blocks:
-        return Config.from_name(args.model, **override, **lora, skip2lora_enabled=True, skip2lora_block_indices=spec.blocks)
+        return Config.from_name(
+            args.model, **override, **lora, skip2lora_enabled=True, skip2lora_block_indices=spec.blocks
+        )
     return litgpt.lora.Config.from_name(args.model, **override, **lora, lora_query=True, lora_value=True)
 
 
@@ -146,7 +147,9 @@ def make_batches(config: litgpt.lora.Config, spec: Spec, args: argparse.Namespac
     return batches
 
 
-def build(fabric: L.Fabric, config: litgpt.lora.Config, seq_len: int) -> tuple[litgpt.lora.GPT, torch.nn.Module, torch.optim.Optimizer]:  # fmt: skip
+def build(
+    fabric: L.Fabric, config: litgpt.lora.Config, seq_len: int
+) -> tuple[litgpt.lora.GPT, torch.nn.Module, torch.optim.Optimizer]:
     """The model with random weights materialised directly on the device and in the precision's dtype.
 
     ``empty_init`` skips every ``torch.nn.init`` call, so a 7B model never exists twice; each module's own
@@ -165,7 +168,9 @@ def build(fabric: L.Fabric, config: litgpt.lora.Config, seq_len: int) -> tuple[l
     return model, fabric_model, fabric.setup_optimizers(optimizer)
 
 
-def lora_step(fabric: L.Fabric, model: torch.nn.Module, optimizer, batches: list[dict], clock: Clock) -> Callable[[], None]:  # fmt: skip
+def lora_step(
+    fabric: L.Fabric, model: torch.nn.Module, optimizer, batches: list[dict], clock: Clock
+) -> Callable[[], None]:
     """One step of ``litgpt finetune_lora`` (no gradient accumulation) per call, over the batches in turn."""
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     iterator = iter(batches)
@@ -199,7 +204,9 @@ def skip2lora_step(
     if spec.cached:
         cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
     dtype = model.transformer.wte.weight.dtype
-    features = FeatureLoader(model.skip2lora_features, cache, fabric.device, dtype, model.config.skip2lora_position_wise)
+    features = FeatureLoader(
+        model.skip2lora_features, cache, fabric.device, dtype, model.config.skip2lora_position_wise
+    )
     if cache is not None:
         with torch.no_grad():
             for _ in features.batches(batches, "train"):
@@ -331,15 +338,19 @@ def verdict(ratio: float, target: float | None) -> str:
 
 
 def table(results: dict[str, dict], specs: dict[str, Spec]) -> str:
-    header = f"{'config':<24}{'trainable':>11}{'fwd ms':>9}{'bwd ms':>9}  {'step ms (median [min-max])':<28}{'step ratio':<26}{'peak MB':>9}  memory ratio"  # fmt: skip
+    header = (
+        f"{'config':<24}{'trainable':>11}{'fwd ms':>9}{'bwd ms':>9}  {'step ms (median [min-max])':<28}"
+        f"{'step ratio':<26}{'peak MiB':>9}  memory ratio"
+    )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
         kind, steps, ratio = specs[name].kind, r["times_ms"]["step"], r["ratio_to_lora"]
         step_target = STEP_TARGETS.get(kind)
         memory_target = MEMORY_TARGET if specs[name].blocks else None
         step = f"{r['median_ms']['step']:.1f} [{min(steps):.1f}-{max(steps):.1f}]"
+        fwd, bwd = r["median_ms"]["forward"], r["median_ms"]["backward"]
         lines.append(
-            f"{name:<24}{r['trainable_params']:>11,}{r['median_ms']['forward']:>9.1f}{r['median_ms']['backward']:>9.1f}  "
+            f"{name:<24}{r['trainable_params']:>11,}{fwd:>9.1f}{bwd:>9.1f}  "
             f"{step:<28}{ratio['step']:.3f}x{verdict(ratio['step'], step_target):<20}"
             f"{r['peak_memory_mb']:>9.0f}  {ratio['peak_memory']:.3f}x{verdict(ratio['peak_memory'], memory_target)}"
         )
@@ -385,7 +396,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--quantize", choices=("bnb.nf4", "bnb.nf4-dq", "bnb.int8"), help="frozen weights in bitsandbytes")
+    parser.add_argument(
+        "--quantize", choices=("bnb.nf4", "bnb.nf4-dq", "bnb.int8"), help="frozen weights in bitsandbytes"
+    )
     parser.add_argument("--blocks", default="2,4,6,all", help="Skip2-LoRA block counts, evenly spaced from block 0")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -411,13 +424,17 @@ def main() -> None:
         raise SystemExit(f"Unknown configurations {sorted(unknown)}; choose from {list(specs)}.")
     if args.n_layer is not None:
         print(f"Note: {args.model} overridden to n_layer={args.n_layer}.")
-    print(f"{args.model} | {args.device} {args.precision} {args.quantize or ''} | batch {args.batch_size} x {args.seq_len} | rank {args.rank}")
+    weights = f"{args.precision} {args.quantize or ''}".strip()
+    print(f"{args.model} | {args.device} {weights} | batch {args.batch_size} x {args.seq_len} | rank {args.rank}")
     print(f"{SAME_PARAMS}: LoRA q+v with rank {specs[SAME_PARAMS].rank}, the trainable count closest to skip2-4's.")
     results = {}
     for name in names:
         print(f"running {name} ...", end=" ", flush=True)
         results[name] = run_in_subprocess(name)
-        print(f"step {results[name]['median_ms']['step']:.1f} ms, peak {results[name]['peak_memory_mb']:.0f} MiB", flush=True)
+        print(
+            f"step {results[name]['median_ms']['step']:.1f} ms, peak {results[name]['peak_memory_mb']:.0f} MiB",
+            flush=True,
+        )
     add_ratios(results)
     print(table(results, specs))
     report = {"environment": environment(args), "configurations": results}

@@ -19,14 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import litgpt
 import pandas as pd
 import torch
+from litgpt.utils import save_config
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-
-import litgpt
-from litgpt.utils import save_config
 
 RUNS = {
     "lora": ["finetune_lora", "--lora_query", "true", "--lora_value", "true"],
@@ -100,12 +99,36 @@ def main() -> None:
     write_data(data, args.samples + 8, args.tokens, vocab)
     blocks = list(range(n_layer)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
     common = [
-        str(checkpoint.resolve()), "--precision", args.precision, "--data", "JSON", "--data.json_path", str(data),
-        "--data.val_split_fraction", str(8 / (args.samples + 8)), "--train.epochs", str(args.epochs),
-        "--train.micro_batch_size", str(args.batch_size), "--train.global_batch_size", str(args.batch_size),
-        "--train.max_seq_length", str(args.seq_len), "--train.lr_warmup_steps", "1", "--train.save_interval", "100000",
-        "--eval.interval", "100000", "--eval.max_new_tokens", "2", "--eval.max_iters", "1", "--lora_r", "8",
-    ]  # fmt: skip
+        str(checkpoint.resolve()),
+        "--precision",
+        args.precision,
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(data),
+        "--data.val_split_fraction",
+        str(8 / (args.samples + 8)),
+        "--train.epochs",
+        str(args.epochs),
+        "--train.micro_batch_size",
+        str(args.batch_size),
+        "--train.global_batch_size",
+        str(args.batch_size),
+        "--train.max_seq_length",
+        str(args.seq_len),
+        "--train.lr_warmup_steps",
+        "1",
+        "--train.save_interval",
+        "100000",
+        "--eval.interval",
+        "100000",
+        "--eval.max_new_tokens",
+        "2",
+        "--eval.max_iters",
+        "1",
+        "--lora_r",
+        "8",
+    ]
     results, lora_time = {}, None
     for name in args.runs.split(","):
         out = args.work / name

@@ -32,13 +32,44 @@ VAL_LOSS = re.compile(r"Validation loss after training: ([0-9.]+)")
 
 def command(checkpoint: Path, data: Path, out_dir: Path, resume: bool) -> list[str]:
     return [
-        sys.executable, "-m", "litgpt_skip2lora", "finetune_skip2lora", str(checkpoint), "--precision", "32-true",
-        "--skip2lora_block_indices", "[0,2,4]", "--data", "JSON", "--data.json_path", str(data),
-        "--data.val_split_fraction", "0.1", "--train.epochs", "3", "--train.micro_batch_size", "4",
-        "--train.global_batch_size", "4", "--train.max_seq_length", "128", "--train.lr_warmup_steps", "1",
-        "--train.save_interval", "4", "--eval.interval", "100000", "--eval.max_new_tokens", "2",
-        "--cache.placement", "disk", "--out_dir", str(out_dir), "--resume", str(resume).lower(),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "litgpt_skip2lora",
+        "finetune_skip2lora",
+        str(checkpoint),
+        "--precision",
+        "32-true",
+        "--skip2lora_block_indices",
+        "[0,2,4]",
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(data),
+        "--data.val_split_fraction",
+        "0.1",
+        "--train.epochs",
+        "3",
+        "--train.micro_batch_size",
+        "4",
+        "--train.global_batch_size",
+        "4",
+        "--train.max_seq_length",
+        "128",
+        "--train.lr_warmup_steps",
+        "1",
+        "--train.save_interval",
+        "4",
+        "--eval.interval",
+        "100000",
+        "--eval.max_new_tokens",
+        "2",
+        "--cache.placement",
+        "disk",
+        "--out_dir",
+        str(out_dir),
+        "--resume",
+        str(resume).lower(),
+    ]
 
 
 def run_until(args: list[str], target: tuple[int, int] | None, rng: random.Random) -> tuple[int, str, str]:
@@ -97,10 +128,16 @@ def main() -> None:
         difference = max((adapters(out_dir)[key] - value).abs().max().item() for key, value in reference.items())
         loss = float(VAL_LOSS.search(stdout)[1])
         outcomes.append(
-            {"killed_at": f"epoch {target[0]}, iteration {target[1]}/{iterations}", "killed_exit_code": killed_code,
-             "resumed_from_checkpoint": resumable, "damaged_entries_detected": damaged,
-             "max_adapter_difference": difference, "final_val_loss": loss, "reference_val_loss": reference_loss}
-        )  # fmt: skip
+            {
+                "killed_at": f"epoch {target[0]}, iteration {target[1]}/{iterations}",
+                "killed_exit_code": killed_code,
+                "resumed_from_checkpoint": resumable,
+                "damaged_entries_detected": damaged,
+                "max_adapter_difference": difference,
+                "final_val_loss": loss,
+                "reference_val_loss": reference_loss,
+            }
+        )
         print(json.dumps(outcomes[-1]), flush=True)
     (args.work / "outcomes.json").write_text(json.dumps(outcomes, indent=2))
     same = sum(o["max_adapter_difference"] == 0 and o["final_val_loss"] == reference_loss for o in outcomes)

@@ -52,8 +52,14 @@ def main(checkpoint_dir: str = "checkpoints/SmolLM2-135M-Instruct", epochs: int 
     data.setup()
     for gated in (True, False):
         torch.manual_seed(1337)
-        config = Config.from_file(f"{checkpoint_dir}/model_config.yaml", lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                                  lora_query=True, lora_value=True)  # fmt: skip
+        config = Config.from_file(
+            f"{checkpoint_dir}/model_config.yaml",
+            lora_r=8,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            lora_query=True,
+            lora_value=True,
+        )
         model = GPT(config)
         model.load_state_dict(torch.load(f"{checkpoint_dir}/lit_model.pth", mmap=True), strict=False)
         mark_only_lora_as_trainable(model)
@@ -86,7 +92,9 @@ def main(checkpoint_dir: str = "checkpoints/SmolLM2-135M-Instruct", epochs: int 
                 optimizer.step(), optimizer.zero_grad(), scheduler.step()
                 step += 1
                 if step % 50 == 0 or step == steps:
-                    print(f"{name}: step {step} val loss {validate():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    print(
+                        f"{name}: step {step} val loss {validate():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True
+                    )
 
 
 if __name__ == "__main__":

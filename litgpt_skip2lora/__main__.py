@@ -1,17 +1,18 @@
 """``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
 
 Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf``,
-``convert_smollm2`` and ``compare``. ``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs Skip2-LoRA only
-when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` build this package's ``GPT`` and ``Config``, which
-load plain LitGPT checkpoints as well as Skip2-LoRA ones.
+``convert_smollm2`` and ``compare``. ``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs
+Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` build this package's ``GPT`` and
+``Config``, which load plain LitGPT checkpoints as well as Skip2-LoRA ones.
 """
 
 import inspect
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import litgpt.chat.base
 import litgpt.generate.base

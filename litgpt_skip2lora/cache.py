@@ -56,7 +56,8 @@ class CacheArgs:
     """Where entries live. ``auto``: GPU memory when the whole cache fits half of what is free there, else host RAM
     when it fits half of what is available, else ``directory`` on disk."""
     directory: Path | None = None
-    """The disk placement's folder; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses it."""
+    """The disk placement's folder; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses
+    it."""
     max_size_gb: float | None = None
     """Size limit; samples that do not fit are recomputed each time."""
     dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = None
@@ -112,7 +113,9 @@ def decode(batch: Entry, dtype: torch.dtype) -> Entry:
         if name.endswith(".scale"):
             continue
         scale = batch.get(f"{name}.scale")
-        out[name] = (t.to(dtype) * scale.to(dtype)) if scale is not None else t.to(dtype) if t.is_floating_point() else t
+        out[name] = (
+            (t.to(dtype) * scale.to(dtype)) if scale is not None else t.to(dtype) if t.is_floating_point() else t
+        )
     return out
 
 
@@ -431,9 +434,7 @@ class SkipCache:
         return True
 
 
-def choose_placement(
-    wanted: str, estimate: int, device: torch.device, max_bytes: int | None
-) -> tuple[str, str]:
+def choose_placement(wanted: str, estimate: int, device: torch.device, max_bytes: int | None) -> tuple[str, str]:
     """The placement and the reason, in words: the fastest store the whole cache fits in, at most half of its room."""
     if wanted != "auto":
         return wanted, "chosen by --cache.placement"
@@ -552,7 +553,6 @@ class FeatureLoader:
         entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
         return Batch(*to_features(collate(entries, self.position_wise, False), self.device, self.dtype), tokens, 0.0)
 
-
     def warn_if_reads_are_slow(self) -> None:
         """A cache that keeps the step waiting longer than the backbone would take is no gain: say so, once."""
         t = self.time
@@ -576,4 +576,7 @@ class FeatureLoader:
 
 def batch_keys(batch: dict, split: str) -> list[str]:
     input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
-    return [sample_key(split, i, input_ids[j, :n], labels[j, :n]) for j, (i, n) in enumerate(zip(batch["index"].tolist(), lengths))]
+    return [
+        sample_key(split, i, input_ids[j, :n], labels[j, :n])
+        for j, (i, n) in enumerate(zip(batch["index"].tolist(), lengths))
+    ]

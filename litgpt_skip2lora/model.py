@@ -21,12 +21,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import litgpt.lora
 import torch
 import torch.nn as nn
-from typing_extensions import Self
-
-import litgpt.lora
 from litgpt.model import batched_index_select, do_softcapping
+from typing_extensions import Self
 
 ADAPTER_INPUTS = ("raw", "norm_1", "rms")
 MIXES = ("none", "attention")
@@ -95,10 +94,14 @@ class Config(litgpt.lora.Config):
         start = self._checked_tail_start()
         indices = self.skip2lora_block_indices
         if not indices:
-            raise ValueError("skip2lora_enabled is true but skip2lora_block_indices is empty: select at least one block.")
+            raise ValueError(
+                "skip2lora_enabled is true but skip2lora_block_indices is empty: select at least one block."
+            )
         for i in indices:
             if isinstance(i, bool) or not isinstance(i, int) or not -self.n_layer <= i < self.n_layer:
-                raise ValueError(f"skip2lora_block_indices: {i!r} is not a block index of a {self.n_layer}-layer model.")
+                raise ValueError(
+                    f"skip2lora_block_indices: {i!r} is not a block index of a {self.n_layer}-layer model."
+                )
         normalized = sorted(i % self.n_layer for i in indices)
         if len(set(normalized)) != len(normalized):
             raise ValueError(f"skip2lora_block_indices has duplicates: {list(indices)} selects {normalized}.")
@@ -117,7 +120,9 @@ class Config(litgpt.lora.Config):
     def _checked_tail_start(self) -> int:
         place = self.skip2lora_output_layer
         digits = place.removeprefix("block.")
-        if place in ("lm_head", "ln_f") or (place.startswith("block.") and digits.isdigit() and 0 < int(digits) < self.n_layer):
+        if place in ("lm_head", "ln_f") or (
+            place.startswith("block.") and digits.isdigit() and 0 < int(digits) < self.n_layer
+        ):
             return self.skip2lora_tail_start
         raise ValueError(
             f"skip2lora_output_layer must be 'lm_head', 'ln_f' or 'block.K' with 0 < K < {self.n_layer}, got {place!r}."
@@ -131,7 +136,9 @@ class Skip2LoRA(litgpt.lora.LoRALayer):
     head in ``B``, as LoRA on a block's values and output projection would.
     """
 
-    def __init__(self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float, groups: int = 1, heads: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float, groups: int = 1, heads: int = 1
+    ) -> None:
         super().__init__(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
         self.groups, self.heads = groups, heads
         self.lora_A = nn.Parameter(torch.empty(r * groups, n_embd))
@@ -180,7 +187,9 @@ class CausalSelfAttention(litgpt.lora.CausalSelfAttention):
         return super().scaled_dot_product_attention(q, k, v, mask)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, config: Config, mscale: float) -> torch.Tensor:  # fmt: skip
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, config: Config, mscale: float
+) -> torch.Tensor:
     """The weights LitGPT's attention averages the values with (same scale, softcapping and masks)."""
     scores = q @ k.mT * (mscale**2 / math.sqrt(config.attention_scores_scalar or config.head_size))
     if config.attention_logit_softcapping is not None:
@@ -199,7 +208,9 @@ class Block(litgpt.lora.Block):
         if config.skip2lora_enabled and block_idx in config.skip2lora_block_indices:
             mixed = config.skip2lora_mix == "attention"
             groups, heads = (config.n_query_groups, config.n_head) if mixed else (1, 1)
-            self.skip2lora = Skip2LoRA(config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout, groups, heads)
+            self.skip2lora = Skip2LoRA(
+                config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout, groups, heads
+            )
             if mixed:  # the same weights, built again as the class that keeps its attention probabilities
                 self.attn = CausalSelfAttention(config, block_idx)
 
@@ -279,9 +290,9 @@ class GPT(litgpt.lora.GPT):
         A tail with blocks or attention-mixed adapters takes padded ``(B, T)`` features and the boolean
         ``supervised`` mask: attention needs every position, the head only the rows the loss reads.
         A position-wise tail takes flat features, supervised rows only. With output place ``lm_head`` and a
-        frozen, unquantized head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the vocabulary-sized ``W``
-        once per step (for ``W B``) instead of once per row. That pays when the rows ``n`` outnumber the
-        ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
+        frozen, unquantized head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the
+        vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row. That pays when the rows ``n``
+        outnumber the ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
         """
         if supervised is not None:
             has_blocks = self.config.skip2lora_tail_start < self.config.n_layer
@@ -335,7 +346,9 @@ class GPT(litgpt.lora.GPT):
             x = self._block(i, x, rope)
         return x if self.config.skip2lora_output_layer == "lm_head" else self.transformer.ln_f(x)
 
-    def _tail(self, features: Features, rope: Rope | None, lm_head_chunk_size: int) -> torch.Tensor | list[torch.Tensor]:
+    def _tail(
+        self, features: Features, rope: Rope | None, lm_head_chunk_size: int
+    ) -> torch.Tensor | list[torch.Tensor]:
         x = self._hidden(features, rope)
         if lm_head_chunk_size > 0:
             return [self._clamp(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]

@@ -4,14 +4,13 @@ import json
 import random
 from pathlib import Path
 
+import litgpt
 import pytest
 import torch
+from litgpt.utils import save_config
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-
-import litgpt
-from litgpt.utils import save_config
 
 WORDS = (
     "the a cat dog sat ran on under mat log red blue big small what is colour of animal where did it go "
@@ -19,10 +18,20 @@ WORDS = (
     "input provides further context an with paired . : # , ?"
 ).split()
 TINY = dict(
-    name="tiny-llama", block_size=128, n_layer=4, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64,
-    bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", rotary_percentage=1.0,
-    parallel_residual=False, padding_multiple=64,
-)  # fmt: skip
+    name="tiny-llama",
+    block_size=128,
+    n_layer=4,
+    n_head=4,
+    n_query_groups=2,
+    n_embd=32,
+    intermediate_size=64,
+    bias=False,
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    rotary_percentage=1.0,
+    parallel_residual=False,
+    padding_multiple=64,
+)
 
 
 def write_checkpoint(directory: Path, seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""The benchmark script end to end on a tiny model: every configuration measured, ratios consistent, no timings judged."""
+"""The benchmark script end to end on a tiny model: every configuration measured, ratios consistent, none judged."""
 
 import json
 import subprocess
@@ -8,8 +8,28 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
-EXPECTED = ["lora", "skip2-2", "skip2-2-cached", "skip2-2-disk", "skip2-2-disk-cold", "skip2-4-cached-quarter", "lora-same-params"]
-ENVIRONMENT = ["date", "python", "torch", "litgpt", "device", "device_name", "threads", "precision", "batch_size", "seq_len", "rank"]  # fmt: skip
+EXPECTED = [
+    "lora",
+    "skip2-2",
+    "skip2-2-cached",
+    "skip2-2-disk",
+    "skip2-2-disk-cold",
+    "skip2-4-cached-quarter",
+    "lora-same-params",
+]
+ENVIRONMENT = [
+    "date",
+    "python",
+    "torch",
+    "litgpt",
+    "device",
+    "device_name",
+    "threads",
+    "precision",
+    "batch_size",
+    "seq_len",
+    "rank",
+]
 
 
 def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
@@ -32,7 +52,9 @@ def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
             assert result["median_ms"][figure] == times[0]
             assert result["ratio_to_lora"][figure] == pytest.approx(times[0] / base["median_ms"][figure])
         assert result["peak_memory_mb"] > 0
-        assert result["ratio_to_lora"]["peak_memory"] == pytest.approx(result["peak_memory_mb"] / base["peak_memory_mb"])
+        assert result["ratio_to_lora"]["peak_memory"] == pytest.approx(
+            result["peak_memory_mb"] / base["peak_memory_mb"]
+        )
         assert 0 < result["trainable_params"] < result["total_params"]
     assert results["skip2-4-cached-quarter"]["labelled_fraction"] == 0.25
     assert results["skip2-2-cached"]["placement"] == "memory" and results["skip2-2"]["placement"] is None

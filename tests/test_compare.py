@@ -12,13 +12,23 @@ from litgpt_skip2lora.compare import compare
 HUB = Path(__file__).parent.parent / "config_hub" / "finetune" / "SmolLM2-135M-Instruct"
 VARIANTS = {
     "lora": {"command": "finetune_lora", "config": str(HUB / "lora_baseline.yaml"), "args": ["--precision", "32-true"]},
-    "skip2lora": {"command": "finetune_skip2lora", "config": str(HUB / "skip2lora.yaml"),
-                  "args": ["--skip2lora_block_indices", "[0,2]"]},
-    "skip2lora-lnf": {"command": "finetune_skip2lora", "config": str(HUB / "skip2lora.yaml"),
-                      "args": ["--skip2lora_block_indices", "[0,1,2,3]", "--skip2lora_output_layer", "ln_f"]},
-    "bad": {"command": "finetune_skip2lora", "config": str(HUB / "skip2lora.yaml"),
-            "args": ["--skip2lora_input", "no-such-input"], "description": "fails while parsing its arguments"},
-}  # fmt: skip
+    "skip2lora": {
+        "command": "finetune_skip2lora",
+        "config": str(HUB / "skip2lora.yaml"),
+        "args": ["--skip2lora_block_indices", "[0,2]"],
+    },
+    "skip2lora-lnf": {
+        "command": "finetune_skip2lora",
+        "config": str(HUB / "skip2lora.yaml"),
+        "args": ["--skip2lora_block_indices", "[0,1,2,3]", "--skip2lora_output_layer", "ln_f"],
+    },
+    "bad": {
+        "command": "finetune_skip2lora",
+        "config": str(HUB / "skip2lora.yaml"),
+        "args": ["--skip2lora_input", "no-such-input"],
+        "description": "fails while parsing its arguments",
+    },
+}
 GOOD = ["lora", "skip2lora", "skip2lora-lnf"]
 
 
@@ -28,10 +38,27 @@ def compared(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.
     tmp = tmp_path_factory.mktemp("compare")
     variants = tmp / "variants.yaml"
     variants.write_text(yaml.safe_dump({"common_args": ["--train.epochs", "2"], "variants": VARIANTS}, sort_keys=False))
-    extra = [str(tiny_checkpoint), "--data", "JSON", "--data.json_path", str(alpaca_file),
-             "--data.val_split_fraction", "0.25", "--train.micro_batch_size", "6", "--train.global_batch_size", "6",
-             "--train.lr_warmup_steps", "1", "--train.save_interval", "null", "--eval.interval", "3",
-             "--eval.max_new_tokens", "2"]  # fmt: skip
+    extra = [
+        str(tiny_checkpoint),
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(alpaca_file),
+        "--data.val_split_fraction",
+        "0.25",
+        "--train.micro_batch_size",
+        "6",
+        "--train.global_batch_size",
+        "6",
+        "--train.lr_warmup_steps",
+        "1",
+        "--train.save_interval",
+        "null",
+        "--eval.interval",
+        "3",
+        "--eval.max_new_tokens",
+        "2",
+    ]
     return compare(variants, tmp / "out", extra_args=extra), variants, tmp / "out"
 
 

@@ -123,8 +123,12 @@ def test_tokenizer_matches_gguf_vocab(tokenizer: Tokenizer) -> None:
     assert tokenizer.eos_id == vocab["<|im_end|>"] == 2
     # "Ġ" and "Ċ" are the byte-level stand-ins for a space and a newline; BOS is not doubled
     assert tokenizer.encode("<|im_start|>user\nHello world").tolist() == [
-        vocab["<|im_start|>"], vocab["user"], vocab["Ċ"], vocab["Hello"], vocab["Ġworld"]
-    ]  # fmt: skip
+        vocab["<|im_start|>"],
+        vocab["user"],
+        vocab["Ċ"],
+        vocab["Hello"],
+        vocab["Ġworld"],
+    ]
     assert tokenizer.encode("in 2024", bos=False).tolist() == [vocab[t] for t in ("in", "Ġ", "2", "0", "2", "4")]
     for text in ("What is the capital of France?", "  indented\n\n\ttabs", "café naïve — 東京 🙂"):
         assert tokenizer.decode(tokenizer.encode(text, bos=False)) == text

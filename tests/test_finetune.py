@@ -2,8 +2,8 @@
 
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import JSON
 
@@ -27,11 +26,16 @@ N_LAYER = 4
 def run(checkpoint: Path, data_file: Path, out_dir: Path, epochs: int = 3, **kwargs) -> pd.DataFrame:
     """One fine-tune in this process; returns the per-iteration rows of its metrics.csv."""
     args = dict(
-        precision="32-true", skip2lora_block_indices=[0, 2], lora_r=4, lora_alpha=8, seed=7,
+        precision="32-true",
+        skip2lora_block_indices=[0, 2],
+        lora_r=4,
+        lora_alpha=8,
+        seed=7,
         data=JSON(json_path=data_file, val_split_fraction=0.25, num_workers=0),
         train=TrainArgs(epochs=epochs, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=None),
-        eval=EvalArgs(interval=1000, max_new_tokens=3), optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}},
-    )  # fmt: skip
+        eval=EvalArgs(interval=1000, max_new_tokens=3),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}},
+    )
     args.update(kwargs)
     with pytest.MonkeyPatch.context() as patch:  # LitGPT's save_hyperparameters re-parses the command line
         patch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(checkpoint)])
@@ -49,7 +53,11 @@ def losses(metrics: pd.DataFrame) -> torch.Tensor:
 def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the backbone block forwards of each training step, its features' computation included."""
     calls, fetched, per_step = [0], [0], []
-    block_forward, resolve, training_step = litgpt_skip2lora.model.Block.forward, FeatureLoader._resolve, Trainer.training_step
+    block_forward, resolve, training_step = (
+        litgpt_skip2lora.model.Block.forward,
+        FeatureLoader._resolve,
+        Trainer.training_step,
+    )
 
     def counting_forward(self, *args, **kwargs):
         calls[0] += 1
@@ -88,7 +96,11 @@ def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
     assert cached["cache_hits"].iloc[-1] > 0
 
     uncached = run(
-        tiny_checkpoint, alpaca_file, tmp_path / "uncached", skip2lora_output_layer=place, cache=CacheArgs(enabled=False),
+        tiny_checkpoint,
+        alpaca_file,
+        tmp_path / "uncached",
+        skip2lora_output_layer=place,
+        cache=CacheArgs(enabled=False),
         **options,
     )
     n_train, n_val = 18, 6  # the first validation runs before training and fills the val entries
@@ -107,10 +119,23 @@ def test_final_checkpoint_generates_through_the_cli(tiny_checkpoint: Path, alpac
     config = yaml.safe_load((final / "model_config.yaml").read_text())
     assert config["skip2lora_enabled"] and config["skip2lora_block_indices"] == [0, 2]
     out = subprocess.run(
-        [sys.executable, "-m", "litgpt_skip2lora", "generate", str(final), "--prompt", "what is the colour",
-         "--max_new_tokens", "4", "--precision", "32-true"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "litgpt_skip2lora",
+            "generate",
+            str(final),
+            "--prompt",
+            "what is the colour",
+            "--max_new_tokens",
+            "4",
+            "--precision",
+            "32-true",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "what is the colour" in out.stdout
 
 
@@ -182,18 +207,34 @@ def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint: Path, alpaca
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "litgpt_skip2lora", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "litgpt_skip2lora", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def test_finetune_command_follows_the_yaml(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
     common = {
-        "checkpoint_dir": str(tiny_checkpoint), "precision": "32-true", "lora_r": 4, "lora_alpha": 8,
-        "data": {"class_path": "litgpt.data.JSON", "init_args": {"json_path": str(alpaca_file), "val_split_fraction": 0.25}},
+        "checkpoint_dir": str(tiny_checkpoint),
+        "precision": "32-true",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "data": {
+            "class_path": "litgpt.data.JSON",
+            "init_args": {"json_path": str(alpaca_file), "val_split_fraction": 0.25},
+        },
         "train": {"epochs": 1, "micro_batch_size": 4, "global_batch_size": 4, "lr_warmup_steps": 1},
         "eval": {"interval": 1000, "max_new_tokens": 2},
-    }  # fmt: skip
+    }
     stdout = {}
-    for name, extra in {"skip2lora": {"skip2lora_enabled": True, "skip2lora_block_indices": [0, 1], "lora_query": False, "lora_value": False}, "lora": {}}.items():
+    for name, extra in {
+        "skip2lora": {
+            "skip2lora_enabled": True,
+            "skip2lora_block_indices": [0, 1],
+            "lora_query": False,
+            "lora_value": False,
+        },
+        "lora": {},
+    }.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**common, **extra, "out_dir": str(tmp_path / name)}))
         result = cli("finetune", "--config", str(tmp_path / f"{name}.yaml"), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -206,18 +247,46 @@ def test_finetune_command_follows_the_yaml(tiny_checkpoint: Path, alpaca_file: P
 
 def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
     result = cli(
-        "finetune_skip2lora", str(tiny_checkpoint), "--devices", "2", "--precision", "32-true", "--lora_r", "4",
-        "--skip2lora_block_indices", "[0,2]", "--data", "JSON", "--data.json_path", str(alpaca_file),
-        "--data.val_split_fraction", "0.25", "--train.epochs", "2", "--train.micro_batch_size", "2",
-        "--train.global_batch_size", "4", "--train.lr_warmup_steps", "1", "--eval.interval", "1000",
-        "--eval.max_new_tokens", "2", "--out_dir", str(tmp_path / "ddp"), cwd=tmp_path,
-    )  # fmt: skip
+        "finetune_skip2lora",
+        str(tiny_checkpoint),
+        "--devices",
+        "2",
+        "--precision",
+        "32-true",
+        "--lora_r",
+        "4",
+        "--skip2lora_block_indices",
+        "[0,2]",
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(alpaca_file),
+        "--data.val_split_fraction",
+        "0.25",
+        "--train.epochs",
+        "2",
+        "--train.micro_batch_size",
+        "2",
+        "--train.global_batch_size",
+        "4",
+        "--train.lr_warmup_steps",
+        "1",
+        "--eval.interval",
+        "1000",
+        "--eval.max_new_tokens",
+        "2",
+        "--out_dir",
+        str(tmp_path / "ddp"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
     assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
 
 
-def test_step_checkpoints_hold_only_what_training_changes(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+def test_step_checkpoints_hold_only_what_training_changes(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path
+) -> None:
     train = TrainArgs(epochs=1, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=2)
     run(tiny_checkpoint, alpaca_file, tmp_path / "out", train=train)
     step = sorted((tmp_path / "out").glob("step-*/state.pth"))[0]
@@ -279,11 +348,16 @@ run(Path({checkpoint!r}), Path({data!r}), Path({out!r}), train=train)
 """
 
 
-def test_resume_after_sigkill_from_the_newest_checkpoint(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+def test_resume_after_sigkill_from_the_newest_checkpoint(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path
+) -> None:
     train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=3)
     full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
     script = KILLED_RUN.format(
-        tests=str(Path(__file__).parent), checkpoint=str(tiny_checkpoint), data=str(alpaca_file), out=str(tmp_path / "killed")
+        tests=str(Path(__file__).parent),
+        checkpoint=str(tiny_checkpoint),
+        data=str(alpaca_file),
+        out=str(tmp_path / "killed"),
     )
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -291,7 +365,10 @@ def test_resume_after_sigkill_from_the_newest_checkpoint(tiny_checkpoint: Path, 
     assert sorted(p.name for p in (tmp_path / "killed").glob("step-*")) == ["step-000003", "step-000005", "step-000006"]
     resumed = run(tiny_checkpoint, alpaca_file, tmp_path / "killed", train=train, resume=True)
     torch.testing.assert_close(losses(resumed), losses(full)[6:])
-    final = {k: torch.load(tmp_path / d / "final" / "lit_model.pth.lora")["model"] for k, d in [("a", "full"), ("b", "killed")]}
+    final = {
+        k: torch.load(tmp_path / d / "final" / "lit_model.pth.lora")["model"]
+        for k, d in [("a", "full"), ("b", "killed")]
+    }
     for key, value in final["a"].items():
         torch.testing.assert_close(final["b"][key], value)
 
@@ -327,10 +404,19 @@ def test_a_users_error_is_one_line_without_traceback(
     checkpoint = args.pop(1) if args[0] == "--checkpoint_dir" else str(tiny_checkpoint)
     args = args[1:] if args and args[0] == "--checkpoint_dir" else args
     result = cli(
-        "finetune_skip2lora", checkpoint, "--data", "JSON", "--data.json_path", str(alpaca_file),
-        "--precision", "32-true", "--out_dir", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args],
+        "finetune_skip2lora",
+        checkpoint,
+        "--data",
+        "JSON",
+        "--data.json_path",
+        str(alpaca_file),
+        "--precision",
+        "32-true",
+        "--out_dir",
+        str(tmp_path / "out"),
+        *[a.format(tmp=tmp_path) for a in args],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr

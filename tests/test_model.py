@@ -2,10 +2,9 @@
 
 from dataclasses import asdict
 
+import litgpt
 import pytest
 import torch
-
-import litgpt
 from litgpt.generate.base import generate
 from litgpt.lora import mark_only_lora_as_trainable
 
@@ -15,13 +14,26 @@ from litgpt_skip2lora.model import Features, attention_probs
 FAMILIES = {
     "pythia": dict(name="pythia-14m", n_layer=3, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96),
     "gemma": dict(  # sliding-window blocks, per-block RoPE tables, extra norms, logit softcapping
-        name="gemma-3-1b-it", n_layer=3, n_embd=64, n_head=4, n_query_groups=1, head_size=16, intermediate_size=128,
-        padded_vocab_size=96, vocab_size=96,
-    ),  # fmt: skip
+        name="gemma-3-1b-it",
+        n_layer=3,
+        n_embd=64,
+        n_head=4,
+        n_query_groups=1,
+        head_size=16,
+        intermediate_size=128,
+        padded_vocab_size=96,
+        vocab_size=96,
+    ),
     "llama": dict(
-        name="SmolLM2-135M-Instruct", n_layer=3, n_embd=48, n_head=6, n_query_groups=2, intermediate_size=96,
-        padded_vocab_size=96, vocab_size=96,
-    ),  # fmt: skip
+        name="SmolLM2-135M-Instruct",
+        n_layer=3,
+        n_embd=48,
+        n_head=6,
+        n_query_groups=2,
+        intermediate_size=96,
+        padded_vocab_size=96,
+        vocab_size=96,
+    ),
 }
 PLACES = ["lm_head", "ln_f", "block.2"]
 MIXES = ["none", "attention"]
@@ -46,7 +58,9 @@ def with_random_adapters(model: GPT) -> GPT:
 def test_zero_b_equals_base_model_exactly(family: str, place: str, mix: str) -> None:
     config = tiny(family, skip2lora_output_layer=place, skip2lora_mix=mix)
     torch.manual_seed(0)
-    base = litgpt.model.GPT(litgpt.Config.from_name(config.name, **{k: getattr(config, k) for k in FAMILIES[family] if k != "name"}))
+    base = litgpt.model.GPT(
+        litgpt.Config.from_name(config.name, **{k: getattr(config, k) for k in FAMILIES[family] if k != "name"})
+    )
     model = GPT(config)
     result = model.load_state_dict(base.state_dict(), strict=False)  # a plain LitGPT checkpoint loads as it is
     assert result.unexpected_keys == []
