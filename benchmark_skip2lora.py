@@ -135,15 +135,14 @@ class Clock:
 
 def make_batches(config: litgpt.lora.Config, spec: Spec, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One batch per step of random tokens; labels = inputs (as LitGPT's SFT data), -100 on the unlabelled first
-    part of each sequence; sample indices distinct across batches, so every step reads entries of its own."""
+    part of each sequence. Tokens differ across batches, so every step reads entries of its own."""
     batches = []
-    for i in range(args.warmup + args.repeats):
+    for _ in range(args.warmup + args.repeats):
         input_ids = torch.randint(config.vocab_size, (args.batch_size, args.seq_len), device=device)
         labels = input_ids.clone()
         labels[:, : round(args.seq_len * (1 - spec.labelled))] = IGNORE_INDEX
-        index = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device)
-        length = torch.full_like(index, args.seq_len)
-        batches.append({"input_ids": input_ids, "labels": labels, "index": index, "length": length})
+        length = torch.full((args.batch_size,), args.seq_len, device=device)
+        batches.append({"input_ids": input_ids, "labels": labels, "length": length})
     return batches
 
 

@@ -308,17 +308,10 @@ def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoa
 
 def fingerprint(run: Run, fabric: L.Fabric, config: Config) -> dict:
     """Everything the cached activations depend on; a cache built for anything else is rebuilt."""
-    data = run.data
-    plain = (str, int, float, bool, Path, type(None))
     return {
         "checkpoint": file_digest(run.checkpoint_dir / "lit_model.pth"),
         "tokenizer": {p.name: file_digest(p) for p in sorted(run.checkpoint_dir.glob("tokenizer*"))},
         "config": {k: v for k, v in dataclasses.asdict(config).items() if not k.startswith("lora_")},
-        "data": {
-            "module": type(data).__name__,
-            **{k: v if isinstance(v, plain) else type(v).__name__ for k, v in vars(data).items()},
-        },
-        "max_seq_length": run.train.max_seq_length,
         "precision": getattr(fabric.strategy.precision, "precision", type(fabric.strategy.precision).__name__),
         "quantize": run.quantize,  # a 4-bit backbone's activations differ from a bf16 one's
         "dtype": run.cache.dtype,
@@ -330,7 +323,7 @@ def estimate_bytes(dataset: Dataset, config: Config, dtype: torch.dtype, positio
     taken = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // sample))]
     if not taken:
         return 0
-    rows = [int((s["labels"][1:] != IGNORE_INDEX).sum()) if position_wise else s["length"] for s in taken]
+    rows = [int((s["labels"][1:] != IGNORE_INDEX).sum()) if position_wise else len(s["input_ids"]) for s in taken]
     per_row = (len(config.skip2lora_block_indices) + 1) * config.n_embd * dtype.itemsize + 8
     if config.skip2lora_mix == "attention":
         per_row += len(config.skip2lora_block_indices) * config.n_head * max(rows) * dtype.itemsize
@@ -387,31 +380,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-class IndexedDataset(Dataset):
-    """A data module's dataset whose items also carry their index and length: the Skip-Cache's sample identity."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        return {**item, "index": index, "length": len(item["input_ids"])}
-
-
-def collate_indexed(samples: list[dict], collate_fn) -> dict:
+def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
+    """LitGPT's padded batch, plus each sample's real length: the Skip-Cache keys and stores real positions only."""
     batch = collate_fn(samples)
-    batch["index"] = torch.tensor([s["index"] for s in samples])
-    batch["length"] = torch.tensor([s["length"] for s in samples]).clamp(max=batch["input_ids"].size(1))
+    batch["length"] = torch.tensor([len(s["input_ids"]) for s in samples]).clamp(max=batch["input_ids"].size(1))
     return batch
 
 
 def get_dataloaders(
     fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs
 ) -> tuple[DataLoader, DataLoader]:
-    """LitGPT's data module loaders, same sampler and collate, with sample indices added."""
+    """LitGPT's data module loaders, same dataset, sampler and collate, with sample lengths added."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
         data.prepare_data()
@@ -420,11 +399,11 @@ def get_dataloaders(
     for loader in (data.train_dataloader(), data.val_dataloader()):
         loaders.append(
             DataLoader(
-                IndexedDataset(loader.dataset),
+                loader.dataset,
                 batch_size=loader.batch_size,
                 sampler=loader.sampler,
                 num_workers=loader.num_workers,
-                collate_fn=partial(collate_indexed, collate_fn=loader.collate_fn),
+                collate_fn=partial(collate_with_lengths, collate_fn=loader.collate_fn),
             )
         )
     return fabric.setup_dataloaders(*loaders)

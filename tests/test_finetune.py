@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -421,3 +422,18 @@ def test_a_users_error_is_one_line_without_traceback(
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cache_serves_a_grown_selection_of_samples(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Entries are keyed by their tokens: more samples only adds entries, the shared ones are read back."""
+    from conftest import write_alpaca
+
+    cache = CacheArgs(placement="disk", directory=tmp_path / "cache")
+    few, more = write_alpaca(tmp_path / "few.json", 24), write_alpaca(tmp_path / "more.json", 40)
+    data = dict(val_split_fraction=0.25, num_workers=0)
+    run(tiny_checkpoint, few, tmp_path / "a", epochs=1, cache=cache, data=JSON(json_path=few, **data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grown = run(tiny_checkpoint, more, tmp_path / "b", epochs=1, cache=cache, data=JSON(json_path=more, **data))
+    assert not [w for w in caught if "built for other inputs" in str(w.message)]  # nothing was wiped
+    assert 0 < grown["backbone_samples"].iloc[-1] < 40
