@@ -34,8 +34,9 @@ TINY = dict(
 )
 
 
-def write_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A LitGPT checkpoint folder LitGPT itself accepts, with random weights and an offline tokenizer."""
+def write_checkpoint(directory: Path, seed: int = 0, config_name: str | None = None) -> Path:
+    """A LitGPT checkpoint folder LitGPT itself accepts, with random weights and an offline tokenizer; its blocks
+    are ``TINY``'s, or those of the LitGPT config ``config_name``."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
     tokenizer = HFTokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -44,7 +45,10 @@ def write_checkpoint(directory: Path, seed: int = 0) -> Path:
     (directory / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"})
     )
-    config = litgpt.Config(**TINY, vocab_size=len(vocab))
+    if config_name is None:
+        config = litgpt.Config(**TINY, vocab_size=len(vocab))
+    else:
+        config = litgpt.Config.from_name(config_name, vocab_size=len(vocab), padded_vocab_size=len(vocab))
     torch.manual_seed(seed)
     torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
     save_config(config, directory)

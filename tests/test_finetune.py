@@ -437,3 +437,17 @@ def test_cache_serves_a_grown_selection_of_samples(tiny_checkpoint: Path, tmp_pa
         grown = run(tiny_checkpoint, more, tmp_path / "b", epochs=1, cache=cache, data=JSON(json_path=more, **data))
     assert not [w for w in caught if "built for other inputs" in str(w.message)]  # nothing was wiped
     assert 0 < grown["backbone_samples"].iloc[-1] < 40
+
+
+def test_a_smollm2_shaped_step_checkpoint_holds_only_the_adapters(alpaca_file: Path, tmp_path: Path) -> None:
+    from conftest import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "smollm2", config_name="SmolLM2-135M-Instruct")
+    train = TrainArgs(epochs=1, micro_batch_size=8, global_batch_size=8, lr_warmup_steps=1, save_interval=None)
+    run(checkpoint, alpaca_file, tmp_path / "out", train=train, skip2lora_block_indices=None, lora_r=8, lora_alpha=16)
+    (step,) = (tmp_path / "out").glob("step-*/state.pth")  # the end of the epoch's
+    trained = torch.load(step, weights_only=False)["model"]
+    assert sum(t.numel() for t in trained.values()) == 4 * 2 * 8 * 576  # 4 default blocks, A and B, r=8, n_embd 576
+    frozen = sum(t.numel() for t in torch.load(checkpoint / "lit_model.pth", mmap=True).values())
+    assert frozen > 100_000_000
+    assert step.stat().st_size < 3 * 4 * 36_864 + 64_000  # parameters and AdamW's two moments in float32, plus state
