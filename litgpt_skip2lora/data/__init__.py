@@ -1,6 +1,5 @@
 """Offline, deterministic LitGPT data modules (no Hugging Face hub)."""
 
-from litgpt_skip2lora.data.shakespeare import ShakespeareInstruct, ShakespeareText
 from litgpt_skip2lora.data.wordnet import WordNetInstruct
 
-__all__ = ["ShakespeareInstruct", "ShakespeareText", "WordNetInstruct"]
+__all__ = ["WordNetInstruct"]
