@@ -3,6 +3,7 @@
 import pytest
 import torch
 from litgpt.lora import mark_only_lora_as_trainable
+from test_model import tiny
 
 from litgpt_skip2lora import GPT, Config
 from litgpt_skip2lora.model import Features
@@ -20,20 +21,7 @@ def quantized_head(model: GPT) -> torch.nn.Module:
 
 
 def test_tail_against_a_4bit_head_is_the_head_applied_to_the_adapted_rows() -> None:
-    config = Config.from_name(
-        "SmolLM2-135M-Instruct",
-        n_layer=3,
-        n_embd=48,
-        n_head=6,
-        n_query_groups=2,
-        intermediate_size=96,
-        padded_vocab_size=96,
-        vocab_size=96,
-        lora_r=4,
-        lora_alpha=8,
-        skip2lora_enabled=True,
-        skip2lora_block_indices=(0, 1),
-    )
+    config = tiny("llama")
     torch.manual_seed(0)
     model = GPT(config)
     mark_only_lora_as_trainable(model)
