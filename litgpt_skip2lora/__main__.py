@@ -20,6 +20,7 @@ import torch
 from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
 from litgpt.__main__ import PARSER_DATA
 
+import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --data's choices)
 from litgpt_skip2lora import GPT, Config
 from litgpt_skip2lora.compare import compare
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2

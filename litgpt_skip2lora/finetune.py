@@ -107,8 +107,8 @@ def setup(
     skip2lora_enabled: bool = True,
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
-    skip2lora_input: str = "raw",
-    skip2lora_mix: str = "none",
+    skip2lora_input: Literal["raw", "norm_1", "rms"] = "raw",
+    skip2lora_mix: Literal["none", "attention"] = "none",
     cache: CacheArgs = CacheArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
@@ -130,7 +130,22 @@ def setup(
 ) -> None:
     """Fine-tune with Skip2-LoRA: adapters from selected blocks straight to the output, backbone frozen and cached.
 
-    Arguments are those of ``litgpt finetune_lora``, plus:
+    Args:
+        checkpoint_dir: The LitGPT checkpoint folder of the pretrained model.
+        out_dir: Where logs, step checkpoints, the Skip-Cache (disk placement) and ``final/`` go.
+        precision: ``32-true``, ``bf16-true``, ``16-true``, ...; default bf16-true on a GPU that has it, else 32-true.
+        quantize: Store the frozen weights in 4 or 8 bits with bitsandbytes (a CUDA GPU is needed).
+        devices: How many devices to train on (DDP when more than one).
+        num_nodes: How many machines.
+        lora_r: Rank of every adapter (Skip2-LoRA's and ordinary LoRA's).
+        lora_alpha: Scaling numerator: adapters are scaled by ``lora_alpha / lora_r``.
+        lora_dropout: Dropout on the adapters' inputs while training.
+        lora_query: Ordinary LoRA on the attention query, in the tail's blocks (``block.K`` places only).
+        lora_key: Ordinary LoRA on the attention key, in the tail's blocks.
+        lora_value: Ordinary LoRA on the attention value, in the tail's blocks.
+        lora_projection: Ordinary LoRA on the attention output projection, in the tail's blocks.
+        lora_mlp: Ordinary LoRA on the MLP, in the tail's blocks.
+        lora_head: Ordinary LoRA on ``lm_head``.
         skip2lora_enabled: Train Skip2-LoRA adapters. With ``false`` this runs LitGPT's own ``finetune_lora``.
         skip2lora_block_indices: Blocks whose input feeds an adapter (negative counts from the end). Default: four
             evenly spaced blocks, the first being 0.
@@ -140,8 +155,17 @@ def setup(
         skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
             attention probabilities (cached with the block inputs).
         cache: Skip-Cache options.
+        data: A LitGPT data module; default Alpaca (downloaded). Offline: ``litgpt_skip2lora.data.WordNetInstruct``
+            or ``JSON``.
+        train: Training settings (epochs, batch sizes, learning-rate warm-up, save interval, ...).
+        log: Logger settings.
+        eval: Validation settings.
+        optimizer: A torch optimizer name, or a class path with its arguments.
+        logger_name: ``csv``, ``tensorboard`` or ``wandb``.
+        seed: Random seed.
         resume: Continue from the newest ``step-*`` checkpoint in ``out_dir`` (one is written at every epoch's end,
             every ``train.save_interval`` steps and on Ctrl-C or SIGTERM).
+        access_token: Hugging Face token, only for downloading a checkpoint.
     """
     with user_errors():
         checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
@@ -183,7 +207,7 @@ def setup(
         checkpoint = latest_checkpoint(out_dir) if resume else None
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
-    pprint(locals())
+    pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint")})  # each argument once
     devices = parse_devices(devices)
     precision = precision or (
         "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"

@@ -394,6 +394,7 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--train.epochs", "0"], "--train.epochs must be at least 1"),
         (["--resume", "true"], "holds no step-"),
         (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
+        (["--quantize", "bnb.int8"], "computes in float16: add --precision 16-true"),
     ],
 )
 def test_a_users_error_is_one_line_without_traceback(
