@@ -452,3 +452,29 @@ def test_a_smollm2_shaped_step_checkpoint_holds_only_the_adapters(alpaca_file: P
     frozen = sum(t.numel() for t in torch.load(checkpoint / "lit_model.pth", mmap=True).values())
     assert frozen > 100_000_000
     assert step.stat().st_size < 3 * 4 * 36_864 + 64_000  # parameters and AdamW's two moments in float32, plus state
+
+
+@pytest.mark.parametrize("placement", ["memory", "disk"] + (["device"] if torch.cuda.is_available() else []))
+def test_every_placement_trains_as_uncached(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, placement: str
+) -> None:
+    cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", cache=CacheArgs(placement=placement))
+    uncached = run(tiny_checkpoint, alpaca_file, tmp_path / "uncached", cache=CacheArgs(enabled=False))
+    assert cached["cache_hits"].iloc[-1] > 0
+    torch.testing.assert_close(losses(cached), losses(uncached))
+
+
+def test_reads_slower_than_the_backbone_are_reported() -> None:
+    from litgpt_skip2lora.cache import MemoryStore, SkipCache
+
+    cache = SkipCache(MemoryStore(torch.device("cpu")))
+    features = FeatureLoader(lambda idx: None, cache, torch.device("cpu"), torch.float32, position_wise=True)
+    features.time.update(read_wait=0.5, read_batches=5, backbone=0.2, backbone_batches=4)  # 100 ms against 50 ms
+    with pytest.warns(UserWarning, match="waiting 100 ms, longer than the backbone took \\(50 ms"):
+        features.warn_if_reads_are_slow()
+    features.time.update(read_wait=0.1)
+    features._slow_warned = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        features.warn_if_reads_are_slow()  # 20 ms against 50 ms: nothing to say
+    features.close()
