@@ -17,7 +17,6 @@ Weights are random, which does not change the cost of a step.
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 import lightning as L
@@ -39,8 +37,9 @@ from litgpt.finetune.lora import get_lr_scheduler
 from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
 
 from litgpt_skip2lora.cache import IGNORE_INDEX, FeatureLoader, SkipCache, open_store
+from litgpt_skip2lora.compare import cpu_name, environment
 from litgpt_skip2lora.finetune import Trainer
-from litgpt_skip2lora.model import GPT, Config
+from litgpt_skip2lora.model import GPT, Config, spaced_blocks
 
 BASELINE = "lora"
 SAME_PARAMS = "lora-same-params"
@@ -71,10 +70,9 @@ class Spec:
         return "quarter" if self.labelled < 1 else "cached" if self.cached else "uncached"
 
 
-def spaced_blocks(count: str, n_layer: int) -> tuple[int, ...]:
-    """``count`` evenly spaced blocks starting at 0 (as ``default_blocks`` spaces four), or ``all``."""
-    k = n_layer if count == "all" else int(count)
-    return tuple(sorted({i * n_layer // k for i in range(k)}))
+def blocks_for(count: str, n_layer: int) -> tuple[int, ...]:
+    """``count`` evenly spaced blocks starting at 0, or ``all``."""
+    return tuple(spaced_blocks(n_layer if count == "all" else int(count), n_layer))
 
 
 def model_config(args: argparse.Namespace, spec: Spec) -> litgpt.lora.Config:
@@ -106,14 +104,14 @@ def configurations(args: argparse.Namespace) -> dict[str, Spec]:
     fast = "device" if args.device == "cuda" else "memory"
     specs = {BASELINE: Spec(args.rank)}
     for count in args.blocks.split(","):
-        blocks = spaced_blocks(count, n_layer)
+        blocks = blocks_for(count, n_layer)
         specs[f"skip2-{count}"] = Spec(args.rank, blocks)
         specs[f"skip2-{count}-cached"] = Spec(args.rank, blocks, fast)
         if args.device == "cuda":
             specs[f"skip2-{count}-memory"] = Spec(args.rank, blocks, "memory")
         specs[f"skip2-{count}-disk"] = Spec(args.rank, blocks, "disk")
         specs[f"skip2-{count}-disk-cold"] = Spec(args.rank, blocks, "disk", cold=True)
-    specs[QUARTER] = Spec(args.rank, spaced_blocks("4", n_layer), fast, labelled=0.25)
+    specs[QUARTER] = Spec(args.rank, blocks_for("4", n_layer), fast, labelled=0.25)
     target = trainable_parameters(model_config(args, specs[QUARTER]))
     per_rank = trainable_parameters(model_config(args, Spec(1)))  # LoRA's trainable count is linear in r
     specs[SAME_PARAMS] = Spec(max(1, round(target / per_rank)))
@@ -356,16 +354,13 @@ def table(results: dict[str, dict], specs: dict[str, Spec]) -> str:
     return "\n".join(lines)
 
 
-def environment(args: argparse.Namespace) -> dict:
+def settings(args: argparse.Namespace) -> dict:
+    """The machine (``compare``'s ``environment``) and this run's settings."""
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "litgpt": version("litgpt"),
-        "lightning": version("lightning"),
-        "platform": platform.platform(),
+        **environment(),
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
+        "device_name": device_name,
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "quantize": args.quantize,
@@ -377,14 +372,6 @@ def environment(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
-
-
-def cpu_name() -> str:
-    """The CPU model from ``/proc/cpuinfo``: ``platform.processor()`` is often empty on Linux."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor()
 
 
 def parse_args() -> argparse.Namespace:
@@ -436,7 +423,7 @@ def main() -> None:
         )
     add_ratios(results)
     print(table(results, specs))
-    report = {"environment": environment(args), "configurations": results}
+    report = {"environment": settings(args), "configurations": results}
     path = args.out / f"benchmark-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"Wrote {path}")

@@ -198,18 +198,29 @@ def describe(setup: dict) -> str:
 
 
 def environment() -> dict[str, Any]:
+    """The machine and the versions a measurement ran with (``compare`` and ``benchmark_skip2lora.py``)."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "litgpt": version("litgpt"),
+        "lightning": version("lightning"),
         "litgpt_skip2lora": version("litgpt-skip2lora"),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)),
         "torch_num_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo``: ``platform.processor()`` is often empty on Linux."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
 
 
 def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:

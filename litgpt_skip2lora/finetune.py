@@ -61,7 +61,7 @@ from litgpt_skip2lora.cache import (
     file_digest,
     open_store,
 )
-from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Features
+from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Features, spaced_blocks
 
 COMMANDS = ["finetune_skip2lora", "finetune"]
 
@@ -356,8 +356,7 @@ def estimate_bytes(dataset: Dataset, config: Config, dtype: torch.dtype, positio
 
 def default_blocks(checkpoint_dir: Path) -> list[int]:
     """Four evenly spaced blocks starting at 0, e.g. [0, 8, 16, 24] for 32 layers."""
-    n_layer = yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())["n_layer"]
-    return sorted({i * n_layer // 4 for i in range(4)})
+    return spaced_blocks(4, yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())["n_layer"])
 
 
 @contextlib.contextmanager

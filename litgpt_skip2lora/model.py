@@ -401,6 +401,11 @@ class GPT(litgpt.lora.GPT):
         return cos, sin, mask, input_pos, input_pos_maxp1
 
 
+def spaced_blocks(count: int, n_layer: int) -> list[int]:
+    """``count`` evenly spaced block indices starting at 0, e.g. [0, 8, 16, 24] for 4 of 32 layers."""
+    return sorted({i * n_layer // count for i in range(count)})
+
+
 def _block_config(config: Config, block_idx: int) -> Config:
     """Blocks before a ``block.K`` output place stay frozen: ordinary LoRA applies to the tail only."""
     frozen = config.skip2lora_enabled and block_idx < config.skip2lora_tail_start < config.n_layer
