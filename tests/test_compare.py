@@ -38,27 +38,9 @@ def compared(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.
     tmp = tmp_path_factory.mktemp("compare")
     variants = tmp / "variants.yaml"
     variants.write_text(yaml.safe_dump({"common_args": ["--train.epochs", "2"], "variants": VARIANTS}, sort_keys=False))
-    extra = [
-        str(tiny_checkpoint),
-        "--data",
-        "JSON",
-        "--data.json_path",
-        str(alpaca_file),
-        "--data.val_split_fraction",
-        "0.25",
-        "--train.micro_batch_size",
-        "6",
-        "--train.global_batch_size",
-        "6",
-        "--train.lr_warmup_steps",
-        "1",
-        "--train.save_interval",
-        "null",
-        "--eval.interval",
-        "3",
-        "--eval.max_new_tokens",
-        "2",
-    ]
+    extra = [str(tiny_checkpoint), "--data", "JSON", "--data.json_path", str(alpaca_file)]
+    extra += "--data.val_split_fraction 0.25 --train.micro_batch_size 6 --train.global_batch_size 6".split()
+    extra += "--train.lr_warmup_steps 1 --train.save_interval null --eval.interval 3 --eval.max_new_tokens 2".split()
     return compare(variants, tmp / "out", extra_args=extra), variants, tmp / "out"
 
 

@@ -247,39 +247,11 @@ def test_finetune_command_follows_the_yaml(tiny_checkpoint: Path, alpaca_file: P
 
 
 def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    result = cli(
-        "finetune_skip2lora",
-        str(tiny_checkpoint),
-        "--devices",
-        "2",
-        "--precision",
-        "32-true",
-        "--lora_r",
-        "4",
-        "--skip2lora_block_indices",
-        "[0,2]",
-        "--data",
-        "JSON",
-        "--data.json_path",
-        str(alpaca_file),
-        "--data.val_split_fraction",
-        "0.25",
-        "--train.epochs",
-        "2",
-        "--train.micro_batch_size",
-        "2",
-        "--train.global_batch_size",
-        "4",
-        "--train.lr_warmup_steps",
-        "1",
-        "--eval.interval",
-        "1000",
-        "--eval.max_new_tokens",
-        "2",
-        "--out_dir",
-        str(tmp_path / "ddp"),
-        cwd=tmp_path,
-    )
+    options = "--devices 2 --precision 32-true --lora_r 4 --skip2lora_block_indices [0,2] --data JSON"
+    options += " --data.val_split_fraction 0.25 --train.epochs 2 --train.micro_batch_size 2"
+    options += " --train.global_batch_size 4 --train.lr_warmup_steps 1 --eval.interval 1000 --eval.max_new_tokens 2"
+    paths = ["--data.json_path", str(alpaca_file), "--out_dir", str(tmp_path / "ddp")]
+    result = cli("finetune_skip2lora", str(tiny_checkpoint), *options.split(), *paths, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
     assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
