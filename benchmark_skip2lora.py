@@ -195,15 +195,13 @@ def skip2lora_step(
     For a cached configuration the cache is filled first (the first epoch's work, not timed); the forward time
     then includes waiting for the prefetched entries. The loss is wrapped only to mark where the forward ends.
     """
-    fabric_model.mark_forward_method("skip2lora_logits")
+    fabric_model.mark_forward_method("tail")
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     cache = None
     if spec.cached:
         cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
     dtype = model.transformer.wte.weight.dtype
-    features = FeatureLoader(
-        model.skip2lora_features, cache, fabric.device, dtype, model.config.skip2lora_position_wise
-    )
+    features = FeatureLoader(model.features, cache, fabric.device, dtype, model.config.skip2lora_position_wise)
     if cache is not None:
         with torch.no_grad():
             for _ in features.batches(batches, "train"):

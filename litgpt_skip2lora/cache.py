@@ -42,7 +42,7 @@ IGNORE_INDEX = -100
 FORMAT_VERSION = 2
 PLACEMENTS = ("auto", "device", "memory", "disk")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-QUANTIZED = ("taps", "base")  # what 8-bit storage quantizes; targets and attention probabilities stay as they are
+QUANTIZED = ("taps", "stream")  # what 8-bit storage quantizes; targets and attention probabilities stay as they are
 ALIGN = 64
 
 
@@ -81,7 +81,7 @@ def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, 
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1) if position_wise else slice(0, length)
     entry = {
         "taps": torch.stack([t[row, keep] for t in features.taps]),
-        "base": features.base[row, keep],
+        "stream": features.stream[row, keep],
         "targets": targets[keep],
     }
     if features.probs:
@@ -159,7 +159,7 @@ def to_features(batch: Entry, device: torch.device, dtype: torch.dtype) -> tuple
     """The tail's input on ``device``: a batch copied without blocking (pinned sources), then decoded there."""
     batch = decode({k: v.to(device, non_blocking=True) for k, v in batch.items()}, dtype)
     probs = list(batch["probs"]) if "probs" in batch else []
-    return Features(list(batch["taps"]), batch["base"], probs), batch["targets"]
+    return Features(list(batch["taps"]), batch["stream"], probs), batch["targets"]
 
 
 def entry_bytes(entry: Entry) -> int:

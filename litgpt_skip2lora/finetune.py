@@ -267,7 +267,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     model.max_seq_length = min(run.config.block_size, run.train.max_seq_length or run.config.block_size)
 
     fabric_model = fabric.setup_module(model)
-    fabric_model.mark_forward_method("skip2lora_logits")
+    fabric_model.mark_forward_method("tail")
     opt = fabric.setup_optimizers(
         instantiate_torch_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad])
     )
@@ -309,7 +309,6 @@ def main(fabric: L.Fabric, run: Run) -> None:
 def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoader) -> FeatureLoader:
     """The training loop's source of features, with the Skip-Cache placed where the whole of it fits best."""
     dtype = model.transformer.wte.weight.dtype
-    compute = model.skip2lora_features
     position_wise = model.config.skip2lora_position_wise
     cache = None
     if not run.cache.enabled:
@@ -327,7 +326,7 @@ def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoa
         with fabric.rank_zero_first():
             store = open_store(placement, fabric.device, directory, stamp)
         cache = SkipCache(store, max_bytes, STORAGE_DTYPES.get(run.cache.dtype))
-    return FeatureLoader(compute, cache, fabric.device, dtype, position_wise, run.cache.prefetch)
+    return FeatureLoader(model.features, cache, fabric.device, dtype, position_wise, run.cache.prefetch)
 
 
 def fingerprint(run: Run, fabric: L.Fabric, config: Config) -> dict:
@@ -612,7 +611,7 @@ class Trainer:
     def loss(self, model, features: Features, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the tail's logits at the supervised positions, the only ones the loss reads."""
         supervised = None if self.model.config.skip2lora_position_wise else targets != IGNORE_INDEX
-        logits = model.skip2lora_logits(features, supervised)
+        logits = model.tail(features, supervised)
         targets = targets if supervised is None else targets[supervised]
         return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 

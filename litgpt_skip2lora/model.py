@@ -19,7 +19,7 @@ the block's values would have. ``P`` is fixed for a frozen block, so it is cache
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import litgpt.lora
 import torch
@@ -31,15 +31,24 @@ ADAPTER_INPUTS = ("raw", "norm_1", "rms")
 MIXES = ("none", "attention")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 
-Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int | None]
+
+class Rope(NamedTuple):
+    """RoPE tables and the attention mask for a run of positions; ``input_pos`` is set when the KV cache is used."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    input_pos: torch.Tensor | None
+    input_pos_maxp1: int | None
 
 
 @dataclass
 class Features:
-    """What the tail needs from the frozen backbone: the adapters' inputs and the tensor ``z`` is added to."""
+    """What the tail needs from the frozen backbone: the adapters' inputs (``taps``) and ``stream``, the residual
+    stream at the output place, to which the adapters' sum ``z`` is added."""
 
     taps: list[torch.Tensor]
-    base: torch.Tensor
+    stream: torch.Tensor
     probs: list[torch.Tensor] = field(default_factory=list)
     """The adapter blocks' attention probabilities ``(B, n_head, T, T)``, for attention-mixed adapters only."""
 
@@ -256,64 +265,44 @@ class GPT(litgpt.lora.GPT):
         if not self.config.skip2lora_enabled:
             return super().forward(idx, input_pos, input_pos_maxp1, lm_head_chunk_size)
         rope = self._rope_and_mask(idx.size(1), input_pos, input_pos_maxp1)
-        return self._tail(self._features(idx, rope), rope, lm_head_chunk_size)
+        return self.tail(self._features(idx, rope), rope=rope, lm_head_chunk_size=lm_head_chunk_size)
 
-    def skip2lora_features(
-        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, input_pos_maxp1: int | None = None
-    ) -> Features:
-        """Run the frozen part (embeddings and the blocks before the output place) once."""
-        return self._features(idx, self._rope_and_mask(idx.size(1), input_pos, input_pos_maxp1))
+    def features(self, idx: torch.Tensor) -> Features:
+        """Run the frozen part (embeddings and the blocks before the output place) once, without autograd."""
+        return self._features(idx, self._rope_and_mask(idx.size(1), None, None))
 
-    def skip2lora_tail(
+    def tail(
         self,
         features: Features,
-        input_pos: torch.Tensor | None = None,
-        input_pos_maxp1: int | None = None,
+        supervised: torch.Tensor | None = None,
+        rope: Rope | None = None,
         lm_head_chunk_size: int = 0,
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Logits from cached features without running any frozen block: ``forward == tail(features)``."""
-        rope = None  # position-wise features may be flat rows, more than a sequence's positions
-        if self.config.skip2lora_tail_start < self.config.n_layer or input_pos is not None:
-            rope = self._rope_and_mask(features.base.size(-2), input_pos, input_pos_maxp1)
-        return self._tail(features, rope, lm_head_chunk_size)
+        """Logits from the frozen part's features, running no frozen block: ``forward(x) == tail(features(x))``.
 
-    def skip2lora_delta(self, features: Features, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """``z``: the sum of all adapter outputs, as one matmul over the concatenated rank-r codes."""
-        codes = [a.down(t) for a, t in zip(self.adapters, features.taps)]
-        if features.probs:
-            codes = [a.mix(c, p, input_pos) for a, c, p in zip(self.adapters, codes, features.probs)]
-        return torch.cat(codes, dim=-1) @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
-
-    def skip2lora_logits(self, features: Features, supervised: torch.Tensor | None = None) -> torch.Tensor:
-        """Training logits of the supervised rows only, cheapest first: the head is the costliest matmul.
-
-        A tail with blocks or attention-mixed adapters takes padded ``(B, T)`` features and the boolean
-        ``supervised`` mask: attention needs every position, the head only the rows the loss reads.
-        A position-wise tail takes flat features, supervised rows only. With output place ``lm_head`` and a
-        frozen, unquantized head, ``W (h + B u) = W h + (W B) u``: backward then multiplies by the
-        vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row. That pays when the rows ``n``
-        outnumber the ranks: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry, ``k`` all ranks.
+        The layout follows ``config.skip2lora_position_wise``. A position-wise tail reads each row alone, so its
+        features may be ``(B, T)`` sequences or flat rows (training passes the supervised rows only, as the cache
+        stores them). Any other tail attends over positions: its features are padded ``(B, T)`` sequences, and
+        ``supervised``, a boolean ``(B, T)`` mask, keeps only the rows the loss reads for the costly head.
         """
-        if supervised is not None:
-            has_blocks = self.config.skip2lora_tail_start < self.config.n_layer
-            rope = self._rope_and_mask(features.base.size(-2), None, None) if has_blocks else None
-            return self._clamp(self.lm_head(self._hidden(features, rope)[supervised]))
-        head, d = self.lm_head, self.config.n_embd
-        ranks, rows = self.config.lora_r * len(self.adapters), features.base.numel() // d
-        factored = (
-            self.config.skip2lora_output_layer == "lm_head"
-            and not head.linear.weight.requires_grad
-            and head.linear.weight.is_floating_point()  # a 4- or 8-bit head has no matrix to multiply B by
-            and head.r == 0
-            and rows * (d - 3 * ranks) > 2 * d * ranks
-        )
-        if not factored:
-            return self._tail(features, None, 0)
-        codes = torch.cat([a.down(t) for a, t in zip(self.adapters, features.taps)], dim=-1)
-        with torch.no_grad():
-            base_logits = head(features.base)
-        projected_b = head.linear.weight @ torch.cat([a.lora_B for a in self.adapters], dim=1)
-        return self._clamp(base_logits + codes @ projected_b.T)
+        if self.config.skip2lora_position_wise:
+            if supervised is not None:
+                features = Features([t[supervised] for t in features.taps], features.stream[supervised])
+            if self._factored_head_pays(features, lm_head_chunk_size):
+                return self._factored_logits(features)
+            x = features.stream + self._delta(features)
+        else:
+            rope = rope or self._rope_and_mask(features.stream.size(-2), None, None)
+            x = features.stream + self._delta(features, rope.input_pos)
+            for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
+                x = self._block(i, x, rope)
+            if supervised is not None:
+                x = x[supervised]
+        if self.config.skip2lora_output_layer != "lm_head":
+            x = self.transformer.ln_f(x)
+        if lm_head_chunk_size > 0:
+            return [self._softcap(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
+        return self._softcap(self.lm_head(x))
 
     def backbone_requires_grad(self) -> bool:
         """Whether the frozen part has a trainable parameter (ordinary LoRA before the output place)."""
@@ -336,23 +325,38 @@ class GPT(litgpt.lora.GPT):
                 if mixed and hasattr(block, "skip2lora"):
                     probs.append(block.attn.probs)
                     block.attn.probs = None
-            base = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
-        return Features(taps, base, probs)
+            stream = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
+        return Features(taps, stream, probs)
 
-    def _hidden(self, features: Features, rope: Rope | None) -> torch.Tensor:
-        """What ``lm_head`` reads: ``z`` added at the output place, then the tail's blocks and final norm."""
-        x = features.base + self.skip2lora_delta(features, None if rope is None else rope[3])
-        for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
-            x = self._block(i, x, rope)
-        return x if self.config.skip2lora_output_layer == "lm_head" else self.transformer.ln_f(x)
+    def _delta(self, features: Features, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``z``: the sum of all adapter outputs, as one matmul over the concatenated rank-r codes."""
+        codes = [a.down(t) for a, t in zip(self.adapters, features.taps)]
+        if features.probs:
+            codes = [a.mix(c, p, input_pos) for a, c, p in zip(self.adapters, codes, features.probs)]
+        return torch.cat(codes, dim=-1) @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
 
-    def _tail(
-        self, features: Features, rope: Rope | None, lm_head_chunk_size: int
-    ) -> torch.Tensor | list[torch.Tensor]:
-        x = self._hidden(features, rope)
-        if lm_head_chunk_size > 0:
-            return [self._clamp(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
-        return self._clamp(self.lm_head(x))
+    def _factored_head_pays(self, features: Features, lm_head_chunk_size: int) -> bool:
+        """``W (h + B u) = W h + (W B) u`` for a frozen float head: backward then multiplies by the
+        vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row, which pays when the rows ``n``
+        outnumber the ranks ``k``: ``n d > 2 d k + 3 n k`` multiply-adds per vocabulary entry."""
+        head, d = self.lm_head, self.config.n_embd
+        ranks, rows = self.config.lora_r * len(self.adapters), features.stream.numel() // d
+        return (
+            torch.is_grad_enabled()
+            and lm_head_chunk_size == 0
+            and self.config.skip2lora_output_layer == "lm_head"
+            and not head.linear.weight.requires_grad
+            and head.linear.weight.is_floating_point()  # a 4- or 8-bit head has no matrix to multiply B by
+            and head.r == 0
+            and rows * (d - 3 * ranks) > 2 * d * ranks
+        )
+
+    def _factored_logits(self, features: Features) -> torch.Tensor:
+        codes = torch.cat([a.down(t) for a, t in zip(self.adapters, features.taps)], dim=-1)
+        with torch.no_grad():
+            stream_logits = self.lm_head(features.stream)
+        projected_b = self.lm_head.linear.weight @ torch.cat([a.lora_B for a in self.adapters], dim=1)
+        return self._softcap(stream_logits + codes @ projected_b.T)
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, *args: Any, **kwargs: Any) -> None:
         """LitGPT's KV cache, plus each attention-mixed adapter's cache of its earlier positions' codes."""
@@ -367,23 +371,23 @@ class GPT(litgpt.lora.GPT):
         for a in self.adapters:
             a.code_cache = None
 
-    def _clamp(self, logits: torch.Tensor) -> torch.Tensor:
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
         return logits if cap is None else do_softcapping(logits, cap)
 
     def _block(self, i: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        cos, sin, mask, input_pos, input_pos_maxp1 = rope
+        cos, sin = rope.cos, rope.sin
         if self.config.rope_indices is not None:
             which = self.config.rope_indices[i]
             cos, sin = cos[..., which], sin[..., which]
-        return self.transformer.h[i](x, cos, sin, mask, input_pos, input_pos_maxp1)
+        return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1)
 
     def _rope_and_mask(self, T: int, input_pos: torch.Tensor | None, input_pos_maxp1: int | None) -> Rope:
         """RoPE tables and attention mask for T tokens; with ``input_pos`` the KV cache is used."""
         if T > self.max_seq_length:
             raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {self.max_seq_length}.")
         if input_pos is None:
-            return self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0), None, None, None
+            return Rope(self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0), None, None, None)
         if input_pos.dim() > 2 or input_pos.shape[-1] != T:
             raise ValueError(f"input_pos must have shape (T,) or (B, T) with T={T}, got {tuple(input_pos.shape)}")
         if self.mask_cache is None:
@@ -398,7 +402,7 @@ class GPT(litgpt.lora.GPT):
             if input_pos_maxp1 > self.max_seq_length:
                 raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
             mask = mask[..., :input_pos_maxp1]
-        return cos, sin, mask, input_pos, input_pos_maxp1
+        return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
 
 
 def spaced_blocks(count: int, n_layer: int) -> list[int]:

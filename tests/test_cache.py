@@ -32,7 +32,7 @@ def make(i: int, rows: int = 5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(i)
     return {
         "taps": torch.randn(3, rows, 8, generator=g),
-        "base": torch.randn(rows, 8, generator=g).to(torch.bfloat16),
+        "stream": torch.randn(rows, 8, generator=g).to(torch.bfloat16),
         "targets": torch.randint(0, 50, (rows,), generator=g),
     }
 
@@ -174,7 +174,7 @@ def test_int8_storage_is_a_quarter_with_small_error() -> None:
     assert stored["taps"].dtype == torch.int8 and torch.equal(stored["targets"], entry["targets"])
     restored = decode(stored, torch.float32)
     assert set(restored) == set(entry)
-    for name in ("taps", "base"):
+    for name in ("taps", "stream"):
         error = (restored[name] - entry[name].float()).abs().amax(-1)
         assert (error <= entry[name].float().abs().amax(-1) / 127).all()
     assert stored["taps"].numel() * 1 < entry["taps"].numel() * 4 / 3.9
@@ -186,7 +186,7 @@ def test_collate_flat_and_padded() -> None:
     assert flat["taps"].shape == (3, 8, 8) and flat["targets"].shape == (8,)
     assert torch.equal(flat["taps"][:, 3:], entries[1]["taps"])
     padded = collate(entries, position_wise=False, pin=False)
-    assert padded["taps"].shape == (3, 2, 5, 8) and padded["base"].shape == (2, 5, 8)
+    assert padded["taps"].shape == (3, 2, 5, 8) and padded["stream"].shape == (2, 5, 8)
     assert torch.equal(padded["taps"][:, 0, :3], entries[0]["taps"]) and (padded["taps"][:, 0, 3:] == 0).all()
     assert padded["targets"][0, 3:].eq(-100).all()
 

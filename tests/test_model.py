@@ -143,22 +143,22 @@ def test_chunked_head_equals_unchunked(place: str) -> None:
 def test_tail_from_features_equals_full_forward(place: str, mix: str) -> None:
     model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place, skip2lora_mix=mix)))
     idx = torch.randint(0, 96, (2, 9))
-    features = model.skip2lora_features(idx)
-    assert torch.equal(model.skip2lora_tail(features), model(idx))
+    features = model.features(idx)
+    assert torch.equal(model.tail(features), model(idx))
     supervised = torch.rand(2, 9) < 0.5  # training logits: the supervised rows only
-    if place == "block.2" or mix == "attention":  # attention in the tail takes padded features and the mask
-        logits = model.skip2lora_logits(features, supervised)
-    else:  # position-wise tails take the supervised rows flat, the layout training uses
-        rows = Features([t[supervised] for t in features.taps], features.base[supervised])
-        logits = model.skip2lora_logits(rows)
-    assert torch.allclose(logits, model(idx)[supervised], atol=1e-5)
+    assert torch.allclose(model.tail(features, supervised), model(idx)[supervised], atol=1e-5)
+    if (
+        model.config.skip2lora_position_wise
+    ):  # such a tail also takes the supervised rows flat, as the cache stores them
+        rows = Features([t[supervised] for t in features.taps], features.stream[supervised])
+        assert torch.allclose(model.tail(rows), model(idx)[supervised], atol=1e-5)
 
 
 def test_features_run_without_autograd_graph() -> None:
     model = GPT(tiny())
     mark_only_lora_as_trainable(model)
-    features = model.skip2lora_features(torch.randint(0, 96, (1, 4)))
-    assert features.base.grad_fn is None and all(t.grad_fn is None for t in features.taps)
+    features = model.features(torch.randint(0, 96, (1, 4)))
+    assert features.stream.grad_fn is None and all(t.grad_fn is None for t in features.taps)
 
 
 def test_adapter_only_checkpoint_roundtrip(tmp_path) -> None:
@@ -221,10 +221,14 @@ def test_factored_head_gives_the_same_logits_and_gradients() -> None:
     """With few ranks and many rows training uses ``W h + (W B) u``; it must equal ``W (h + B u)``."""
     model = with_random_adapters(GPT(tiny(lora_r=1, lora_alpha=2)))
     mark_only_lora_as_trainable(model)
-    features = model.skip2lora_features(torch.randint(0, 96, (4, 16)))
-    flat = Features([t.flatten(0, 1) for t in features.taps], features.base.flatten(0, 1))
+    features = model.features(torch.randint(0, 96, (4, 16)))
+    flat = Features([t.flatten(0, 1) for t in features.taps], features.stream.flatten(0, 1))
+    assert model._factored_head_pays(flat, lm_head_chunk_size=0)
     results = []
-    for logits_fn in (model.skip2lora_logits, lambda f: model.skip2lora_tail(f)):
+    for logits_fn in (
+        model.tail,
+        lambda f: model.lm_head(f.stream + sum(a(t) for a, t in zip(model.adapters, f.taps))),
+    ):
         model.zero_grad()
         logits = logits_fn(flat)
         logits.logsumexp(-1).sum().backward()

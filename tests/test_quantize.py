@@ -30,11 +30,11 @@ def test_tail_against_a_4bit_head_is_the_head_applied_to_the_adapted_rows() -> N
     packed = quantized_head(model)
     assert packed.weight.dtype == torch.uint8
     model.eval()
-    features = model.skip2lora_features(torch.randint(0, 96, (4, 40)))
+    features = model.features(torch.randint(0, 96, (4, 40)))
     # flat rows, many more than the ranks: the case where a float head would be factored (W B)
-    rows = Features([t.flatten(0, 1) for t in features.taps], features.base.flatten(0, 1))
-    logits = model.skip2lora_logits(rows)
-    expected = packed(rows.base + model.skip2lora_delta(rows))
+    rows = Features([t.flatten(0, 1) for t in features.taps], features.stream.flatten(0, 1))
+    logits = model.tail(rows)
+    expected = packed(rows.stream + sum(a(t) for a, t in zip(model.adapters, rows.taps)))
     torch.testing.assert_close(logits, expected)
     logits.logsumexp(-1).mean().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
