@@ -58,6 +58,7 @@ class Spec:
     placement: str | None = None  # where the Skip-Cache keeps entries; None: uncached
     labelled: float = 1.0  # fraction of each sequence that carries labels (the last part)
     cold: bool = False  # disk cache dropped from the page cache before the timed steps
+    factored_head: bool = True  # False: the plain head, to show what the factored one saves
 
     @property
     def cached(self) -> bool:
@@ -111,6 +112,7 @@ def configurations(args: argparse.Namespace) -> dict[str, Spec]:
             specs[f"skip2-{count}-memory"] = Spec(args.rank, blocks, "memory")
         specs[f"skip2-{count}-disk"] = Spec(args.rank, blocks, "disk")
         specs[f"skip2-{count}-disk-cold"] = Spec(args.rank, blocks, "disk", cold=True)
+        specs[f"skip2-{count}-cached-plain-head"] = Spec(args.rank, blocks, fast, factored_head=False)
     specs[QUARTER] = Spec(args.rank, blocks_for("4", n_layer), fast, labelled=0.25)
     target = trainable_parameters(model_config(args, specs[QUARTER]))
     per_rank = trainable_parameters(model_config(args, Spec(1)))  # LoRA's trainable count is linear in r
@@ -196,6 +198,8 @@ def skip2lora_step(
     then includes waiting for the prefetched entries. The loss is wrapped only to mark where the forward ends.
     """
     fabric_model.mark_forward_method("tail")
+    if not spec.factored_head:
+        model._factored_head_pays = lambda *args: False
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     cache = None
     if spec.cached:
@@ -261,6 +265,7 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
         "blocks": list(spec.blocks),
         "placement": spec.placement,
         "cold": spec.cold,
+        "factored_head": spec.factored_head,
         "labelled_fraction": spec.labelled,
         "total_params": num_parameters(model),
         "trainable_params": num_parameters(model, requires_grad=True),

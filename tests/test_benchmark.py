@@ -14,22 +14,11 @@ EXPECTED = [
     "skip2-2-cached",
     "skip2-2-disk",
     "skip2-2-disk-cold",
+    "skip2-2-cached-plain-head",
     "skip2-4-cached-quarter",
     "lora-same-params",
 ]
-ENVIRONMENT = [
-    "date",
-    "python",
-    "torch",
-    "litgpt",
-    "device",
-    "device_name",
-    "threads",
-    "precision",
-    "batch_size",
-    "seq_len",
-    "rank",
-]
+ENVIRONMENT = "date python torch litgpt device device_name threads precision batch_size seq_len rank".split()
 
 
 def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
