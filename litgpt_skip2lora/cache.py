@@ -555,6 +555,10 @@ class FeatureLoader:
         entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
         return Batch(*to_features(collate(entries, self.position_wise, False), self.device, self.dtype), tokens, 0.0)
 
+    def describe(self) -> str:
+        """Where features come from, for the progress bar."""
+        return "cache off" if self.cache is None else f"cache: {self.cache.placement}"
+
     def warn_if_reads_are_slow(self) -> None:
         """A cache that keeps the step waiting longer than the backbone would take is no gain: say so, once."""
         t = self.time

@@ -502,7 +502,7 @@ class Trainer:
         bar = tqdm(
             total=len(train_loader),
             initial=skip,
-            desc=f"Epoch {epoch + 1}/{train.epochs}",
+            desc=f"Epoch {epoch + 1}/{train.epochs} [{self.features.describe()}]",
             dynamic_ncols=True,
             disable=self.fabric.global_rank != 0,
         )
