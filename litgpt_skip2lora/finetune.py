@@ -456,7 +456,8 @@ class Trainer:
         self.state = {"iter_num": 0, "step_count": 0, "rng": None} if state is None else state
         self.out_dir = out_dir
         self.replay = self.state["iter_num"]  # iterations a resumed run passes over without computing
-        self.interrupted = False
+        self.interrupted = False  # set by SIGINT or SIGTERM: stop after the current step
+        self.t_start = self.iter_t0 = time.perf_counter()  # the run's and the current iteration's start
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
