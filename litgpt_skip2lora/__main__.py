@@ -61,7 +61,7 @@ def finetune(*args: Any, **kwargs: Any) -> None:
 finetune.__signature__ = _with_defaults(finetune_skip2lora, skip2lora_enabled=False, lora_query=True, lora_value=True)
 
 
-COMMANDS = {
+SUBCOMMANDS = {
     **PARSER_DATA,
     "finetune": finetune,
     "finetune_skip2lora": finetune_skip2lora,
@@ -79,7 +79,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler.step\(\)`", category=UserWarning)
     torch.set_float32_matmul_precision("high")
     try:
-        CLI(COMMANDS)
+        CLI(SUBCOMMANDS)
     except Exception as err:  # an error the user caused is one line; anything unexpected keeps its traceback
         if getattr(err, "user_error", False):
             raise SystemExit(f"error: {err}") from None

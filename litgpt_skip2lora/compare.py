@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import yaml
 
-# module run with ``python -m``, and what to add to its ``epoch`` column to count epochs from 1: LitGPT logs
-# ``CycleIterator.epoch``, which is 0 during the first pass; finetune_skip2lora logs ``epoch + 1``
-COMMANDS = {"finetune_lora": ("litgpt", 1), "finetune_skip2lora": ("litgpt_skip2lora", 0)}
+# The training commands a variant can name: the module run with ``python -m``, and what to add to its ``epoch``
+# column to count epochs from 1: LitGPT logs ``CycleIterator.epoch``, which is 0 during the first pass;
+# finetune_skip2lora logs ``epoch + 1``
+TRAINERS = {"finetune_lora": ("litgpt", 1), "finetune_skip2lora": ("litgpt_skip2lora", 0)}
 
 # runs the CLI in this very process and records its peak resident memory on the way out, even when it fails;
 # a bare interpreter so that nothing but the CLI counts towards the peak
@@ -83,7 +84,7 @@ def compare(
 
 def run_variant(name: str, variant: dict, common: list[str], run_dir: Path, rerun: bool) -> dict:
     """Train one variant in a fresh process; its result lands in ``result.json`` the moment it exits."""
-    module = COMMANDS[variant["command"]][0]
+    module = TRAINERS[variant["command"]][0]
     config = ["--config", str(variant["config"])] if variant.get("config") else []
     argv = [variant["command"], *config, *variant.get("args", []), *common, "--out_dir", str(run_dir)]
     command = [sys.executable, "-m", module, *argv]
@@ -137,7 +138,7 @@ def summarize(run_dir: Path, result: dict) -> dict:
     if initial is not None and curve[0]["step"] != 0:
         curve.insert(0, {"step": 0, "train_time_s": 0.0, "val_loss": initial})
     iters = df.dropna(subset=["iter_time"])
-    epochs = iters["epoch"].astype(int) + COMMANDS[result["cli"]][1]
+    epochs = iters["epoch"].astype(int) + TRAINERS[result["cli"]][1]
     return {
         "status": "ok",
         "setup": yaml.safe_load((run_dir / "final" / "hyperparameters.yaml").read_text()),

@@ -63,7 +63,7 @@ from litgpt_skip2lora.cache import (
 )
 from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Features, spaced_blocks
 
-COMMANDS = ["finetune_skip2lora", "finetune"]
+OUR_SUBCOMMANDS = ["finetune_skip2lora", "finetune"]  # what save_hyperparameters looks for in sys.argv
 
 
 @dataclass
@@ -660,7 +660,7 @@ def save_final(fabric: L.Fabric, model: GPT, run: Run) -> Path:
         torch.save(state, partial_dir / "lit_model.pth")
         copy_config_files(run.checkpoint_dir, partial_dir)
         save_config(model.config, partial_dir)
-        save_hyperparameters(setup, partial_dir, known_commands=COMMANDS)
+        save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
         save_prompt_style(run.data.prompt_style, partial_dir)
         os.replace(partial_dir, final_dir)
     fabric.barrier()
