@@ -7,6 +7,7 @@ Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` bu
 """
 
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,6 +81,9 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     try:
         CLI(SUBCOMMANDS)
+    except KeyboardInterrupt:  # outside training, whose own handler saves a checkpoint: nothing to save yet
+        print("Interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:  # an error the user caused is one line; anything unexpected keeps its traceback
         if getattr(err, "user_error", False):
             raise SystemExit(f"error: {err}") from None

@@ -450,3 +450,18 @@ def test_reads_slower_than_the_backbone_are_reported() -> None:
         warnings.simplefilter("error")
         features.warn_if_reads_are_slow()  # 20 ms against 50 ms: nothing to say
     features.close()
+
+
+def test_ctrl_c_before_training_is_one_line(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """Ctrl-C while the model loads: no traceback, exit code 130."""
+    command = [sys.executable, "-m", "litgpt_skip2lora", "finetune_skip2lora", str(tiny_checkpoint)]
+    command += ["--data", "JSON", "--data.json_path", str(alpaca_file), "--out_dir", str(tmp_path / "out")]
+    runner = (  # the real CLI, with the checkpoint load replaced by a Ctrl-C
+        "import os, runpy, signal, sys, litgpt.utils\n"
+        "litgpt.utils.load_checkpoint = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)\n"
+        f"sys.argv = {command[2:]!r}\n"
+        "runpy.run_module('litgpt_skip2lora', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1] == "Interrupted."
