@@ -25,6 +25,7 @@ import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --dat
 from litgpt_skip2lora import GPT, Config
 from litgpt_skip2lora.compare import compare
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
+from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
 
 
@@ -71,6 +72,7 @@ SUBCOMMANDS = {
     "convert_gguf": convert_gguf,
     "convert_smollm2": convert_smollm2,
     "compare": compare,
+    "evaluate_accuracy": evaluate_accuracy,
 }
 
 

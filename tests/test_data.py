@@ -8,6 +8,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from litgpt_skip2lora.data import WordNetInstruct
 from litgpt_skip2lora.data.base import split_groups
+from litgpt_skip2lora.data.wordnet import SUPERSENSES, common_senses, read_synset
 
 needs_wordnet = pytest.mark.skipif(
     not Path("/usr/share/wordnet/index.noun").is_file(), reason="needs WordNet: apt-get install -y wordnet-base"
@@ -82,3 +83,16 @@ def test_wordnet_missing_source(tmp_path: Path) -> None:
     data = WordNetInstruct(download_dir=tmp_path / "cache", wordnet_dir=tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="apt-get install -y wordnet-base"):
         data.prepare_data()
+
+
+@needs_wordnet
+def test_wordnet_supersense_labels_held_out_words(tmp_path: Path) -> None:
+    data = WordNetInstruct(task="supersense", num_train=300, num_val=60, download_dir=tmp_path)
+    data.prepare_data()
+    train, val = read_splits(data.split_dir)
+    assert not {s["word"] for s in train} & {s["word"] for s in val}
+    assert all(s["output"] in SUPERSENSES and s["instruction"].startswith("Which category") for s in train + val)
+    assert len({s["output"] for s in train}) > 20  # many of the 45 labels, not one
+    assert data.split_dir != WordNetInstruct(num_train=300, num_val=60, download_dir=tmp_path).split_dir
+    (pos, offset), *_ = common_senses(data.wordnet_dir)["dog"]
+    assert read_synset(data.wordnet_dir, pos, offset).supersense == "noun.animal"  # its most frequent sense

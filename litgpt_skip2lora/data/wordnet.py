@@ -1,24 +1,35 @@
-"""Word-knowledge instructions (define / synonym / use in a sentence) built offline from WordNet 3.0.
+"""Word-knowledge instructions built offline from WordNet 3.0: free text or a label.
 
 Debian's `wordnet-base` package ships the WordNet database as plain text. Each `index.<pos>` line lists a
 lemma's synsets most frequent sense first, with the byte offset of each synset's line in `data.<pos>`;
-a data line holds the synset's lemmas and its gloss: a definition followed by quoted examples.
+a data line holds the synset's lexicographer file (its supersense, e.g. `noun.animal`), its lemmas and its gloss:
+a definition followed by quoted examples.
 """
 
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from litgpt_skip2lora.data.base import InstructData, shuffled
 
 POS_FILES = {"noun": "noun", "verb": "verb", "adjective": "adj", "adverb": "adv"}
 INSTALL_HINT = "Install it with `apt-get install -y wordnet-base` (Debian/Ubuntu)."
 WORD = re.compile(r"[a-z]{3,}")
+# WordNet's 45 lexicographer files, numbered as in the second field of a `data.<pos>` line (lexnames(5WN))
+SUPERSENSES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
+    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
+    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
+    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
 
 
 class Synset(NamedTuple):
+    supersense: str
     lemmas: list[str]
     definition: str
     examples: list[str]
@@ -26,20 +37,32 @@ class Synset(NamedTuple):
 
 @dataclass
 class WordNetInstruct(InstructData):
-    """Alpaca-format instructions about English words; validation words never appear in training."""
+    """Alpaca-format instructions about English words; validation words never appear in training.
 
+    ``task="words"``: define the word, give a synonym, use it in a sentence (free text). ``task="supersense"``:
+    name the word's category, one of WordNet's 45 supersenses such as ``noun.animal`` (a label, scored by exact
+    match).
+    """
+
+    task: Literal["words", "supersense"] = "words"
+    """Free-text answers about words, or a label per word and part of speech."""
     download_dir: Path = Path("data/wordnet")
     """Where the built splits are cached."""
     wordnet_dir: Path = Path("/usr/share/wordnet")
     """The WordNet database (`index.noun`, `data.noun`, ...)."""
 
+    @property
+    def split_dir(self) -> Path:
+        return self.download_dir / self.task / super().split_dir.name
+
     def groups(self) -> Iterator[list[dict[str, str]]]:
         senses = common_senses(self.wordnet_dir)
+        samples = supersense_sample if self.task == "supersense" else word_samples
         for word in shuffled(senses, self.seed):
             yield [
                 dict(sample, word=word)
                 for pos, offset in senses[word]
-                for sample in word_samples(word, pos, read_synset(self.wordnet_dir, pos, offset))
+                for sample in samples(word, pos, read_synset(self.wordnet_dir, pos, offset))
             ]
 
 
@@ -79,7 +102,7 @@ def read_synset(wordnet_dir: Path, pos: str, offset: int) -> Synset:
     lemmas = [re.sub(r"\(\w+\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * int(fields[3], 16) : 2]]
     examples = re.findall(r'"([^"]+)"', gloss)
     definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
-    return Synset(lemmas, definition, examples)
+    return Synset(SUPERSENSES[int(fields[1])], lemmas, definition, examples)
 
 
 def word_samples(word: str, pos: str, synset: Synset) -> list[dict[str, str]]:
@@ -92,3 +115,10 @@ def word_samples(word: str, pos: str, synset: Synset) -> list[dict[str, str]]:
     if uses:
         samples.append({"instruction": f'Use the {pos} "{word}" in a sentence.', "input": "", "output": uses[0]})
     return samples
+
+
+def supersense_sample(word: str, pos: str, synset: Synset) -> list[dict[str, str]]:
+    """The category of one sense of `word`: a label."""
+    return [
+        {"instruction": f'Which category does the {pos} "{word}" belong to?', "input": "", "output": synset.supersense}
+    ]
