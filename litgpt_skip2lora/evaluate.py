@@ -16,20 +16,26 @@ from litgpt.prompts import load_prompt_style
 from litgpt.tokenizer import Tokenizer
 from tqdm import tqdm
 
+from litgpt_skip2lora.data.base import InstructData
+from litgpt_skip2lora.finetune import user_errors
 from litgpt_skip2lora.model import GPT, Config
 
 
 def evaluate_accuracy(
-    checkpoint_dir: Path, data: DataModule, max_new_tokens: int = 8, limit: int | None = None
+    checkpoint_dir: Path, data: DataModule | None = None, max_new_tokens: int = 8, limit: int | None = None
 ) -> dict:
     """Greedy answers to the validation items of ``data`` from the model in ``checkpoint_dir``, scored by exact match.
 
     Args:
         checkpoint_dir: A ``final/`` folder of ``finetune_skip2lora`` or ``finetune_lora``, or a base checkpoint.
-        data: The data module whose validation split is scored (its ``val.json`` items: instruction and output).
+        data: The data module whose validation split is scored (its ``val.json`` items: instruction and output),
+            e.g. ``litgpt_skip2lora.data.WordNetInstruct`` with ``--data.task supersense``.
         max_new_tokens: The longest answer generated.
         limit: Score only the first ``limit`` items.
     """
+    if not isinstance(data, InstructData):
+        with user_errors():
+            raise ValueError("--data must be a data module built offline with a val.json, e.g. WordNetInstruct.")
     model, tokenizer = load_model(checkpoint_dir)
     style = load_prompt_style(checkpoint_dir)
     data.prepare_data()
