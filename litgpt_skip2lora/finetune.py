@@ -643,11 +643,12 @@ def save_config(config: Config, directory: Path) -> None:
 
 
 def save_final(fabric: L.Fabric, model: GPT, run: Run) -> Path:
-    """A self-contained checkpoint: the base weights as the checkpoint holds them, plus every trained parameter.
+    """A self-contained checkpoint: the model's weights and every trained parameter, unmerged.
 
     Nothing is merged: Skip2-LoRA's adapters read block inputs that no single weight matrix at the output place
     sees, and a 4-bit backbone has no matrix to merge a tail's LoRA into; so the adapters stay modules of their
-    own, and the same file comes out of a bf16 and a quantized run. It loads with this package's ``GPT``.
+    own. A quantized model cannot give its float weights back: they come from the checkpoint file instead, so
+    the result is the same for a bf16 and a 4-bit run. It loads with this package's ``GPT``.
     """
     final_dir = free_final_dir(run.out_dir)
     partial_dir = final_dir.with_name(f".{final_dir.name}.partial")
@@ -655,8 +656,11 @@ def save_final(fabric: L.Fabric, model: GPT, run: Run) -> Path:
         partial_dir.mkdir(parents=True, exist_ok=True)
     litgpt_lora.save_lora_checkpoint(fabric, model, partial_dir / "lit_model.pth.lora")
     if fabric.global_rank == 0:
-        state = torch.load(run.checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
-        state.update({k: v.detach().cpu() for k, v in model.state_dict().items() if lora_filter(k, v)})
+        if run.quantize is None:
+            state = model.state_dict()
+        else:
+            state = torch.load(run.checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
+            state.update({k: v.detach().cpu() for k, v in model.state_dict().items() if lora_filter(k, v)})
         torch.save(state, partial_dir / "lit_model.pth")
         copy_config_files(run.checkpoint_dir, partial_dir)
         save_config(model.config, partial_dir)
