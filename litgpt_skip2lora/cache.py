@@ -40,7 +40,6 @@ from litgpt_skip2lora.model import Features
 Entry = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
 FORMAT_VERSION = 2
-PLACEMENTS = ("auto", "device", "memory", "disk")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 QUANTIZED = ("taps", "stream")  # what 8-bit storage quantizes; targets and attention probabilities stay as they are
 ALIGN = 64
@@ -90,7 +89,7 @@ def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, 
 
 
 def encode(entry: Entry, dtype: torch.dtype | None) -> Entry:
-    """The entry as stored: floats cast to ``dtype``; with int8, ``taps``/``base`` as int8 rows plus row scales."""
+    """The entry as stored: floats cast to ``dtype``; with int8, ``taps``/``stream`` as int8 rows plus row scales."""
     if dtype is None:
         return entry
     stored = {}
@@ -364,7 +363,6 @@ class SkipCache:
     def __init__(self, store: MemoryStore | DiskStore, max_bytes: int | None = None, dtype: torch.dtype | None = None):
         self.store, self.max_bytes, self.dtype = store, max_bytes, dtype
         self.bytes = store.bytes if isinstance(store, DiskStore) else 0
-        self.hits = self.misses = 0
         self.pending: dict[str, Entry] = {}
         self._full_warned = False
         self._queue: queue.Queue = queue.Queue(maxsize=64)
@@ -379,12 +377,7 @@ class SkipCache:
 
     def get(self, key: str) -> Entry | None:
         entry = self.pending.get(key)
-        entry = self.store.get(key) if entry is None else entry
-        if entry is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return entry
+        return self.store.get(key) if entry is None else entry
 
     def put(self, key: str, entry: Entry) -> bool:
         """Queue an ``encode``-d entry for storage; False when it does not fit (it will be recomputed next time)."""
@@ -501,40 +494,44 @@ class FeatureLoader:
         on_device = cache is not None and cache.placement == "device"
         self.pin = device.type == "cuda" and not on_device
         self.read_device = device if on_device else torch.device("cpu")
-        self.backbone_samples = 0
+        self.backbone_samples = self.cache_hits = 0
         self.time = {"read_wait": 0.0, "read_batches": 0, "backbone": 0.0, "backbone_batches": 0}
         self._slow_warned = False
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="skip-cache-reader")
 
     def batches(self, loader: Iterable[dict], split: str) -> Iterator[Batch]:
         """The loader's batches with their features; reads run ``prefetch`` batches ahead."""
-        ahead: deque[tuple[dict, list[str], Future]] = deque()
+        ahead: deque[tuple[dict, Future]] = deque()
         for batch in loader:
-            keys = batch_keys(batch, split)
-            ahead.append((batch, keys, self.pool.submit(self._read, keys)))
+            ahead.append((batch, self.pool.submit(self._read, batch, split)))
             if len(ahead) > self.prefetch:
-                yield self._resolve(*ahead.popleft(), split)
+                yield self._resolve(*ahead.popleft())
         while ahead:
-            yield self._resolve(*ahead.popleft(), split)
+            yield self._resolve(*ahead.popleft())
 
     def close(self) -> None:
         self.pool.shutdown()
         if self.cache is not None:
             self.cache.close()
 
-    def _read(self, keys: list[str]) -> tuple[list[Entry | None], Entry | None]:
-        """Entries found in the cache; collated as well when every sample was found."""
-        entries = [self.cache.get(key) if self.cache else None for key in keys]
+    def _read(self, batch: dict, split: str) -> tuple[list[str], list[Entry | None], Entry | None]:
+        """The samples' keys (hashing them is off the training loop too) and the entries found in the cache;
+        collated as well when every sample was found."""
+        if self.cache is None:
+            return [], [None] * len(batch["length"]), None
+        keys = batch_keys(batch, split)
+        entries = [self.cache.get(key) for key in keys]
         if any(e is None for e in entries):
-            return entries, None
+            return keys, entries, None
         # entries still queued for the writer are where they were computed: bring them where the others are
         entries = [{k: v.to(self.read_device) for k, v in e.items()} for e in entries]
-        return entries, collate(entries, self.position_wise, self.pin)
+        return keys, entries, collate(entries, self.position_wise, self.pin)
 
-    def _resolve(self, batch: dict, keys: list[str], future: Future, split: str) -> Batch:
+    def _resolve(self, batch: dict, future: Future) -> Batch:
         t0 = time.perf_counter()
-        entries, collated = future.result()
+        keys, entries, collated = future.result()
         wait = time.perf_counter() - t0
+        self.cache_hits += sum(e is not None for e in entries)
         tokens = int(batch["length"].sum())
         if collated is not None:
             self.time["read_wait"] += wait

@@ -580,7 +580,6 @@ class Trainer:
 
     def log(self, loss: torch.Tensor, batch: Batch, epoch: int, bar: tqdm) -> None:
         iter_time = time.perf_counter() - self.iter_t0
-        cache = self.features.cache
         metrics = {
             "loss": loss.item(),
             "iter": self.state["iter_num"],
@@ -590,7 +589,7 @@ class Trainer:
             "feature_wait": batch.wait,
             "tokens_per_sec": batch.tokens / iter_time,
             "learning_rate": self.scheduler.get_last_lr()[0],
-            "cache_hits": cache.hits if cache else 0,
+            "cache_hits": self.features.cache_hits,
             "backbone_samples": self.features.backbone_samples,
         }
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
