@@ -109,6 +109,8 @@ def setup(
     skip2lora_output_layer: str = "lm_head",
     skip2lora_input: Literal["raw", "norm_1", "rms"] = "raw",
     skip2lora_mix: Literal["none", "attention"] = "none",
+    skip2lora_side_width: int = 0,
+    skip2lora_side_init: Literal["pruned", "random"] = "pruned",
     cache: CacheArgs = CacheArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
@@ -154,6 +156,11 @@ def setup(
             ``rms``-normalised.
         skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
             attention probabilities (cached with the block inputs).
+        skip2lora_side_width: 0 for adapters; else the width of a side network that reads the inputs of the
+            ``skip2lora_block_indices`` blocks (one narrow attention block each) and re-reads the whole prompt. The
+            Skip-Cache stores this many channels per read block and token. ``lora_*`` settings do not apply to it.
+        skip2lora_side_init: The side network's start: ``pruned`` (each side block is its backbone block cut down
+            to the most important channels, heads and MLP units) or ``random``.
         cache: Skip-Cache options.
         data: A LitGPT data module; default Alpaca (downloaded). Offline: ``litgpt_skip2lora.data.WordNetInstruct``
             or ``JSON``.
@@ -201,7 +208,11 @@ def setup(
             skip2lora_output_layer=skip2lora_output_layer,
             skip2lora_input=skip2lora_input,
             skip2lora_mix=skip2lora_mix,
+            skip2lora_side_width=skip2lora_side_width,
+            skip2lora_side_init=skip2lora_side_init,
         )
+        if quantize and config.skip2lora_side and skip2lora_side_init == "pruned":
+            raise ValueError("--skip2lora_side_init pruned needs float weights: use random with --quantize.")
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
         checkpoint = latest_checkpoint(out_dir) if resume else None
@@ -264,6 +275,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         for module in model.modules():
             if isinstance(module, LoRALayer):
                 module.reset_parameters()
+    model.initialize_side()
     model.max_seq_length = min(run.config.block_size, run.train.max_seq_length or run.config.block_size)
 
     fabric_model = fabric.setup_module(model)
@@ -347,7 +359,7 @@ def estimate_bytes(dataset: Dataset, config: Config, dtype: torch.dtype, positio
     if not taken:
         return 0
     rows = [int((s["labels"][1:] != IGNORE_INDEX).sum()) if position_wise else len(s["input_ids"]) for s in taken]
-    per_row = (len(config.skip2lora_block_indices) + 1) * config.n_embd * dtype.itemsize + 8
+    per_row = (len(config.skip2lora_block_indices) * config.skip2lora_tap_width + config.n_embd) * dtype.itemsize + 8
     if config.skip2lora_mix == "attention":
         per_row += len(config.skip2lora_block_indices) * config.n_head * max(rows) * dtype.itemsize
     return int(sum(rows) / len(rows) * len(dataset) * per_row)

@@ -15,10 +15,14 @@ Output places (``skip2lora_output_layer``):
 Attention-mixed adapters (``skip2lora_mix="attention"``) mix their low-rank codes across positions with the frozen
 block's own attention probabilities ``P``: ``z_i = P_i (x_i A_i^T) B_i^T`` per head, the first-order effect LoRA on
 the block's values would have. ``P`` is fixed for a frozen block, so it is cached with the block's input.
+
+A side network (``skip2lora_side_width`` > 0, :mod:`litgpt_skip2lora.side`) replaces the adapters: narrow attention
+blocks that read the selected blocks' inputs and re-read the whole prompt; its output is ``z``.
 """
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import litgpt.lora
@@ -27,8 +31,11 @@ import torch.nn as nn
 from litgpt.model import batched_index_select, do_softcapping
 from typing_extensions import Self
 
+from litgpt_skip2lora.side import SideNetwork
+
 ADAPTER_INPUTS = ("raw", "norm_1", "rms")
 MIXES = ("none", "attention")
+SIDE_INITS = ("pruned", "random")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 
 
@@ -67,6 +74,9 @@ class Config(litgpt.lora.Config):
             norm ``"norm_1"`` (what q/v LoRA sees), or a parameter-free RMS norm ``"rms"``.
         skip2lora_mix: ``"none"``: each position's adapter output depends on that position only, as in the paper;
             ``"attention"``: the codes are mixed across positions by the frozen block's attention (see above).
+        skip2lora_side_width: 0 for adapters; else a side network of this width reads the selected blocks (see
+            :mod:`litgpt_skip2lora.side`); the Skip-Cache stores this many channels per selected block and token.
+        skip2lora_side_init: the side network's start: ``"pruned"`` from the backbone's own blocks, or ``"random"``.
     """
 
     skip2lora_enabled: bool = False
@@ -74,6 +84,8 @@ class Config(litgpt.lora.Config):
     skip2lora_output_layer: str = "lm_head"
     skip2lora_input: str = "raw"
     skip2lora_mix: str = "none"
+    skip2lora_side_width: int = 0
+    skip2lora_side_init: str = "pruned"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,16 +103,27 @@ class Config(litgpt.lora.Config):
     def skip2lora_position_wise(self) -> bool:
         """Whether the tail treats every position alone (no tail block, no mixing): then only the supervised rows
         matter, and the cache and the tail take them as flat rows rather than padded ``(B, T)`` sequences."""
-        return self.skip2lora_tail_start == self.n_layer and self.skip2lora_mix == "none"
+        return self.skip2lora_tail_start == self.n_layer and self.skip2lora_mix == "none" and not self.skip2lora_side
+
+    @property
+    def skip2lora_side(self) -> bool:
+        """Whether a side network, rather than adapters, reads the selected blocks."""
+        return self.skip2lora_enabled and self.skip2lora_side_width > 0
+
+    @property
+    def skip2lora_tap_width(self) -> int:
+        """Values per selected block and token that the tail reads (and the Skip-Cache stores)."""
+        return self.skip2lora_side_width if self.skip2lora_side else self.n_embd
 
     def _checked_indices(self) -> tuple[int, ...]:
-        if self.lora_r <= 0:
-            raise ValueError(f"Skip2-LoRA needs lora_r > 0, got lora_r={self.lora_r}.")
+        if self.lora_r <= 0 and not self.skip2lora_side_width:
+            raise ValueError(f"Skip2-LoRA adapters need lora_r > 0, got lora_r={self.lora_r}.")
         if self.skip2lora_input not in ADAPTER_INPUTS:
             raise ValueError(f"skip2lora_input must be one of {ADAPTER_INPUTS}, got {self.skip2lora_input!r}.")
         if self.skip2lora_mix not in MIXES:
             raise ValueError(f"skip2lora_mix must be one of {MIXES}, got {self.skip2lora_mix!r}.")
         start = self._checked_tail_start()
+        self._check_side()
         indices = self.skip2lora_block_indices
         if not indices:
             raise ValueError(
@@ -125,6 +148,16 @@ class Config(litgpt.lora.Config):
                 f" adapters must read blocks 0..{start - 1}."
             )
         return tuple(normalized)
+
+    def _check_side(self) -> None:
+        if not self.skip2lora_side_width:
+            return
+        if not 0 < self.skip2lora_side_width <= self.n_embd:
+            raise ValueError(f"skip2lora_side_width must be in 0..{self.n_embd}, got {self.skip2lora_side_width}.")
+        if self.skip2lora_side_init not in SIDE_INITS:
+            raise ValueError(f"skip2lora_side_init must be one of {SIDE_INITS}, got {self.skip2lora_side_init!r}.")
+        if self.skip2lora_mix != "none":
+            raise ValueError("A side network mixes positions itself: skip2lora_mix must be 'none' with it.")
 
     def _checked_tail_start(self) -> int:
         place = self.skip2lora_output_layer
@@ -214,7 +247,7 @@ class Block(litgpt.lora.Block):
 
     def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__(config, block_idx)
-        if config.skip2lora_enabled and block_idx in config.skip2lora_block_indices:
+        if config.skip2lora_enabled and not config.skip2lora_side and block_idx in config.skip2lora_block_indices:
             mixed = config.skip2lora_mix == "attention"
             groups, heads = (config.n_query_groups, config.n_head) if mixed else (1, 1)
             self.skip2lora = Skip2LoRA(
@@ -241,6 +274,8 @@ class GPT(litgpt.lora.GPT):
         super().__init__(replace(config, n_layer=0, skip2lora_enabled=False))
         self.config = config
         self.transformer.h = nn.ModuleList(Block(_block_config(config, i), i) for i in range(config.n_layer))
+        if config.skip2lora_side:
+            self.skip2lora_side = SideNetwork(config)
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> Self:
@@ -248,12 +283,21 @@ class GPT(litgpt.lora.GPT):
 
     @property
     def adapters(self) -> list[Skip2LoRA]:
-        return [self.transformer.h[i].skip2lora for i in self.config.skip2lora_block_indices]
+        return [b.skip2lora for b in self.transformer.h if hasattr(b, "skip2lora")]
 
     @property
     def tail_modules(self) -> list[nn.Module]:
-        """What trains, so what switches to training mode (LoRA dropout): the adapters and the tail's blocks."""
-        return [*self.adapters, *self.transformer.h[self.config.skip2lora_tail_start :]]
+        """What trains, so what switches to training mode (LoRA dropout): the adapters or the side network, and
+        the tail's blocks."""
+        side = [self.skip2lora_side] if self.config.skip2lora_side else []
+        return [*self.adapters, *side, *self.transformer.h[self.config.skip2lora_tail_start :]]
+
+    def initialize_side(self) -> None:
+        """Give a side network its start (``skip2lora_side_init``) once the backbone holds its pretrained weights."""
+        if self.config.skip2lora_side:
+            self.skip2lora_side.reset_parameters()
+            if self.config.skip2lora_side_init == "pruned":
+                self.skip2lora_side.prune_from(self.transformer.h, self.transformer.ln_f)
 
     def forward(
         self,
@@ -293,7 +337,10 @@ class GPT(litgpt.lora.GPT):
             x = features.stream + self._delta(features)
         else:
             rope = rope or self._rope_and_mask(features.stream.size(-2), None, None)
-            x = features.stream + self._delta(features, rope.input_pos)
+            if self.config.skip2lora_side:
+                x = features.stream + self.skip2lora_side(features.taps, partial(self._block, rope=rope))
+            else:
+                x = features.stream + self._delta(features, rope.input_pos)
             for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
                 x = self._block(i, x, rope)
             if supervised is not None:
@@ -319,6 +366,8 @@ class GPT(litgpt.lora.GPT):
             for i, block in enumerate(self.transformer.h):
                 if hasattr(block, "skip2lora"):
                     taps.append(block.skip2lora_tap(x))
+                elif self.config.skip2lora_side and i in self.skip2lora_side.reads:
+                    taps.append(self.skip2lora_side.read(x))
                 if i == start:
                     break
                 x = self._block(i, x, rope)
@@ -358,16 +407,28 @@ class GPT(litgpt.lora.GPT):
         projected_b = self.lm_head.linear.weight @ torch.cat([a.lora_B for a in self.adapters], dim=1)
         return self._softcap(stream_logits + codes @ projected_b.T)
 
-    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, *args: Any, **kwargs: Any) -> None:
-        """LitGPT's KV cache, plus each attention-mixed adapter's cache of its earlier positions' codes."""
-        super().set_kv_cache(batch_size, max_seq_length, *args, **kwargs)
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: int | None = None,
+        rope_cache_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """LitGPT's KV cache, plus one for each side block, or each attention-mixed adapter's cache of its earlier
+        positions' codes."""
+        super().set_kv_cache(batch_size, max_seq_length, rope_cache_length, device, dtype)
+        length, rope_length = max_seq_length or self.max_seq_length, rope_cache_length or self.rope_cache_length()
+        for block in self.skip2lora_side.blocks if self.config.skip2lora_side else []:
+            block.attn.kv_cache = block.attn.build_kv_cache(batch_size, length, rope_length, device, dtype)
         if self.config.skip2lora_mix == "attention":
-            length = max_seq_length or self.max_seq_length
             for a in self.adapters:
                 a.code_cache = a.lora_A.new_zeros(batch_size, length, a.lora_A.size(0))
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
+        for block in self.skip2lora_side.blocks if self.config.skip2lora_side else []:
+            block.attn.kv_cache = None
         for a in self.adapters:
             a.code_cache = None
 
@@ -375,12 +436,14 @@ class GPT(litgpt.lora.GPT):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else do_softcapping(logits, cap)
 
-    def _block(self, i: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, rope: Rope, block: nn.Module | None = None) -> torch.Tensor:
+        """Backbone block ``i``, or a side block in its place, with the RoPE tables of that place."""
         cos, sin = rope.cos, rope.sin
         if self.config.rope_indices is not None:
             which = self.config.rope_indices[i]
             cos, sin = cos[..., which], sin[..., which]
-        return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1)
+        block = self.transformer.h[i] if block is None else block
+        return block(x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1)
 
     def _rope_and_mask(self, T: int, input_pos: torch.Tensor | None, input_pos_maxp1: int | None) -> Rope:
         """RoPE tables and attention mask for T tokens; with ``input_pos`` the KV cache is used."""

@@ -82,28 +82,30 @@ def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return per_step
 
 
-@pytest.mark.parametrize(("place", "mix"), [("lm_head", "none"), ("block.3", "none"), ("lm_head", "attention")])
+# in a tail, block 3 trains with q/v LoRA and dropout: the random stream must not depend on the cache
+TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, lora_dropout=0.2)
+CACHED_VARIANTS = {
+    "adapters": {},
+    "tail": TAIL,
+    "attention-mixed": dict(skip2lora_mix="attention"),
+    "side": dict(skip2lora_side_width=16),
+    "side-and-tail": dict(TAIL, skip2lora_side_width=16),
+}
+
+
+@pytest.mark.parametrize("variant", CACHED_VARIANTS)
 def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int], place: str, mix: str
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int], variant: str
 ) -> None:
-    # in the tail, block 3 trains with q/v LoRA and dropout: the random stream must not depend on the cache
-    tail_lora = {} if place == "lm_head" else dict(lora_query=True, lora_value=True, lora_dropout=0.2)
-    options = {**tail_lora, "skip2lora_mix": mix}
-    cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", skip2lora_output_layer=place, **options)
+    options = CACHED_VARIANTS[variant]
+    cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", **options)
     steps_per_epoch = len(cached) // 3
-    tail_blocks = 0 if place == "lm_head" else 1  # block.3: block 3 runs in the tail, with gradients
+    tail_blocks = 1 if "skip2lora_output_layer" in options else 0  # block.3 runs in the tail, with gradients
     assert block_calls_per_step[:steps_per_epoch] == [N_LAYER] * steps_per_epoch
     assert block_calls_per_step[steps_per_epoch : 3 * steps_per_epoch] == [tail_blocks] * (2 * steps_per_epoch)
     assert cached["cache_hits"].iloc[-1] > 0
 
-    uncached = run(
-        tiny_checkpoint,
-        alpaca_file,
-        tmp_path / "uncached",
-        skip2lora_output_layer=place,
-        cache=CacheArgs(enabled=False),
-        **options,
-    )
+    uncached = run(tiny_checkpoint, alpaca_file, tmp_path / "uncached", cache=CacheArgs(enabled=False), **options)
     n_train, n_val = 18, 6  # the first validation runs before training and fills the val entries
     assert cached["backbone_samples"].iloc[-1] == n_train + n_val
     assert uncached["backbone_samples"].iloc[-1] == 3 * n_train + n_val
@@ -111,8 +113,11 @@ def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
     assert cached["loss"].iloc[-3:].mean() < cached["loss"].iloc[:3].mean()  # it learns
 
 
-def test_final_checkpoint_generates_through_the_cli(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=1)
+@pytest.mark.parametrize("variant", ["adapters", "side"])
+def test_final_checkpoint_generates_through_the_cli(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, variant: str
+) -> None:
+    run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=1, **CACHED_VARIANTS[variant])
     final = tmp_path / "out" / "final"
     assert {"lit_model.pth", "lit_model.pth.lora", "model_config.yaml", "hyperparameters.yaml", "tokenizer.json"} <= {
         p.name for p in final.iterdir()
