@@ -7,8 +7,9 @@ Skip2-LoRA (uncached: one backbone pass per step; cached: tail only, features re
 through the ``FeatureLoader`` that training uses, prefetch included). Each timed step gets a batch of its own, so a
 cached step reads its entries as in training: ``-cached`` from the placement ``auto`` picks for a small cache
 (GPU memory on CUDA, RAM on CPU), ``-memory`` from pinned host RAM (CUDA only), ``-disk`` from the disk cache
-with its shard files in the page cache, ``-disk-cold`` after dropping them from it (``posix_fadvise``).
-Weights are random, which does not change the cost of a step.
+with its shard files in the page cache, ``-disk-cold`` after dropping them from it (``posix_fadvise``). ``side``
+rows train a side network (width ``--side-width``) that reads every second block; cached rows report the
+Skip-Cache's bytes per token. Weights are random, which does not change the cost of a step.
 
     python benchmark_skip2lora.py                     # SmolLM2-135M-Instruct, CPU-sized default
     python benchmark_skip2lora.py --model Llama-2-7b-hf --precision bf16-true --batch-size 4 --seq-len 512
@@ -59,6 +60,7 @@ class Spec:
     labelled: float = 1.0  # fraction of each sequence that carries labels (the last part)
     cold: bool = False  # disk cache dropped from the page cache before the timed steps
     factored_head: bool = True  # False: the plain head, to show what the factored one saves
+    side_width: int = 0  # > 0: a side network of this width reads the blocks instead of adapters
 
     @property
     def cached(self) -> bool:
@@ -81,9 +83,9 @@ def model_config(args: argparse.Namespace, spec: Spec) -> litgpt.lora.Config:
     override = {} if args.n_layer is None else {"n_layer": args.n_layer}
     lora = dict(lora_r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=0.05)
     if spec.blocks:
-        return Config.from_name(
-            args.model, **override, **lora, skip2lora_enabled=True, skip2lora_block_indices=spec.blocks
-        )
+        skip2lora = dict(skip2lora_enabled=True, skip2lora_block_indices=spec.blocks)
+        side = dict(skip2lora_side_width=spec.side_width, skip2lora_side_init="random")  # the weights are random
+        return Config.from_name(args.model, **override, **lora, **skip2lora, **side)
     return litgpt.lora.Config.from_name(args.model, **override, **lora, lora_query=True, lora_value=True)
 
 
@@ -114,6 +116,11 @@ def configurations(args: argparse.Namespace) -> dict[str, Spec]:
         specs[f"skip2-{count}-disk-cold"] = Spec(args.rank, blocks, "disk", cold=True)
         specs[f"skip2-{count}-cached-plain-head"] = Spec(args.rank, blocks, fast, factored_head=False)
     specs[QUARTER] = Spec(args.rank, blocks_for("4", n_layer), fast, labelled=0.25)
+    config = litgpt.Config.from_name(args.model)
+    width = args.side_width or -(-config.n_embd // 8 // config.head_size) * config.head_size
+    every_second = tuple(range(0, n_layer, 2))
+    for name, placement in (("side", None), ("side-cached", fast), ("side-disk", "disk")):
+        specs[name] = Spec(args.rank, every_second, placement, side_width=width)
     target = trainable_parameters(model_config(args, specs[QUARTER]))
     per_rank = trainable_parameters(model_config(args, Spec(1)))  # LoRA's trainable count is linear in r
     specs[SAME_PARAMS] = Spec(max(1, round(target / per_rank)))
@@ -213,6 +220,9 @@ def skip2lora_step(
         cache.flush()
         if spec.cold:
             drop_from_page_cache(out / "skip_cache")
+    if cache is not None:
+        tokens = sum(int(b["length"].sum()) for b in batches)
+        model.cache_bytes_per_token = cache.bytes / tokens  # reported by run_worker
     trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, features=features)
     loss = trainer.loss
 
@@ -273,6 +283,8 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
         "median_ms": {k: statistics.median(v) for k, v in times.items()},
         "memory_after_setup_mb": setup_mb,
         "peak_memory_mb": peak_memory_mb(fabric.device),
+        "side_width": spec.side_width,
+        "cache_bytes_per_token": getattr(model, "cache_bytes_per_token", None),
     }
 
 
@@ -389,6 +401,7 @@ def parse_args() -> argparse.Namespace:
         "--quantize", choices=("bnb.nf4", "bnb.nf4-dq", "bnb.int8"), help="frozen weights in bitsandbytes"
     )
     parser.add_argument("--blocks", default="2,4,6,all", help="Skip2-LoRA block counts, evenly spaced from block 0")
+    parser.add_argument("--side-width", type=int, help="the side network's; default n_embd / 8 in whole heads")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--n-layer", type=int, help="shrink the model to this many layers (quick runs)")

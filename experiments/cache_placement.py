@@ -3,8 +3,9 @@
 Builds a random-weight checkpoint of a LitGPT config (vocabulary optionally shrunk, so that the head is cheap and
 the cache's I/O shows) with a word-level tokenizer, and a JSON data set of random sentences of ``--tokens`` words,
 every token supervised. Then runs ``finetune_lora`` and ``finetune_skip2lora`` once per placement, each in its own
-process, and reports from their ``metrics.csv`` the median ``iter_time`` of the first epoch and of the later
-(cached) ones, the median ``feature_wait`` and the summed training time against LoRA's::
+process (``side-disk``: a side network of width ``n_embd / 8`` reading every second block), and reports from their
+``metrics.csv`` the median ``iter_time`` of the first epoch and of the later (cached) ones, the median
+``feature_wait`` and the summed training time against LoRA's::
 
     python experiments/cache_placement.py --model SmolLM2-135M-Instruct --vocab 512 --blocks all --samples 96
     python experiments/cache_placement.py --model Llama-3.2-1B --blocks 0,4,8,12 --samples 304 --tokens 330
@@ -33,6 +34,7 @@ RUNS = {
     "skip2lora-memory": ["finetune_skip2lora", "--cache.placement", "memory"],
     "skip2lora-device": ["finetune_skip2lora", "--cache.placement", "device"],
     "skip2lora-uncached": ["finetune_skip2lora", "--cache.enabled", "false"],
+    "side-disk": ["finetune_skip2lora", "--cache.placement", "disk"],  # a side network reading every second block
 }
 
 
@@ -98,6 +100,14 @@ def main() -> None:
     vocab = litgpt.Config.from_file(checkpoint / "model_config.yaml").vocab_size
     write_data(data, args.samples + 8, args.tokens, vocab)
     blocks = list(range(n_layer)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
+    config = litgpt.Config.from_file(checkpoint / "model_config.yaml")
+    side_width = -(-config.n_embd // 8 // config.head_size) * config.head_size  # n_embd / 8 in whole heads
+    side = [
+        "--skip2lora_side_width",
+        str(side_width),
+        "--skip2lora_block_indices",
+        json.dumps(list(range(0, n_layer, 2))),
+    ]
     common = [
         str(checkpoint.resolve()),
         "--precision",
@@ -132,7 +142,13 @@ def main() -> None:
     results, lora_time = {}, None
     for name in args.runs.split(","):
         out = args.work / name
-        extra = [] if name == "lora" else ["--skip2lora_block_indices", json.dumps(blocks)]
+        extra = (
+            []
+            if name == "lora"
+            else side
+            if name.startswith("side")
+            else ["--skip2lora_block_indices", json.dumps(blocks)]
+        )
         command = [sys.executable, "-m", "litgpt_skip2lora", *RUNS[name][:1], *common, *RUNS[name][1:], *extra]
         t0 = time.perf_counter()
         done = subprocess.run([*command, "--out_dir", str(out)], capture_output=True, text=True)
