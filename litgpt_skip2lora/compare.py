@@ -207,13 +207,19 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "litgpt": version("litgpt"),
         "lightning": version("lightning"),
-        "litgpt_skip2lora": version("litgpt-skip2lora"),
+        "litgpt_skip2lora": _git_commit(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)),
         "torch_num_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of this repository that ran (an uninstalled checkout has no package version to report)."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return done.stdout.strip() or None
 
 
 def cpu_name() -> str:
