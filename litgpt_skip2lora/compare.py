@@ -218,7 +218,10 @@ def environment() -> dict[str, Any]:
 
 def _git_commit() -> str | None:
     """The commit of this repository that ran (an uninstalled checkout has no package version to report)."""
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:  # no git
+        return None
     return done.stdout.strip() or None
 
 
