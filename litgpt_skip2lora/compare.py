@@ -35,7 +35,7 @@ try:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 finally:
     with open(rss_file, "w") as f:
-        json.dump({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6}, f)
+        json.dump({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 """
 
 
@@ -112,7 +112,7 @@ def run_variant(name: str, variant: dict, common: list[str], run_dir: Path, reru
         "command": command,
         "returncode": returncode,
         "wall_time_s": wall_time,
-        "peak_rss_mb": json.loads(rss_file.read_text())["peak_rss_mb"] if rss_file.exists() else None,
+        "peak_rss_mib": json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else None,
         "trainable_params": int(trainable[1].replace(",", "")) if trainable else None,
         "log_tail": text[-3000:] if returncode else None,
     }
@@ -149,6 +149,7 @@ def summarize(run_dir: Path, result: dict) -> dict:
         "iterations_logged": len(iters),  # fewer than ``iterations`` when train.log_interval > 1: time undercounted
         "epoch_train_time_s": iters["iter_time"].groupby(epochs).sum().tolist(),  # epoch 1 first
         "train_time_s": float(iters["iter_time"].sum()),
+        "cache_mib": float(iters["cache_bytes"].max()) / 2**20 if "cache_bytes" in iters else None,
         "val_curve": curve,
     }
 
@@ -166,7 +167,7 @@ def add_ratios(runs: dict[str, dict], baseline: dict) -> None:
         for ratio, key in (
             ("train_time_ratio", "train_time_s"),
             ("wall_time_ratio", "wall_time_s"),
-            ("peak_rss_ratio", "peak_rss_mb"),
+            ("peak_rss_ratio", "peak_rss_mib"),
         ):
             run[ratio] = run[key] / baseline[key] if ok else None
         run["val_loss_diff"] = run["final_val_loss"] - baseline["final_val_loss"] if ok else None
@@ -275,9 +276,9 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     ax_time.bar_label(bars, labels=[f"{total:.1f} s" for total in bottom])
     ax_time.set(ylabel="training time (s, sum of iter_time)", title="Training time")
     ax_time.legend()
-    bars = ax_mem.bar(names, [ok[name]["peak_rss_mb"] for name in names], color="tab:gray", label="peak RSS")
-    ax_mem.bar_label(bars, fmt="%.0f MB")
-    ax_mem.set(ylabel="peak resident memory of the process (MB)", title="Peak memory")
+    bars = ax_mem.bar(names, [ok[name]["peak_rss_mib"] for name in names], color="tab:gray", label="peak RSS")
+    ax_mem.bar_label(bars, fmt="%.0f MiB")
+    ax_mem.set(ylabel="peak resident memory of the process (MiB)", title="Peak memory")
     ax_mem.legend()
     for ax in (ax_time, ax_mem):
         ax.tick_params(axis="x", labelrotation=20)
@@ -299,8 +300,9 @@ def markdown_table(runs: dict[str, dict], baseline: str) -> str:
         "per epoch (s)",
         "time ratio",
         "wall time (s)",
-        "peak RSS (MB)",
+        "peak RSS (MiB)",
         "memory ratio",
+        "Skip-Cache (MiB)",
         "trainable params",
         "status",
     ]
@@ -318,8 +320,9 @@ def markdown_table(runs: dict[str, dict], baseline: str) -> str:
                 epochs or "-",
                 fmt(run["train_time_ratio"], ".2f"),
                 fmt(run["wall_time_s"], ".1f"),
-                fmt(run["peak_rss_mb"], ".0f"),
+                fmt(run["peak_rss_mib"], ".0f"),
                 fmt(run["peak_rss_ratio"], ".2f"),
+                fmt(run.get("cache_mib"), ".1f"),
                 fmt(run["trainable_params"], ","),
                 run["status"],
             ]

@@ -602,6 +602,7 @@ class Trainer:
             "tokens_per_sec": batch.tokens / iter_time,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "cache_hits": self.features.cache_hits,
+            "cache_bytes": self.features.cache.bytes if self.features.cache else 0,
             "backbone_samples": self.features.backbone_samples,
         }
         self.fabric.log_dict(metrics, step=self.state["iter_num"])

@@ -54,12 +54,13 @@ def test_every_variant_has_measured_figures(compared: tuple[dict, Path, Path]) -
         assert math.isfinite(run["final_val_loss"])
         assert run["final_val_ppl"] == pytest.approx(math.exp(run["final_val_loss"]))
         assert math.isfinite(run["initial_val_loss"]) and run["val_curve"][0]["step"] == 0
-        assert run["peak_rss_mb"] > 0 and run["wall_time_s"] > run["train_time_s"] > 0 and run["trainable_params"] > 0
+        assert run["peak_rss_mib"] > 0 and run["wall_time_s"] > run["train_time_s"] > 0 and run["trainable_params"] > 0
         assert len(run["epoch_train_time_s"]) == 2
         assert sum(run["epoch_train_time_s"]) == pytest.approx(run["train_time_s"])
         assert run["iterations"] == run["iterations_logged"]
         assert run["val_curve"][-1]["train_time_s"] == pytest.approx(run["train_time_s"])
         assert (out / name / "run.log").stat().st_size > 0
+        assert (run["cache_mib"] is None) == (name == "lora") and (run["cache_mib"] or 1) > 0
     assert json.loads((out / "comparison_results.json").read_text()) == results
     assert results["environment"]["torch_num_threads"] >= 1
     assert "tiny-llama on JSON" in results["title"]
@@ -73,7 +74,7 @@ def test_ratios_follow_the_raw_figures(compared: tuple[dict, Path, Path]) -> Non
         run = runs[name]
         assert run["train_time_ratio"] == pytest.approx(run["train_time_s"] / base["train_time_s"])
         assert run["wall_time_ratio"] == pytest.approx(run["wall_time_s"] / base["wall_time_s"])
-        assert run["peak_rss_ratio"] == pytest.approx(run["peak_rss_mb"] / base["peak_rss_mb"])
+        assert run["peak_rss_ratio"] == pytest.approx(run["peak_rss_mib"] / base["peak_rss_mib"])
         assert run["val_loss_diff"] == pytest.approx(run["final_val_loss"] - base["final_val_loss"])
 
 
