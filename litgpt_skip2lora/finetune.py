@@ -107,7 +107,7 @@ def setup(
     skip2lora_enabled: bool = True,
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
-    skip2lora_input: Literal["raw", "norm_1", "rms"] = "raw",
+    skip2lora_input: Literal["raw", "norm_1"] = "raw",
     skip2lora_mix: Literal["none", "attention"] = "none",
     skip2lora_side_width: int = 0,
     skip2lora_side_init: Literal["pruned", "random"] = "pruned",
@@ -152,8 +152,7 @@ def setup(
         skip2lora_block_indices: Blocks whose input feeds an adapter (negative counts from the end). Default: four
             evenly spaced blocks, the first being 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
-        skip2lora_input: What an adapter reads: ``raw`` block input, the block's ``norm_1`` of it, or
-            ``rms``-normalised.
+        skip2lora_input: What an adapter reads: the ``raw`` block input, or the block's ``norm_1`` of it.
         skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
             attention probabilities (cached with the block inputs).
         skip2lora_side_width: 0 for adapters; else the width of a side network that reads the inputs of the

@@ -33,7 +33,7 @@ from typing_extensions import Self
 
 from litgpt_skip2lora.side import SideNetwork
 
-ADAPTER_INPUTS = ("raw", "norm_1", "rms")
+ADAPTER_INPUTS = ("raw", "norm_1")
 MIXES = ("none", "attention")
 SIDE_INITS = ("pruned", "random")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
@@ -70,8 +70,8 @@ class Config(litgpt.lora.Config):
         skip2lora_block_indices: blocks whose input feeds an adapter; negative indices count from the end,
             as in Python. Stored sorted and non-negative.
         skip2lora_output_layer: where the adapters' sum is added: ``"lm_head"``, ``"ln_f"`` or ``"block.K"``.
-        skip2lora_input: what an adapter reads: the raw residual ``"raw"``, the block's own pre-attention
-            norm ``"norm_1"`` (what q/v LoRA sees), or a parameter-free RMS norm ``"rms"``.
+        skip2lora_input: what an adapter reads: the raw residual ``"raw"``, or the block's own pre-attention
+            norm ``"norm_1"`` (what q/v LoRA sees).
         skip2lora_mix: ``"none"``: each position's adapter output depends on that position only, as in the paper;
             ``"attention"``: the codes are mixed across positions by the frozen block's attention (see above).
         skip2lora_side_width: 0 for adapters; else a side network of this width reads the selected blocks (see
@@ -258,12 +258,7 @@ class Block(litgpt.lora.Block):
 
     def skip2lora_tap(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's input, computed from this block's input ``x``."""
-        kind = self.config.skip2lora_input
-        if kind == "norm_1":
-            return self.norm_1(x)
-        if kind == "rms":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
-        return x
+        return self.norm_1(x) if self.config.skip2lora_input == "norm_1" else x
 
 
 class GPT(litgpt.lora.GPT):
