@@ -41,7 +41,7 @@ Entry = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
 FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-QUANTIZED = ("taps", "stream")  # what 8-bit storage quantizes; targets and attention probabilities stay as they are
+QUANTIZED = ("taps", "stream")  # what 8-bit storage quantizes; targets stay as they are
 ALIGN = 64
 
 
@@ -83,8 +83,6 @@ def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, 
         "stream": features.stream[row, keep],
         "targets": targets[keep],
     }
-    if features.probs:
-        entry["probs"] = torch.stack([p[row, :, :length, :length] for p in features.probs])
     return entry
 
 
@@ -126,9 +124,7 @@ def collate(entries: list[Entry], position_wise: bool, pin: bool) -> Entry:
     batch = {}
     for name in entries[0]:
         parts = [e[name] for e in entries]
-        if name == "probs":
-            batch[name] = _pad_square(parts)
-        elif position_wise:
+        if position_wise:
             dim = 1 if parts[0].dim() == 3 else 0  # taps are (n_taps, rows, ...): rows are dim 1
             shape = list(parts[0].shape)
             shape[dim] = sum(p.size(dim) for p in parts)
@@ -145,20 +141,10 @@ def collate(entries: list[Entry], position_wise: bool, pin: bool) -> Entry:
     return batch
 
 
-def _pad_square(probs: list[torch.Tensor]) -> torch.Tensor:
-    """Per adapter block, the samples' ``(n, H, T, T)`` attention probabilities zero-padded to the longest ``T``."""
-    n, heads, longest = probs[0].size(0), probs[0].size(1), max(p.size(-1) for p in probs)
-    padded = probs[0].new_zeros(n, len(probs), heads, longest, longest)
-    for j, p in enumerate(probs):
-        padded[:, j, :, : p.size(-1), : p.size(-1)] = p
-    return padded
-
-
 def to_features(batch: Entry, device: torch.device, dtype: torch.dtype) -> tuple[Features, torch.Tensor]:
     """The tail's input on ``device``: a batch copied without blocking (pinned sources), then decoded there."""
     batch = decode({k: v.to(device, non_blocking=True) for k, v in batch.items()}, dtype)
-    probs = list(batch["probs"]) if "probs" in batch else []
-    return Features(list(batch["taps"]), batch["stream"], probs), batch["targets"]
+    return Features(list(batch["taps"]), batch["stream"]), batch["targets"]
 
 
 def entry_bytes(entry: Entry) -> int:

@@ -108,7 +108,6 @@ def setup(
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
     skip2lora_input: Literal["raw", "norm_1"] = "raw",
-    skip2lora_mix: Literal["none", "attention"] = "none",
     skip2lora_side_width: int = 0,
     skip2lora_side_init: Literal["pruned", "random"] = "pruned",
     cache: CacheArgs = CacheArgs(),
@@ -153,8 +152,6 @@ def setup(
             evenly spaced blocks, the first being 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
         skip2lora_input: What an adapter reads: the ``raw`` block input, or the block's ``norm_1`` of it.
-        skip2lora_mix: ``none``, or ``attention``: mix the adapters' codes across positions with the frozen blocks'
-            attention probabilities (cached with the block inputs).
         skip2lora_side_width: 0 for adapters; else the width of a side network that reads the inputs of the
             ``skip2lora_block_indices`` blocks (one narrow attention block each) and re-reads the whole prompt. The
             Skip-Cache stores this many channels per read block and token. ``lora_*`` settings do not apply to it.
@@ -206,7 +203,6 @@ def setup(
             skip2lora_block_indices=skip2lora_block_indices or default_blocks(checkpoint_dir),
             skip2lora_output_layer=skip2lora_output_layer,
             skip2lora_input=skip2lora_input,
-            skip2lora_mix=skip2lora_mix,
             skip2lora_side_width=skip2lora_side_width,
             skip2lora_side_init=skip2lora_side_init,
         )
@@ -359,8 +355,6 @@ def estimate_bytes(dataset: Dataset, config: Config, dtype: torch.dtype, positio
         return 0
     rows = [int((s["labels"][1:] != IGNORE_INDEX).sum()) if position_wise else len(s["input_ids"]) for s in taken]
     per_row = (len(config.skip2lora_block_indices) * config.skip2lora_tap_width + config.n_embd) * dtype.itemsize + 8
-    if config.skip2lora_mix == "attention":
-        per_row += len(config.skip2lora_block_indices) * config.n_head * max(rows) * dtype.itemsize
     return int(sum(rows) / len(rows) * len(dataset) * per_row)
 
 

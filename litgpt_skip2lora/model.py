@@ -12,16 +12,12 @@ Output places (``skip2lora_output_layer``):
                    Adapters may read blocks 0..K; ordinary LoRA flags (``lora_query`` ...) apply to blocks K..
                    only, so everything before K stays frozen and cacheable.
 
-Attention-mixed adapters (``skip2lora_mix="attention"``) mix their low-rank codes across positions with the frozen
-block's own attention probabilities ``P``: ``z_i = P_i (x_i A_i^T) B_i^T`` per head, the first-order effect LoRA on
-the block's values would have. ``P`` is fixed for a frozen block, so it is cached with the block's input.
-
 A side network (``skip2lora_side_width`` > 0, :mod:`litgpt_skip2lora.side`) replaces the adapters: narrow attention
 blocks that read the selected blocks' inputs and re-read the whole prompt; its output is ``z``.
 """
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -34,7 +30,6 @@ from typing_extensions import Self
 from litgpt_skip2lora.side import SideNetwork
 
 ADAPTER_INPUTS = ("raw", "norm_1")
-MIXES = ("none", "attention")
 SIDE_INITS = ("pruned", "random")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 
@@ -51,13 +46,11 @@ class Rope(NamedTuple):
 
 @dataclass
 class Features:
-    """What the tail needs from the frozen backbone: the adapters' inputs (``taps``) and ``stream``, the residual
-    stream at the output place, to which the adapters' sum ``z`` is added."""
+    """What the tail needs from the frozen backbone: the adapters' or side network's inputs (``taps``) and
+    ``stream``, the residual stream at the output place, to which their output ``z`` is added."""
 
     taps: list[torch.Tensor]
     stream: torch.Tensor
-    probs: list[torch.Tensor] = field(default_factory=list)
-    """The adapter blocks' attention probabilities ``(B, n_head, T, T)``, for attention-mixed adapters only."""
 
 
 @dataclass
@@ -72,8 +65,6 @@ class Config(litgpt.lora.Config):
         skip2lora_output_layer: where the adapters' sum is added: ``"lm_head"``, ``"ln_f"`` or ``"block.K"``.
         skip2lora_input: what an adapter reads: the raw residual ``"raw"``, or the block's own pre-attention
             norm ``"norm_1"`` (what q/v LoRA sees).
-        skip2lora_mix: ``"none"``: each position's adapter output depends on that position only, as in the paper;
-            ``"attention"``: the codes are mixed across positions by the frozen block's attention (see above).
         skip2lora_side_width: 0 for adapters; else a side network of this width reads the selected blocks (see
             :mod:`litgpt_skip2lora.side`); the Skip-Cache stores this many channels per selected block and token.
         skip2lora_side_init: the side network's start: ``"pruned"`` from the backbone's own blocks, or ``"random"``.
@@ -83,7 +74,6 @@ class Config(litgpt.lora.Config):
     skip2lora_block_indices: tuple[int, ...] = ()
     skip2lora_output_layer: str = "lm_head"
     skip2lora_input: str = "raw"
-    skip2lora_mix: str = "none"
     skip2lora_side_width: int = 0
     skip2lora_side_init: str = "pruned"
 
@@ -101,9 +91,9 @@ class Config(litgpt.lora.Config):
 
     @property
     def skip2lora_position_wise(self) -> bool:
-        """Whether the tail treats every position alone (no tail block, no mixing): then only the supervised rows
+        """Whether the tail treats every position alone (no tail block, no side network): then only the supervised rows
         matter, and the cache and the tail take them as flat rows rather than padded ``(B, T)`` sequences."""
-        return self.skip2lora_tail_start == self.n_layer and self.skip2lora_mix == "none" and not self.skip2lora_side
+        return self.skip2lora_tail_start == self.n_layer and not self.skip2lora_side
 
     @property
     def skip2lora_side(self) -> bool:
@@ -120,8 +110,6 @@ class Config(litgpt.lora.Config):
             raise ValueError(f"Skip2-LoRA adapters need lora_r > 0, got lora_r={self.lora_r}.")
         if self.skip2lora_input not in ADAPTER_INPUTS:
             raise ValueError(f"skip2lora_input must be one of {ADAPTER_INPUTS}, got {self.skip2lora_input!r}.")
-        if self.skip2lora_mix not in MIXES:
-            raise ValueError(f"skip2lora_mix must be one of {MIXES}, got {self.skip2lora_mix!r}.")
         start = self._checked_tail_start()
         self._check_side()
         indices = self.skip2lora_block_indices
@@ -142,11 +130,6 @@ class Config(litgpt.lora.Config):
                 f"skip2lora_block_indices: block {normalized[-1]} lies after the output place"
                 f" {self.skip2lora_output_layer!r}; adapters must read blocks 0..{start}."
             )
-        if self.skip2lora_mix == "attention" and normalized[-1] == start:
-            raise ValueError(
-                f"skip2lora_mix='attention': block {start} runs in the tail, so its attention is not frozen;"
-                f" adapters must read blocks 0..{start - 1}."
-            )
         return tuple(normalized)
 
     def _check_side(self) -> None:
@@ -156,8 +139,6 @@ class Config(litgpt.lora.Config):
             raise ValueError(f"skip2lora_side_width must be in 0..{self.n_embd}, got {self.skip2lora_side_width}.")
         if self.skip2lora_side_init not in SIDE_INITS:
             raise ValueError(f"skip2lora_side_init must be one of {SIDE_INITS}, got {self.skip2lora_side_init!r}.")
-        if self.skip2lora_mix != "none":
-            raise ValueError("A side network mixes positions itself: skip2lora_mix must be 'none' with it.")
 
     def _checked_tail_start(self) -> int:
         place = self.skip2lora_output_layer
@@ -172,21 +153,13 @@ class Config(litgpt.lora.Config):
 
 
 class Skip2LoRA(litgpt.lora.LoRALayer):
-    """A LoRA branch without a pretrained weight of its own: ``dropout(x) A^T B^T * alpha / r``.
+    """A LoRA branch without a pretrained weight of its own: ``dropout(x) A^T B^T * alpha / r``."""
 
-    Attention-mixed (``groups`` > 1 or ``heads`` > 1), it holds rank ``r`` per key/value group in ``A`` and per
-    head in ``B``, as LoRA on a block's values and output projection would.
-    """
-
-    def __init__(
-        self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float, groups: int = 1, heads: int = 1
-    ) -> None:
+    def __init__(self, n_embd: int, r: int, lora_alpha: int, lora_dropout: float) -> None:
         super().__init__(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        self.groups, self.heads = groups, heads
-        self.lora_A = nn.Parameter(torch.empty(r * groups, n_embd))
-        self.lora_B = nn.Parameter(torch.empty(n_embd, r * heads))
+        self.lora_A = nn.Parameter(torch.empty(r, n_embd))
+        self.lora_B = nn.Parameter(torch.empty(n_embd, r))
         self.scaling = lora_alpha / r
-        self.code_cache: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -198,48 +171,8 @@ class Skip2LoRA(litgpt.lora.LoRALayer):
         """The rank-r code ``dropout(x) A^T * scaling``; ``forward`` is ``down(x) B^T``."""
         return (self.lora_dropout(x) @ self.lora_A.T) * self.scaling
 
-    def mix(self, codes: torch.Tensor, probs: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Each head's attention ``probs`` (B, heads, T, S) averages its group's codes: (B, T, heads * r).
-
-        With ``input_pos`` (KV-cached generation) the codes of earlier positions come from ``code_cache``.
-        """
-        if input_pos is not None:
-            if input_pos.dim() != 1:
-                raise NotImplementedError("Attention-mixed adapters support a 1-D input_pos only.")
-            self.code_cache.index_copy_(1, input_pos, codes)
-            codes = self.code_cache[:, : probs.size(-1)]
-        per_group = codes.unflatten(-1, (self.groups, self.r)).transpose(1, 2)
-        per_head = per_group.repeat_interleave(self.heads // self.groups, dim=1)
-        return (probs @ per_head).transpose(1, 2).flatten(2)
-
-    def forward(self, x: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
-        codes = self.down(x)
-        return (codes if probs is None else self.mix(codes, probs)) @ self.lora_B.T
-
-
-class CausalSelfAttention(litgpt.lora.CausalSelfAttention):
-    """LitGPT's LoRA attention, keeping its attention probabilities for the block's attention-mixed adapter."""
-
-    probs: torch.Tensor | None = None
-
-    def scaled_dot_product_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        self.probs = attention_probs(q, k, mask, self.config, self.mscale)
-        return super().scaled_dot_product_attention(q, k, v, mask)
-
-
-def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, config: Config, mscale: float
-) -> torch.Tensor:
-    """The weights LitGPT's attention averages the values with (same scale, softcapping and masks)."""
-    scores = q @ k.mT * (mscale**2 / math.sqrt(config.attention_scores_scalar or config.head_size))
-    if config.attention_logit_softcapping is not None:
-        scores = do_softcapping(scores, config.attention_logit_softcapping)
-    if mask is None:  # training: causal, as ``is_causal``
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(-1, dtype=torch.float).to(q.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x) @ self.lora_B.T
 
 
 class Block(litgpt.lora.Block):
@@ -248,13 +181,7 @@ class Block(litgpt.lora.Block):
     def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__(config, block_idx)
         if config.skip2lora_enabled and not config.skip2lora_side and block_idx in config.skip2lora_block_indices:
-            mixed = config.skip2lora_mix == "attention"
-            groups, heads = (config.n_query_groups, config.n_head) if mixed else (1, 1)
-            self.skip2lora = Skip2LoRA(
-                config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout, groups, heads
-            )
-            if mixed:  # the same weights, built again as the class that keeps its attention probabilities
-                self.attn = CausalSelfAttention(config, block_idx)
+            self.skip2lora = Skip2LoRA(config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout)
 
     def skip2lora_tap(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's input, computed from this block's input ``x``."""
@@ -335,7 +262,7 @@ class GPT(litgpt.lora.GPT):
             if self.config.skip2lora_side:
                 x = features.stream + self.skip2lora_side(features.taps, partial(self._block, rope=rope))
             else:
-                x = features.stream + self._delta(features, rope.input_pos)
+                x = features.stream + self._delta(features)
             for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
                 x = self._block(i, x, rope)
             if supervised is not None:
@@ -352,12 +279,12 @@ class GPT(litgpt.lora.GPT):
         return any(p.requires_grad for m in frozen_part for n, p in m.named_parameters() if "skip2lora" not in n)
 
     def _features(self, idx: torch.Tensor, rope: Rope) -> Features:
-        start, mixed = self.config.skip2lora_tail_start, self.config.skip2lora_mix == "attention"
+        start = self.config.skip2lora_tail_start
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_requires_grad()):
             x = self.transformer.wte(idx)
             if self.config.scale_embeddings:
                 x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
-            taps, probs = [], []
+            taps = []
             for i, block in enumerate(self.transformer.h):
                 if hasattr(block, "skip2lora"):
                     taps.append(block.skip2lora_tap(x))
@@ -366,18 +293,18 @@ class GPT(litgpt.lora.GPT):
                 if i == start:
                     break
                 x = self._block(i, x, rope)
-                if mixed and hasattr(block, "skip2lora"):
-                    probs.append(block.attn.probs)
-                    block.attn.probs = None
             stream = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
-        return Features(taps, stream, probs)
+        return Features(taps, stream)
 
-    def _delta(self, features: Features, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def _delta(self, features: Features) -> torch.Tensor:
         """``z``: the sum of all adapter outputs, as one matmul over the concatenated rank-r codes."""
-        codes = [a.down(t) for a, t in zip(self.adapters, features.taps)]
-        if features.probs:
-            codes = [a.mix(c, p, input_pos) for a, c, p in zip(self.adapters, codes, features.probs)]
-        return torch.cat(codes, dim=-1) @ torch.cat([a.lora_B for a in self.adapters], dim=1).T
+        return self._codes(features) @ self._stacked_b().T
+
+    def _codes(self, features: Features) -> torch.Tensor:
+        return torch.cat([a.down(t) for a, t in zip(self.adapters, features.taps)], dim=-1)
+
+    def _stacked_b(self) -> torch.Tensor:
+        return torch.cat([a.lora_B for a in self.adapters], dim=1)
 
     def _factored_head_pays(self, features: Features, lm_head_chunk_size: int) -> bool:
         """``W (h + B u) = W h + (W B) u`` for a frozen float head: backward then multiplies by the
@@ -396,11 +323,10 @@ class GPT(litgpt.lora.GPT):
         )
 
     def _factored_logits(self, features: Features) -> torch.Tensor:
-        codes = torch.cat([a.down(t) for a, t in zip(self.adapters, features.taps)], dim=-1)
         with torch.no_grad():
             stream_logits = self.lm_head(features.stream)
-        projected_b = self.lm_head.linear.weight @ torch.cat([a.lora_B for a in self.adapters], dim=1)
-        return self._softcap(stream_logits + codes @ projected_b.T)
+        projected_b = self.lm_head.linear.weight @ self._stacked_b()
+        return self._softcap(stream_logits + self._codes(features) @ projected_b.T)
 
     def set_kv_cache(
         self,
@@ -410,22 +336,16 @@ class GPT(litgpt.lora.GPT):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """LitGPT's KV cache, plus one for each side block, or each attention-mixed adapter's cache of its earlier
-        positions' codes."""
+        """LitGPT's KV cache, plus one for each side block."""
         super().set_kv_cache(batch_size, max_seq_length, rope_cache_length, device, dtype)
         length, rope_length = max_seq_length or self.max_seq_length, rope_cache_length or self.rope_cache_length()
         for block in self.skip2lora_side.blocks if self.config.skip2lora_side else []:
             block.attn.kv_cache = block.attn.build_kv_cache(batch_size, length, rope_length, device, dtype)
-        if self.config.skip2lora_mix == "attention":
-            for a in self.adapters:
-                a.code_cache = a.lora_A.new_zeros(batch_size, length, a.lora_A.size(0))
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
         for block in self.skip2lora_side.blocks if self.config.skip2lora_side else []:
             block.attn.kv_cache = None
-        for a in self.adapters:
-            a.code_cache = None
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping

@@ -87,7 +87,6 @@ TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, 
 CACHED_VARIANTS = {
     "adapters": {},
     "tail": TAIL,
-    "attention-mixed": dict(skip2lora_mix="attention"),
     "side": dict(skip2lora_side_width=16),
     "side-and-tail": dict(TAIL, skip2lora_side_width=16),
 }

@@ -123,7 +123,6 @@ def test_tail_from_features_equals_full_forward() -> None:
         (dict(skip2lora_side_width=49), "skip2lora_side_width must be in 0..48"),
         (dict(skip2lora_side_width=-1), "skip2lora_side_width must be in"),
         (dict(skip2lora_side_init="zeros"), "skip2lora_side_init must be one of"),
-        (dict(skip2lora_mix="attention"), "skip2lora_mix must be .none. with it"),
     ],
 )
 def test_bad_side_config_is_refused_with_a_clear_message(kwargs: dict, message: str) -> None:
