@@ -186,18 +186,12 @@ class MemoryStore:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.entries: dict[str, Entry] = {}
-        # GPU -> host copies into fresh pageable memory are slow (page faults) and would hold up the training
-        # stream: the writer makes them on a stream of its own, after the work that computed the entries
-        self.copy_stream = torch.cuda.Stream() if device.type == "cpu" and torch.cuda.is_available() else None
 
     def get(self, key: str) -> Entry | None:
         return self.entries.get(key)
 
     def put(self, key: str, entry: Entry) -> int:
-        if self.copy_stream is not None:
-            self.copy_stream.wait_stream(torch.cuda.default_stream())
-        with torch.cuda.stream(self.copy_stream):  # a None stream changes nothing
-            kept = {name: t.detach().to(self.device, copy=True) for name, t in entry.items()}
+        kept = {name: t.detach().to(self.device, copy=True) for name, t in entry.items()}
         self.entries[key] = kept
         return entry_bytes(kept)
 
