@@ -263,7 +263,7 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
     model, fabric_model, optimizer = build(fabric, config, args.seq_len)
     batches = make_batches(config, spec, args, fabric.device)
     clock = Clock(fabric.device)
-    setup_mb = memory_in_use_mb(fabric.device)
+    setup_mib = memory_in_use_mib(fabric.device)
     if spec.blocks:
         with tempfile.TemporaryDirectory(dir=args.out) as scratch:
             step = skip2lora_step(fabric, model, fabric_model, optimizer, spec, batches, clock, Path(scratch))
@@ -281,8 +281,8 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
         "trainable_params": num_parameters(model, requires_grad=True),
         "times_ms": times,
         "median_ms": {k: statistics.median(v) for k, v in times.items()},
-        "memory_after_setup_mb": setup_mb,
-        "peak_memory_mb": peak_memory_mb(fabric.device),
+        "memory_after_setup_mib": setup_mib,
+        "peak_memory_mib": peak_memory_mib(fabric.device),
         "side_width": spec.side_width,
         "cache_bytes_per_token": getattr(model, "cache_bytes_per_token", None),
     }
@@ -312,14 +312,14 @@ def precision_args(args: argparse.Namespace) -> dict:
     return {"plugins": BitsandbytesPrecision(args.quantize.removeprefix("bnb."), dtype)}
 
 
-def memory_in_use_mb(device: torch.device) -> float:
+def memory_in_use_mib(device: torch.device) -> float:
     """Memory held now (model, optimizer, batch): on CUDA allocated tensors, on CPU the resident set."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated() / 2**20
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mib(device: torch.device) -> float:
     """Peak since the process started: on CUDA allocated tensors, on CPU the resident set (``ru_maxrss``, KiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -340,7 +340,7 @@ def add_ratios(results: dict[str, dict]) -> None:
     base = results[BASELINE]
     for result in results.values():
         ratios = {k: v / base["median_ms"][k] for k, v in result["median_ms"].items()}
-        ratios["peak_memory"] = result["peak_memory_mb"] / base["peak_memory_mb"]
+        ratios["peak_memory"] = result["peak_memory_mib"] / base["peak_memory_mib"]
         ratios["trainable_params"] = result["trainable_params"] / base["trainable_params"]
         result["ratio_to_lora"] = ratios
 
@@ -364,7 +364,7 @@ def table(results: dict[str, dict], specs: dict[str, Spec]) -> str:
         lines.append(
             f"{name:<24}{r['trainable_params']:>11,}{fwd:>9.1f}{bwd:>9.1f}  "
             f"{step:<28}{ratio['step']:.3f}x{verdict(ratio['step'], step_target):<20}"
-            f"{r['peak_memory_mb']:>9.0f}  {ratio['peak_memory']:.3f}x{verdict(ratio['peak_memory'], memory_target)}"
+            f"{r['peak_memory_mib']:>9.0f}  {ratio['peak_memory']:.3f}x{verdict(ratio['peak_memory'], memory_target)}"
         )
     return "\n".join(lines)
 
@@ -434,7 +434,7 @@ def main() -> None:
         print(f"running {name} ...", end=" ", flush=True)
         results[name] = run_in_subprocess(name)
         print(
-            f"step {results[name]['median_ms']['step']:.1f} ms, peak {results[name]['peak_memory_mb']:.0f} MiB",
+            f"step {results[name]['median_ms']['step']:.1f} ms, peak {results[name]['peak_memory_mib']:.0f} MiB",
             flush=True,
         )
     add_ratios(results)

@@ -19,11 +19,13 @@ blocks that read the selected blocks' inputs and re-read the whole prompt; its o
 import math
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import litgpt.lora
 import torch
 import torch.nn as nn
+import yaml
 from litgpt.model import batched_index_select, do_softcapping
 from typing_extensions import Self
 
@@ -82,6 +84,15 @@ class Config(litgpt.lora.Config):
         self.skip2lora_block_indices = tuple(self.skip2lora_block_indices)
         if self.skip2lora_enabled:
             self.skip2lora_block_indices = self._checked_indices()
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> Self:
+        """LitGPT's, also for checkpoints saved before attention-mixed adapters were retired: their
+        ``skip2lora_mix: none`` is what adapters are now; ``attention`` no longer loads."""
+        saved = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if saved.pop("skip2lora_mix", "none") != "none":
+            raise ValueError(f"{path}: skip2lora_mix 'attention' was retired; this checkpoint needs an older version.")
+        return cls(**{**saved, **kwargs})
 
     @property
     def skip2lora_tail_start(self) -> int:

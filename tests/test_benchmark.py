@@ -16,6 +16,9 @@ EXPECTED = [
     "skip2-2-disk-cold",
     "skip2-2-cached-plain-head",
     "skip2-4-cached-quarter",
+    "side",
+    "side-cached",
+    "side-disk",
     "lora-same-params",
 ]
 ENVIRONMENT = "date python torch litgpt device device_name threads precision batch_size seq_len rank".split()
@@ -40,12 +43,16 @@ def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
             assert len(times) == 1 and times[0] > 0
             assert result["median_ms"][figure] == times[0]
             assert result["ratio_to_lora"][figure] == pytest.approx(times[0] / base["median_ms"][figure])
-        assert result["peak_memory_mb"] > 0
+        assert result["peak_memory_mib"] > 0
         assert result["ratio_to_lora"]["peak_memory"] == pytest.approx(
-            result["peak_memory_mb"] / base["peak_memory_mb"]
+            result["peak_memory_mib"] / base["peak_memory_mib"]
         )
         assert 0 < result["trainable_params"] < result["total_params"]
     assert results["skip2-4-cached-quarter"]["labelled_fraction"] == 0.25
     assert results["skip2-2-cached"]["placement"] == "memory" and results["skip2-2"]["placement"] is None
     assert results["skip2-2-disk-cold"]["placement"] == "disk" and results["skip2-2-disk-cold"]["cold"]
+    # pythia-14m: a side network of width 32 (n_embd 128 / 8, one 32-wide head) reads block 0 of the 2; float32
+    side_bytes = (1 * 32 + 128) * 4 + 8  # the read channels, the stream at the output place, the target
+    assert [results[n]["cache_bytes_per_token"] for n in ("side-cached", "side-disk")] == [side_bytes] * 2
+    assert results["side"]["cache_bytes_per_token"] is None and results["side"]["side_width"] == 32
     assert list(tmp_path.iterdir()) == [path]  # the disk configurations' caches are cleaned up

@@ -230,3 +230,17 @@ def test_factored_head_gives_the_same_logits_and_gradients() -> None:
     torch.testing.assert_close(factored, plain)
     for g1, g2 in zip(factored_grads, plain_grads):
         torch.testing.assert_close(g1, g2)
+
+
+def test_a_checkpoint_from_before_mixing_was_retired_loads(tmp_path) -> None:
+    from litgpt_skip2lora.finetune import save_config
+
+    config = tiny()
+    save_config(config, tmp_path)
+    path = tmp_path / "model_config.yaml"
+    saved = path.read_text()
+    path.write_text(saved + "skip2lora_mix: none\n")
+    assert Config.from_checkpoint(tmp_path) == config
+    path.write_text(saved + "skip2lora_mix: attention\n")
+    with pytest.raises(ValueError, match="skip2lora_mix 'attention' was retired"):
+        Config.from_file(path)
