@@ -52,8 +52,8 @@ class CacheArgs:
     enabled: bool = True
     """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
     placement: Literal["auto", "device", "memory", "disk"] = "auto"
-    """Where entries live. ``auto``: GPU memory when the whole cache fits half of what is free there, else host RAM
-    when it fits half of what is available, else ``directory`` on disk."""
+    """Where entries live. ``auto``: on a GPU, GPU memory when the whole cache fits half of what is free there, else
+    ``directory`` on disk; on the CPU, host RAM when the cache fits half of what is available, else disk."""
     directory: Path | None = None
     """The disk placement's folder; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses
     it."""
@@ -421,10 +421,11 @@ def choose_placement(wanted: str, estimate: int, device: torch.device, max_bytes
         return wanted, "chosen by --cache.placement"
     need = estimate if max_bytes is None else min(estimate, max_bytes)
     gb = f"{need / 1e9:.2f} GB"
-    if device.type == "cuda":
+    if device.type == "cuda":  # host RAM is no faster than the disk there, and fills more slowly (EVALUATION_GUIDE §4)
         free = torch.cuda.mem_get_info(device)[0]
         if need <= free / 2:
             return "device", f"{gb} fits half of the {free / 1e9:.1f} GB free on the GPU"
+        return "disk", f"{gb} is more than half of the {free / 1e9:.1f} GB free on the GPU"
     available = _host_available()
     if need <= available / 2:
         return "memory", f"{gb} fits half of the {available / 1e9:.1f} GB of host RAM available"

@@ -199,3 +199,12 @@ def test_placement_is_chosen_by_size_and_says_why() -> None:
     assert placement == "memory" and "host RAM" in why
     placement, why = choose_placement("auto", 10**15, cpu, None)
     assert placement == "disk" and "more than half" in why
+
+
+def test_on_a_gpu_a_cache_too_large_for_it_goes_to_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the free-memory query answers as a GPU with 8 GB free would."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * 10**9, 80 * 10**9))
+    gpu = torch.device("cuda", 0)
+    assert choose_placement("auto", 10**9, gpu, None)[0] == "device"
+    placement, why = choose_placement("auto", 5 * 10**9, gpu, None)
+    assert placement == "disk" and "free on the GPU" in why
