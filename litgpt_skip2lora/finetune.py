@@ -195,7 +195,7 @@ def setup(
     with user_errors():
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
-        check_quantize(quantize, precision)
+        check_quantize(quantize, precision, skip2lora_side_width)
         config = Config.from_file(
             checkpoint_dir / "model_config.yaml",
             **lora,
@@ -206,8 +206,6 @@ def setup(
             skip2lora_side_width=skip2lora_side_width,
             skip2lora_side_init=skip2lora_side_init,
         )
-        if quantize and config.skip2lora_side and skip2lora_side_init == "pruned":
-            raise ValueError("--skip2lora_side_init pruned needs float weights: use random with --quantize.")
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
         checkpoint = latest_checkpoint(out_dir) if resume else None
@@ -383,10 +381,12 @@ def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
             raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
 
 
-def check_quantize(quantize: str | None, precision: str | None) -> None:
+def check_quantize(quantize: str | None, precision: str | None, side_width: int) -> None:
     """bitsandbytes quantizes on CUDA GPUs only, its int8 layers compute in float16: say so before anything starts."""
     if quantize is None:
         return
+    if side_width:  # bitsandbytes would quantize the side network's own layers too
+        raise ValueError(f"--quantize {quantize} does not support a side network (--skip2lora_side_width) yet.")
     if quantize.startswith("bnb.int8") and precision != "16-true":
         raise ValueError(f"--quantize {quantize} computes in float16: add --precision 16-true.")
     if not torch.cuda.is_available():

@@ -99,15 +99,9 @@ class SideNetwork(nn.Module):
         _copy_norm(self.norm, ln_f, channels)
 
 
-def float_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """A linear layer's weight (or bias) as floats: LoRA layers keep the pretrained one in ``.linear``."""
-    tensor = getattr(getattr(module, "linear", module), name)
-    if tensor is not None and not tensor.is_floating_point():
-        raise ValueError(
-            "skip2lora_side_init='pruned' needs the backbone's float weights, not quantized ones:"
-            " use skip2lora_side_init='random' with --quantize."
-        )
-    return tensor
+def pretrained_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """A linear layer's pretrained weight (or bias): LoRA layers keep it in ``.linear``."""
+    return getattr(getattr(module, "linear", module), name)
 
 
 def _important_channels(blocks: list[nn.Module], width: int) -> torch.Tensor:
@@ -117,7 +111,7 @@ def _important_channels(blocks: list[nn.Module], width: int) -> torch.Tensor:
     for block in blocks:
         for norm, layers in ((block.norm_1, [block.attn.qkv]), (block.norm_2, _mlp_inputs(block.mlp))):
             scale = getattr(norm, "weight", None)
-            columns = sum(float_weight(layer).float().norm(dim=0) for layer in layers)
+            columns = sum(pretrained_weight(layer).float().norm(dim=0) for layer in layers)
             score = score + columns * (1 if scale is None else scale.float().abs())
     return score.topk(width).indices.sort().values
 
@@ -143,8 +137,8 @@ def _important_heads(block: nn.Module, count: int) -> torch.Tensor:
     """Heads by the norm of what they write: their output projection columns times their value rows."""
     config = block.config
     hs, per_group = config.head_size, config.n_head // config.n_query_groups
-    proj = float_weight(block.attn.proj).float().unflatten(1, (config.n_head, hs)).norm(dim=(0, 2))
-    v_rows = float_weight(block.attn.qkv)[(config.n_head + config.n_query_groups) * hs :]
+    proj = pretrained_weight(block.attn.proj).float().unflatten(1, (config.n_head, hs)).norm(dim=(0, 2))
+    v_rows = pretrained_weight(block.attn.qkv)[(config.n_head + config.n_query_groups) * hs :]
     values = v_rows.float().unflatten(0, (config.n_query_groups, hs)).norm(dim=(1, 2))
     score = proj * values.repeat_interleave(per_group)
     return score.topk(count).indices.sort().values
@@ -152,9 +146,9 @@ def _important_heads(block: nn.Module, count: int) -> torch.Tensor:
 
 def _important_units(mlp: nn.Module, count: int) -> torch.Tensor:
     """MLP units by the product of their input rows' and output column's norms."""
-    score = float_weight(mlp.proj).float().norm(dim=0)
+    score = pretrained_weight(mlp.proj).float().norm(dim=0)
     for layer in _mlp_inputs(mlp):
-        score = score * float_weight(layer).float().norm(dim=1)
+        score = score * pretrained_weight(layer).float().norm(dim=1)
     return score.topk(count).indices.sort().values
 
 
@@ -175,8 +169,8 @@ def _copy_attention(side: nn.Module, frozen: nn.Module, heads: torch.Tensor, cha
 
 
 def _copy_linear(side: nn.Linear, frozen: nn.Module, rows: torch.Tensor, columns: torch.Tensor) -> None:
-    side.weight.copy_(float_weight(frozen)[rows][:, columns])
-    bias = float_weight(frozen, "bias")
+    side.weight.copy_(pretrained_weight(frozen)[rows][:, columns])
+    bias = pretrained_weight(frozen, "bias")
     if side.bias is not None and bias is not None:
         side.bias.copy_(bias[rows])
 

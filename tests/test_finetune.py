@@ -371,6 +371,7 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--resume", "true"], "holds no step-"),
         (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
         (["--quantize", "bnb.int8"], "computes in float16: add --precision 16-true"),
+        (["--quantize", "bnb.nf4", "--skip2lora_side_width", "8"], "does not support a side network"),
     ],
 )
 def test_a_users_error_is_one_line_without_traceback(
