@@ -84,7 +84,7 @@ def model_config(args: argparse.Namespace, spec: Spec) -> litgpt.lora.Config:
     lora = dict(lora_r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=0.05)
     if spec.blocks:
         skip2lora = dict(skip2lora_enabled=True, skip2lora_block_indices=spec.blocks)
-        side = dict(skip2lora_side_width=spec.side_width, skip2lora_side_init="random")  # the weights are random
+        side = dict(skip2lora_side_width=spec.side_width)
         return Config.from_name(args.model, **override, **lora, **skip2lora, **side)
     return litgpt.lora.Config.from_name(args.model, **override, **lora, lora_query=True, lora_value=True)
 

@@ -109,7 +109,6 @@ def setup(
     skip2lora_output_layer: str = "lm_head",
     skip2lora_input: Literal["raw", "norm_1"] = "raw",
     skip2lora_side_width: int = 0,
-    skip2lora_side_init: Literal["pruned", "random"] = "pruned",
     cache: CacheArgs = CacheArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
@@ -154,9 +153,8 @@ def setup(
         skip2lora_input: What an adapter reads: the ``raw`` block input, or the block's ``norm_1`` of it.
         skip2lora_side_width: 0 for adapters; else the width of a side network that reads the inputs of the
             ``skip2lora_block_indices`` blocks (one narrow attention block each) and re-reads the whole prompt. The
-            Skip-Cache stores this many channels per read block and token. ``lora_*`` settings do not apply to it.
-        skip2lora_side_init: The side network's start: ``pruned`` (each side block is its backbone block cut down
-            to the most important channels, heads and MLP units) or ``random``.
+            Skip-Cache stores this many channels per read block and token. Each side block starts as its backbone
+            block cut down to the most important channels, heads and MLP units. ``lora_*`` settings do not apply.
         cache: Skip-Cache options.
         data: A LitGPT data module; default Alpaca (downloaded). Offline: ``litgpt_skip2lora.data.WordNetInstruct``
             or ``JSON``.
@@ -204,7 +202,6 @@ def setup(
             skip2lora_output_layer=skip2lora_output_layer,
             skip2lora_input=skip2lora_input,
             skip2lora_side_width=skip2lora_side_width,
-            skip2lora_side_init=skip2lora_side_init,
         )
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")

@@ -32,7 +32,6 @@ from typing_extensions import Self
 from litgpt_skip2lora.side import SideNetwork
 
 ADAPTER_INPUTS = ("raw", "norm_1")
-SIDE_INITS = ("pruned", "random")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 
 
@@ -69,7 +68,6 @@ class Config(litgpt.lora.Config):
             norm ``"norm_1"`` (what q/v LoRA sees).
         skip2lora_side_width: 0 for adapters; else a side network of this width reads the selected blocks (see
             :mod:`litgpt_skip2lora.side`); the Skip-Cache stores this many channels per selected block and token.
-        skip2lora_side_init: the side network's start: ``"pruned"`` from the backbone's own blocks, or ``"random"``.
     """
 
     skip2lora_enabled: bool = False
@@ -77,7 +75,6 @@ class Config(litgpt.lora.Config):
     skip2lora_output_layer: str = "lm_head"
     skip2lora_input: str = "raw"
     skip2lora_side_width: int = 0
-    skip2lora_side_init: str = "pruned"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,8 +145,6 @@ class Config(litgpt.lora.Config):
             return
         if not 0 < self.skip2lora_side_width <= self.n_embd:
             raise ValueError(f"skip2lora_side_width must be in 0..{self.n_embd}, got {self.skip2lora_side_width}.")
-        if self.skip2lora_side_init not in SIDE_INITS:
-            raise ValueError(f"skip2lora_side_init must be one of {SIDE_INITS}, got {self.skip2lora_side_init!r}.")
 
     def _checked_tail_start(self) -> int:
         place = self.skip2lora_output_layer
@@ -226,11 +221,10 @@ class GPT(litgpt.lora.GPT):
         return [*self.adapters, *side, *self.transformer.h[self.config.skip2lora_tail_start :]]
 
     def initialize_side(self) -> None:
-        """Give a side network its start (``skip2lora_side_init``) once the backbone holds its pretrained weights."""
+        """Give a side network its start, pruned from the backbone, once the backbone holds its pretrained weights."""
         if self.config.skip2lora_side:
             self.skip2lora_side.reset_parameters()
-            if self.config.skip2lora_side_init == "pruned":
-                self.skip2lora_side.prune_from(self.transformer.h, self.transformer.ln_f)
+            self.skip2lora_side.prune_from(self.transformer.h, self.transformer.ln_f)
 
     def forward(
         self,

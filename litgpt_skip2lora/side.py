@@ -4,18 +4,17 @@ Position-wise adapters and trainable tails leave the frozen blocks' view of the 
 LoRA changes. The side network builds its own: one narrow LitGPT ``Block`` per read backbone block, with causal
 attention over every position and the backbone's RoPE, in the manner of Ladder Side-Tuning (Sung et al., 2022)
 and Quantized Side Tuning (Zhang et al., 2024). Block ``j`` reads the input of backbone block ``i_j`` through
-a ladder: ``s_j = g_j * read(x_ij) + (1 - g_j) * side_block_{j-1}(s_{j-1})`` with a learned per-channel gate
-``g_j = sigmoid(.)`` that starts at 0.5. Its output, ``up(norm(s))``, reaches ``lm_head`` at the output place;
-``up`` starts at zero, so a fresh side network leaves the model exactly unchanged.
+a ladder, the mean ``s_j = (read(x_ij) + side_block_{j-1}(s_{j-1})) / 2`` (learned per-channel gates, as LST
+and QST use, measured no different: EVALUATION_GUIDE.md §2). Its output, ``up(norm(s))``, reaches ``lm_head`` at
+the output place; ``up`` starts at zero, so a fresh side network leaves the model exactly unchanged.
 
 Both skips stay: ``read`` is a projection fixed when training starts (a selection of ``width`` of the
 ``n_embd`` residual channels), applied in the frozen backbone pass, so the Skip-Cache stores ``width`` values per
 read block and token instead of ``n_embd``, and no backbone parameter enters the autograd graph.
 
-Initialisation (``skip2lora_side_init``): ``pruned`` starts from pretrained computation, as LST does: side
-block ``j`` is backbone block ``i_j`` with its residual channels, heads and MLP units cut to the most important
-ones (largest weight norms), so the side network starts as a narrow copy of the backbone; ``random`` is
-PyTorch's default initialisation.
+It starts from pretrained computation, as LST does: side block ``j`` is backbone block ``i_j`` with its residual
+channels, heads and MLP units cut to the most important ones (largest weight norms), so the side network starts
+as a narrow copy of the backbone (from PyTorch's random initialisation it fits and generalises worse).
 """
 
 from collections.abc import Callable
@@ -49,7 +48,7 @@ def side_block_config(config: "Config") -> litgpt.Config:
 
 
 class SideNetwork(nn.Module):
-    """One narrow block per read backbone block, a gated ladder into it, and a zero-initialised way out."""
+    """One narrow block per read backbone block, a ladder into it, and a zero-initialised way out."""
 
     def __init__(self, config: "Config") -> None:
         super().__init__()
@@ -57,19 +56,18 @@ class SideNetwork(nn.Module):
         reads = self.reads = config.skip2lora_block_indices
         self.register_buffer("channels", torch.arange(side.n_embd))  # the fixed read projection
         self.blocks = nn.ModuleList(litgpt.model.Block(side, i) for i in reads)
-        self.gate_logits = nn.Parameter(torch.zeros(len(reads) - 1, side.n_embd))
         self.norm = side.norm_class(side.n_embd, eps=side.norm_eps)
         self.up = nn.Linear(side.n_embd, config.n_embd, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PyTorch's initialisation of every layer, gates at 0.5, and ``up`` zero: the model is left unchanged."""
+        """PyTorch's initialisation of every layer and ``up`` zero: the model is left unchanged. ``prune_from`` then
+        gives the blocks their pretrained start."""
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         self.channels.copy_(torch.arange(self.channels.numel()))
-        self.gate_logits.zero_()
         self.up.weight.zero_()
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +79,7 @@ class SideNetwork(nn.Module):
         side block ``b`` in the place of backbone block ``i``: its RoPE tables, mask and KV-cache positions."""
         s = taps[0]
         for j, (i, block, tap) in enumerate(zip(self.reads, self.blocks, taps)):
-            if j:
-                gate = torch.sigmoid(self.gate_logits[j - 1])
-                s = gate * tap + (1 - gate) * s
-            s = run_block(i, s, block=block)
+            s = run_block(i, (s + tap) / 2 if j else s, block=block)
         return self.up(self.norm(s))
 
     @torch.no_grad()
