@@ -119,7 +119,8 @@ class Config(litgpt.lora.Config):
         if self.skip2lora_input not in ADAPTER_INPUTS:
             raise ValueError(f"skip2lora_input must be one of {ADAPTER_INPUTS}, got {self.skip2lora_input!r}.")
         start = self._checked_tail_start()
-        self._check_side()
+        if not 0 <= self.skip2lora_side_width <= self.n_embd:
+            raise ValueError(f"skip2lora_side_width must be in 0..{self.n_embd}, got {self.skip2lora_side_width}.")
         indices = self.skip2lora_block_indices
         if not indices:
             raise ValueError(
@@ -139,12 +140,6 @@ class Config(litgpt.lora.Config):
                 f" {self.skip2lora_output_layer!r}; adapters must read blocks 0..{start}."
             )
         return tuple(normalized)
-
-    def _check_side(self) -> None:
-        if not self.skip2lora_side_width:
-            return
-        if not 0 < self.skip2lora_side_width <= self.n_embd:
-            raise ValueError(f"skip2lora_side_width must be in 0..{self.n_embd}, got {self.skip2lora_side_width}.")
 
     def _checked_tail_start(self) -> int:
         place = self.skip2lora_output_layer
