@@ -198,8 +198,9 @@ def lora_step(
 
 def skip2lora_step(
     fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: Spec, batches: list[dict], clock: Clock, out: Path
-) -> Callable[[], None]:
-    """One step of this package's ``Trainer`` per call, its features from the ``FeatureLoader`` as in training.
+) -> tuple[Callable[[], None], float | None]:
+    """One step of this package's ``Trainer`` per call, its features from the ``FeatureLoader`` as in training,
+    and the filled cache's bytes per token (None uncached).
 
     For a cached configuration the cache is filled first (the first epoch's work, not timed); the forward time
     then includes waiting for the prefetched entries. The loss is wrapped only to mark where the forward ends.
@@ -208,7 +209,7 @@ def skip2lora_step(
     if not spec.factored_head:
         model._factored_head_pays = lambda *args: False
     scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
-    cache = None
+    cache, bytes_per_token = None, None
     if spec.cached:
         cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
     dtype = model.transformer.wte.weight.dtype
@@ -218,11 +219,9 @@ def skip2lora_step(
             for _ in features.batches(batches, "train"):
                 pass
         cache.flush()
+        bytes_per_token = cache.bytes / sum(int(b["length"].sum()) for b in batches)
         if spec.cold:
             drop_from_page_cache(out / "skip_cache")
-    if cache is not None:
-        tokens = sum(int(b["length"].sum()) for b in batches)
-        model.cache_bytes_per_token = cache.bytes / tokens  # reported by run_worker
     trainer = Trainer(fabric, fabric_model, model, optimizer, scheduler, features=features)
     loss = trainer.loss
 
@@ -239,7 +238,7 @@ def skip2lora_step(
         clock.mark()
         trainer.optimizer_step()
 
-    return step
+    return step, bytes_per_token
 
 
 def drop_from_page_cache(directory: Path) -> None:
@@ -263,10 +262,12 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
     model, fabric_model, optimizer = build(fabric, config, args.seq_len)
     batches = make_batches(config, spec, args, fabric.device)
     clock = Clock(fabric.device)
-    setup_mib = memory_in_use_mib(fabric.device)
+    setup_mib, bytes_per_token = memory_in_use_mib(fabric.device), None
     if spec.blocks:
         with tempfile.TemporaryDirectory(dir=args.out) as scratch:
-            step = skip2lora_step(fabric, model, fabric_model, optimizer, spec, batches, clock, Path(scratch))
+            step, bytes_per_token = skip2lora_step(
+                fabric, model, fabric_model, optimizer, spec, batches, clock, Path(scratch)
+            )
             times = time_steps(step, clock, args)
     else:
         times = time_steps(lora_step(fabric, fabric_model, optimizer, batches, clock), clock, args)
@@ -284,7 +285,7 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
         "memory_after_setup_mib": setup_mib,
         "peak_memory_mib": peak_memory_mib(fabric.device),
         "side_width": spec.side_width,
-        "cache_bytes_per_token": getattr(model, "cache_bytes_per_token", None),
+        "cache_bytes_per_token": bytes_per_token,
     }
 
 

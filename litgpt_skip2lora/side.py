@@ -125,7 +125,8 @@ def _prune_block(side: nn.Module, frozen: nn.Module, channels: torch.Tensor) -> 
         rows, columns = (channels, units) if name == "proj" else (units, channels)
         _copy_linear(layer, source, rows, columns)
     for name in ("norm_1", "norm_2", "post_attention_norm", "post_mlp_norm"):
-        _copy_norm(getattr(side, name), getattr(frozen, name), channels)
+        if getattr(side, name) is not None:  # norm_2 is None where the attention norm is shared
+            _copy_norm(getattr(side, name), getattr(frozen, name), channels)
 
 
 def _important_heads(block: nn.Module, count: int) -> torch.Tensor:
@@ -152,8 +153,8 @@ def _copy_attention(side: nn.Module, frozen: nn.Module, heads: torch.Tensor, cha
     config = frozen.config
     hs, per_group = config.head_size, config.n_head // config.n_query_groups
 
-    def rows_of(first_head: torch.Tensor) -> torch.Tensor:
-        return (first_head[:, None] * hs + torch.arange(hs, device=heads.device)).flatten()
+    def rows_of(slots: torch.Tensor) -> torch.Tensor:  # the rows of these head-sized slots of a weight
+        return (slots[:, None] * hs + torch.arange(hs, device=heads.device)).flatten()
 
     groups = heads // per_group
     q_rows = rows_of(heads)

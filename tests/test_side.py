@@ -7,7 +7,7 @@ from litgpt.generate.base import generate
 from litgpt.lora import mark_only_lora_as_trainable
 from test_model import FAMILIES, tiny
 
-from litgpt_skip2lora import GPT
+from litgpt_skip2lora import GPT, Config
 
 SIDE = dict(skip2lora_block_indices=(0, 2), skip2lora_side_width=16)
 
@@ -126,3 +126,17 @@ def test_tail_from_features_equals_full_forward() -> None:
 def test_bad_side_config_is_refused_with_a_clear_message(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tiny(**{**SIDE, **kwargs})
+
+
+def test_pruning_a_block_with_a_shared_attention_norm() -> None:
+    """phi-2's blocks have no norm_2 of their own (one norm feeds attention and MLP): pruning copies what there is."""
+    shape = dict(n_layer=3, n_embd=64, n_head=4, intermediate_size=128, padded_vocab_size=96, vocab_size=96)
+    torch.manual_seed(0)
+    base = litgpt.model.GPT(litgpt.Config.from_name("phi-2", **shape))
+    config = Config.from_name("phi-2", **shape, skip2lora_enabled=True, **{**SIDE, "skip2lora_side_width": 64})
+    model = GPT(config)
+    model.load_state_dict(base.state_dict(), strict=False)
+    model.initialize_side()
+    x, rope = torch.randn(2, 5, 64), model._rope_and_mask(5, None, None)
+    assert config.shared_attention_norm
+    torch.testing.assert_close(model._block(0, x, rope, block=model.skip2lora_side.blocks[0]), model._block(0, x, rope))
