@@ -1,18 +1,14 @@
 """The Skip-Cache: per-sample backbone activations, kept because the frozen backbone never changes them.
 
-Everything about the cache lives here: what an entry holds (:func:`make_entry`), how entries become a batch
-(:func:`collate`), where they are kept (:class:`MemoryStore` on the GPU or in host RAM, :class:`DiskStore` in
-shard files), the fingerprint that says what they depend on, and :class:`FeatureLoader`, which the training loop
-asks for each batch's features: it reads the next batches ahead of need in background threads, into pinned
-memory when the device is a GPU, and hands new entries to a bounded background writer, so that neither reads nor
-writes stall a step that has compute to do.
+An entry holds one sample's tail input (:func:`make_entry`); :class:`MemoryStore` keeps entries on the GPU or in
+host RAM, :class:`DiskStore` in shard files; :class:`SkipCache` adds the size limit and a bounded background
+writer; :class:`FeatureLoader` gives the training loop each batch's features, read and collated ahead of need by
+background threads (into pinned memory for a GPU), so that neither reads nor writes stall a step.
 
-The disk format reads at page-cache speed: entries are appended to shard files that are read through memory maps
-as zero-copy tensor views. A shard's entries are listed in its ``.idx`` file, one JSON line per entry, written only
-after the entry's bytes: a crash leaves an entry whole or absent (a torn last line or unlisted bytes are ignored).
-Each entry carries a CRC-32 of its bytes, checked the first time the entry is read in a run (in a reader thread,
-off the training loop; CRC-32 because ``zlib`` ships it and releases the GIL), so a damaged entry is recomputed,
-never used, without paying the checksum again on every later epoch.
+On disk, entries are appended to shard files read through memory maps as zero-copy views. A shard's ``.idx``
+lists its entries, one JSON line each, written after the entry's bytes: a crash leaves an entry whole or absent.
+Each entry's CRC-32 (``zlib`` releases the GIL) is checked the first time it is read in a run, in a reader
+thread: a damaged entry is recomputed, never used, without a checksum pass on every later epoch.
 """
 
 import hashlib
@@ -32,6 +28,7 @@ from mmap import ACCESS_COPY, mmap
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import psutil
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -41,7 +38,6 @@ Entry = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
 FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-QUANTIZED = ("taps", "stream")  # what 8-bit storage quantizes; targets stay as they are
 ALIGN = 64
 
 
@@ -70,36 +66,26 @@ class CacheError(ValueError):
     """A cache option that cannot work, reported before training starts."""
 
 
-# ---------------------------------------------------------------------------------------------------- entries
-
-
 def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, position_wise: bool) -> Entry:
     """One sample's tail input: every real position, or for a position-wise tail only the supervised ones."""
     targets = torch.full((length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
     targets[:-1] = labels[1:length]
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1) if position_wise else slice(0, length)
-    entry = {
-        "taps": torch.stack([t[row, keep] for t in features.taps]),
-        "stream": features.stream[row, keep],
-        "targets": targets[keep],
-    }
-    return entry
+    taps = torch.stack([t[row, keep] for t in features.taps])
+    return {"taps": taps, "stream": features.stream[row, keep], "targets": targets[keep]}
 
 
 def encode(entry: Entry, dtype: torch.dtype | None) -> Entry:
-    """The entry as stored: floats cast to ``dtype``; with int8, ``taps``/``stream`` as int8 rows plus row scales."""
-    if dtype is None:
-        return entry
+    """The entry as stored: floats cast to ``dtype``; with int8, each float row scaled to int8 plus its scale."""
     stored = {}
     for name, t in entry.items():
-        if dtype == torch.int8 and name in QUANTIZED:
-            scale = t.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127
-            stored[name] = (t.float() / scale).round_().to(torch.int8)
-            stored[f"{name}.scale"] = scale
-        elif dtype != torch.int8 and t.is_floating_point():
+        if dtype is None or not t.is_floating_point():
+            stored[name] = t
+        elif dtype != torch.int8:
             stored[name] = t.to(dtype)
         else:
-            stored[name] = t
+            scale = stored[f"{name}.scale"] = t.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127
+            stored[name] = (t.float() / scale).round_().to(torch.int8)
     return stored
 
 
@@ -107,37 +93,33 @@ def decode(batch: Entry, dtype: torch.dtype) -> Entry:
     """Back to compute tensors: int8 rows times their scales, everything floating in ``dtype``."""
     out = {}
     for name, t in batch.items():
-        if name.endswith(".scale"):
-            continue
         scale = batch.get(f"{name}.scale")
-        out[name] = (
-            (t.to(dtype) * scale.to(dtype)) if scale is not None else t.to(dtype) if t.is_floating_point() else t
-        )
+        if scale is not None:
+            out[name] = t.to(dtype) * scale.to(dtype)
+        elif not name.endswith(".scale"):
+            out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
 
 
 def collate(entries: list[Entry], position_wise: bool, pin: bool) -> Entry:
-    """A batch from entries: flat rows of all samples for a position-wise tail, else padded ``(B, T)``.
+    """A batch: all samples' rows end to end for a position-wise tail, else padded ``(B, T)`` sequences.
 
-    With ``pin`` the result is in pinned host memory, ready for a ``non_blocking`` copy to the GPU.
+    Taps are ``(n_taps, rows, ...)``: their rows are dim 1. With ``pin`` the batch lands in pinned host memory,
+    ready for a ``non_blocking`` copy to the GPU; rows are concatenated straight into it.
     """
     batch = {}
     for name in entries[0]:
         parts = [e[name] for e in entries]
+        dim = 1 if parts[0].dim() == 3 else 0
         if position_wise:
-            dim = 1 if parts[0].dim() == 3 else 0  # taps are (n_taps, rows, ...): rows are dim 1
-            shape = list(parts[0].shape)
-            shape[dim] = sum(p.size(dim) for p in parts)
+            shape = [*parts[0].shape[:dim], sum(p.size(dim) for p in parts), *parts[0].shape[dim + 1 :]]
             out = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device, pin_memory=pin)
             batch[name] = torch.cat(parts, dim=dim, out=out)
         else:
-            value = IGNORE_INDEX if name == "targets" else 0
-            if parts[0].dim() == 3:  # taps: pad the rows of each (n_taps, rows, d)
-                batch[name] = pad_sequence([p.transpose(0, 1) for p in parts], True, value).permute(2, 0, 1, 3)
-            else:
-                batch[name] = pad_sequence(parts, batch_first=True, padding_value=value)
-        if pin and not batch[name].is_pinned():
-            batch[name] = batch[name].pin_memory()
+            pad = IGNORE_INDEX if name == "targets" else 0
+            padded = pad_sequence([p.movedim(dim, 0) for p in parts], batch_first=True, padding_value=pad)
+            batch[name] = padded.movedim(2, 0) if dim else padded
+            batch[name] = batch[name].pin_memory() if pin else batch[name]
     return batch
 
 
@@ -153,9 +135,8 @@ def entry_bytes(entry: Entry) -> int:
 
 
 def sample_key(split: str, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
-    """A sample's identity: its split and a hash of its tokens and labels, which are all its entry depends on
-    besides the fingerprint. So the data module's settings need no fingerprint: a run whose selection of samples
-    grew, shrank or was reshuffled reuses the entries of every sample it shares with the cache's earlier runs."""
+    """A sample's identity: its split and a hash of its tokens and labels, all that its entry depends on besides the
+    fingerprint. A run whose selection of samples grew, shrank or was reshuffled reuses every entry it shares."""
     digest = hashlib.blake2b(digest_size=16)
     for t in (input_ids, labels):
         digest.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
@@ -173,27 +154,25 @@ def file_digest(path: Path, edge_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------------- stores
+def check_writable(directory: Path) -> None:
+    """Fail before any output is written when the cache directory cannot be created or written."""
+    existing = next(p for p in [directory, *directory.parents] if p.exists())
+    if not os.access(existing, os.W_OK) or (existing != directory and not existing.is_dir()):
+        raise CacheError(f"The Skip-Cache directory {str(directory)!r} cannot be created or written.")
 
 
 class MemoryStore:
-    """Entries as tensors in GPU memory or host RAM.
-
-    Host entries are not pinned one by one (each pinning is a slow, synchronising allocation); the reader collates
-    a batch into one pinned buffer instead.
-    """
+    """Entries as tensors in GPU memory or host RAM. Host entries are not pinned one by one (each pinning is a slow,
+    synchronising allocation): the reader collates a batch into one pinned buffer instead."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.entries: dict[str, Entry] = {}
+        self.device, self.entries, self.bytes = device, {}, 0
 
     def get(self, key: str) -> Entry | None:
         return self.entries.get(key)
 
-    def put(self, key: str, entry: Entry) -> int:
-        kept = {name: t.detach().to(self.device, copy=True) for name, t in entry.items()}
-        self.entries[key] = kept
-        return entry_bytes(kept)
+    def put(self, key: str, entry: Entry) -> None:
+        self.entries[key] = {name: t.detach().to(self.device, copy=True) for name, t in entry.items()}
 
     def close(self) -> None:
         pass
@@ -217,10 +196,7 @@ class DiskStore:
     """
 
     def __init__(self, directory: Path, fingerprint: dict) -> None:
-        self.directory = directory
-        self.records: dict[str, Record] = {}
-        self.verified: set[str] = set()
-        self.maps: dict[int, mmap] = {}
+        self.directory, self.records, self.verified, self.maps = directory, {}, set(), {}
         self.lock = threading.Lock()
         self._open(fingerprint)
         self.shard = self._new_shard()
@@ -238,17 +214,21 @@ class DiskStore:
             return None
         try:
             data = self._view(record)
-            if key not in self.verified:
-                if zlib.crc32(data) != record.crc:
-                    raise ValueError("checksum mismatch")
-                self.verified.add(key)
-            return _unpack(data, record)
+            if key not in self.verified and zlib.crc32(data) != record.crc:
+                raise ValueError("checksum mismatch")
+            self.verified.add(key)
         except (ValueError, OSError) as err:  # any damage: the entry is rebuilt, never used
             warnings.warn(f"Skip-Cache entry {key} is damaged ({err}); recomputing it.")
             self.records.pop(key, None)
             return None
+        entry, offset = {}, 0
+        for name, dtype, shape in record.tensors:
+            dtype, size = getattr(torch, dtype), torch.Size(shape).numel() * getattr(torch, dtype).itemsize
+            entry[name] = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=offset).view(dtype).view(shape)
+            offset += size + (-size % ALIGN)
+        return entry
 
-    def put(self, key: str, entry: Entry) -> int:
+    def put(self, key: str, entry: Entry) -> None:
         """Append the entry's bytes, then its index line: the line is what makes the entry exist."""
         crc, length, tensors = 0, 0, []
         for name, t in entry.items():
@@ -264,7 +244,6 @@ class DiskStore:
         self.written += length
         self.verified.add(key)
         self.records[key] = record
-        return length
 
     def close(self) -> None:
         self.shard_file.close()
@@ -286,33 +265,26 @@ class DiskStore:
 
     def _open(self, fingerprint: dict) -> None:
         """Reuse a directory whose fingerprint matches, otherwise wipe it; then read every shard's index."""
-        directory = self.directory
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise CacheError(f"The Skip-Cache directory {str(directory)!r} is not writable: {err}") from err
-        stamp = directory / "fingerprint.json"
+        check_writable(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = self.directory / "fingerprint.json"
         wanted = json.dumps({"version": FORMAT_VERSION, **fingerprint}, sort_keys=True, default=str)
         found = stamp.read_text() if stamp.is_file() else None
         if found != wanted:
-            stale = [*directory.glob("shard-*"), *directory.glob("*.s2l")]
+            stale = list(self.directory.glob("shard-*"))
             if found is not None or stale:
-                warnings.warn(f"Skip-Cache in {str(directory)!r} was built for other inputs; rebuilding it.")
+                warnings.warn(f"Skip-Cache in {str(self.directory)!r} was built for other inputs; rebuilding it.")
             for path in stale:
                 path.unlink()
             tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
             tmp.write_text(wanted)
             os.replace(tmp, stamp)
-        for index in sorted(directory.glob("shard-*.idx")):
+        for index in sorted(self.directory.glob("shard-*.idx")):
             for line in index.read_text().splitlines(keepends=True):
                 if not line.endswith("\n"):
                     break  # torn by a crash: the entry was never complete
-                item = json.loads(line)
-                key = item.pop("key")
-                self.records[key] = Record(**item)
+                key, *fields = json.loads(line).values()
+                self.records[key] = Record(*fields)
 
     def _new_shard(self) -> int:
         shard = max((int(p.stem.split("-")[1]) for p in self.directory.glob("shard-*.bin")), default=-1) + 1
@@ -324,20 +296,6 @@ class DiskStore:
                 shard += 1
 
 
-def _unpack(data: memoryview, record: Record) -> Entry:
-    entry, offset = {}, 0
-    for name, dtype, shape in record.tensors:
-        dtype = getattr(torch, dtype)
-        numel = int(torch.Size(shape).numel())
-        size = numel * dtype.itemsize
-        entry[name] = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=offset).view(dtype).view(shape)
-        offset += size + (-size % ALIGN)
-    return entry
-
-
-# ---------------------------------------------------------------------------------------------------- the cache
-
-
 class SkipCache:
     """A key -> entry store with a size limit and a bounded background writer.
 
@@ -347,12 +305,10 @@ class SkipCache:
     """
 
     def __init__(self, store: MemoryStore | DiskStore, max_bytes: int | None = None, dtype: torch.dtype | None = None):
-        self.store, self.max_bytes, self.dtype = store, max_bytes, dtype
-        self.bytes = store.bytes if isinstance(store, DiskStore) else 0
+        self.store, self.max_bytes, self.dtype, self.bytes = store, max_bytes, dtype, store.bytes
         self.pending: dict[str, Entry] = {}
-        self._full_warned = False
+        self._full_warned, self._error = False, None
         self._queue: queue.Queue = queue.Queue(maxsize=64)
-        self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="skip-cache-writer")
         self._writer.start()
 
@@ -367,8 +323,7 @@ class SkipCache:
 
     def put(self, key: str, entry: Entry) -> bool:
         """Queue an ``encode``-d entry for storage; False when it does not fit (it will be recomputed next time)."""
-        if self._error is not None:
-            raise RuntimeError("The Skip-Cache writer failed") from self._error
+        self._raise_writer_error()
         size = entry_bytes(entry)
         if not self._fits(size):
             return False
@@ -380,8 +335,7 @@ class SkipCache:
     def flush(self) -> None:
         """Wait until every queued entry is stored."""
         self._queue.join()
-        if self._error is not None:
-            raise RuntimeError("The Skip-Cache writer failed") from self._error
+        self._raise_writer_error()
 
     def close(self) -> None:
         self.flush()
@@ -389,24 +343,26 @@ class SkipCache:
         self._writer.join()
         self.store.close()
 
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("The Skip-Cache writer failed") from self._error
+
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            key, entry = item
             try:
                 if self._error is None:
-                    self.store.put(key, entry)
+                    self.store.put(*item)
             except BaseException as err:  # reported to the training loop at its next put or flush
                 self._error = err
             finally:
-                self.pending.pop(key, None)
+                self.pending.pop(item[0], None)
                 self._queue.task_done()
         self._queue.task_done()
 
     def _fits(self, size: int) -> bool:
         over_limit = self.max_bytes is not None and self.bytes + size > self.max_bytes
         directory = getattr(self.store, "directory", None)
-        over_disk = directory is not None and shutil.disk_usage(directory).free < 2 * size
-        if over_limit or over_disk:
+        if over_limit or (directory is not None and shutil.disk_usage(directory).free < 2 * size):
             if not self._full_warned:
                 where = f"the limit of {self.max_bytes:,} bytes" if over_limit else f"the free space in {directory}"
                 warnings.warn(f"Skip-Cache is full ({where}); samples not cached yet will be recomputed each time.")
@@ -416,38 +372,27 @@ class SkipCache:
 
 
 def choose_placement(wanted: str, estimate: int, device: torch.device, max_bytes: int | None) -> tuple[str, str]:
-    """The placement and the reason, in words: the fastest store the whole cache fits in, at most half of its room."""
+    """The placement and the reason, in words: the fastest store the whole cache fits in, at most half of its room.
+
+    On a GPU that is GPU memory, else the disk: host RAM is no faster than the page-cached disk there, and fills
+    more slowly (EVALUATION_GUIDE.md §4). On the CPU, host RAM, else the disk.
+    """
     if wanted != "auto":
         return wanted, "chosen by --cache.placement"
     need = estimate if max_bytes is None else min(estimate, max_bytes)
-    gb = f"{need / 1e9:.2f} GB"
-    if device.type == "cuda":  # host RAM is no faster than the disk there, and fills more slowly (EVALUATION_GUIDE §4)
-        free = torch.cuda.mem_get_info(device)[0]
-        if need <= free / 2:
-            return "device", f"{gb} fits half of the {free / 1e9:.1f} GB free on the GPU"
-        return "disk", f"{gb} is more than half of the {free / 1e9:.1f} GB free on the GPU"
-    available = _host_available()
-    if need <= available / 2:
-        return "memory", f"{gb} fits half of the {available / 1e9:.1f} GB of host RAM available"
-    return "disk", f"{gb} is more than half of the {available / 1e9:.1f} GB of host RAM available"
-
-
-def _host_available() -> int:
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if device.type == "cuda":
+        fast, room, where = "device", torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        fast, room, where = "memory", psutil.virtual_memory().available, "of host RAM available"
+    fits = need <= room / 2
+    verdict = "fits" if fits else "is more than"
+    return fast if fits else "disk", f"{need / 1e9:.2f} GB {verdict} half of the {room / 1e9:.1f} GB {where}"
 
 
 def open_store(placement: str, device: torch.device, directory: Path, fingerprint: dict) -> MemoryStore | DiskStore:
     if placement == "disk":
         return DiskStore(directory, fingerprint)
     return MemoryStore(device if placement == "device" else torch.device("cpu"))
-
-
-# ---------------------------------------------------------------------------------------------------- loading
 
 
 class Batch(NamedTuple):
@@ -506,7 +451,8 @@ class FeatureLoader:
         collated as well when every sample was found."""
         if self.cache is None:
             return [], [None] * len(batch["length"]), None
-        keys = batch_keys(batch, split)
+        input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
+        keys = [sample_key(split, input_ids[j, :n], labels[j, :n]) for j, n in enumerate(lengths)]
         entries = [self.cache.get(key) for key in keys]
         if any(e is None for e in entries):
             return keys, entries, None
@@ -562,8 +508,3 @@ class FeatureLoader:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-
-def batch_keys(batch: dict, split: str) -> list[str]:
-    input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
-    return [sample_key(split, input_ids[j, :n], labels[j, :n]) for j, n in enumerate(lengths)]

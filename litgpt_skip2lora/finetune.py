@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from inspect import signature
 from pathlib import Path
 from pprint import pprint
 from typing import Literal
@@ -54,9 +55,9 @@ from litgpt_skip2lora.cache import (
     STORAGE_DTYPES,
     Batch,
     CacheArgs,
-    CacheError,
     FeatureLoader,
     SkipCache,
+    check_writable,
     choose_placement,
     file_digest,
     open_store,
@@ -78,8 +79,8 @@ class Run:
     eval: EvalArgs
     cache: CacheArgs
     optimizer: str | dict
-    devices: int
-    num_nodes: int
+    accum: int
+    """Micro-batches per optimizer step."""
     seed: int
     resume: Path | None
     """The step checkpoint to continue from."""
@@ -107,7 +108,6 @@ def setup(
     skip2lora_enabled: bool = True,
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
-    skip2lora_input: Literal["raw", "norm_1"] = "raw",
     skip2lora_side_width: int = 0,
     cache: CacheArgs = CacheArgs(),
     data: DataModule | None = None,
@@ -150,7 +150,6 @@ def setup(
         skip2lora_block_indices: Blocks whose input feeds an adapter (negative counts from the end). Default: four
             evenly spaced blocks, the first being 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
-        skip2lora_input: What an adapter reads: the ``raw`` block input, or the block's ``norm_1`` of it.
         skip2lora_side_width: 0 for adapters; else the width of a side network that reads the inputs of the
             ``skip2lora_block_indices`` blocks (one narrow attention block each) and re-reads the whole prompt. The
             Skip-Cache stores this many channels per read block and token. Each side block starts as its backbone
@@ -171,25 +170,11 @@ def setup(
     with user_errors():
         checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
     data = Alpaca() if data is None else data
+    if not skip2lora_enabled:  # LitGPT's own LoRA, given the arguments it takes
+        lora_args = signature(litgpt_lora.setup).parameters
+        return litgpt_lora.setup(**{name: value for name, value in locals().items() if name in lora_args})
     lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_head=lora_head)
     lora.update(zip(LORA_FLAGS, (lora_query, lora_key, lora_value, lora_projection, lora_mlp)))
-    if not skip2lora_enabled:
-        return litgpt_lora.setup(
-            checkpoint_dir,
-            out_dir,
-            precision,
-            quantize,
-            devices,
-            num_nodes,
-            **lora,
-            data=data,
-            train=train,
-            log=log,
-            eval=eval,
-            optimizer=optimizer,
-            logger_name=logger_name,
-            seed=seed,
-        )
     with user_errors():
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
@@ -200,7 +185,6 @@ def setup(
             skip2lora_enabled=True,
             skip2lora_block_indices=skip2lora_block_indices or default_blocks(checkpoint_dir),
             skip2lora_output_layer=skip2lora_output_layer,
-            skip2lora_input=skip2lora_input,
             skip2lora_side_width=skip2lora_side_width,
         )
         if cache.enabled and cache.placement in ("auto", "disk"):
@@ -229,21 +213,9 @@ def setup(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
     command = " ".join(["litgpt-skip2lora", *sys.argv[1:]]) if sys.argv[1:2] else "the same command"
+    accum = train.gradient_accumulation_iters(devices, num_nodes)
     run = Run(
-        config,
-        checkpoint_dir,
-        out_dir,
-        data,
-        train,
-        eval,
-        cache,
-        optimizer,
-        devices,
-        num_nodes,
-        seed,
-        checkpoint,
-        quantize,
-        command,
+        config, checkpoint_dir, out_dir, data, train, eval, cache, optimizer, accum, seed, checkpoint, quantize, command
     )
     fabric.launch(main, run)
 
@@ -251,8 +223,7 @@ def setup(
 def main(fabric: L.Fabric, run: Run) -> None:
     tokenizer = Tokenizer(run.checkpoint_dir)
     train_loader, val_loader = get_dataloaders(fabric, run.data, tokenizer, run.train)
-    accum = run.train.gradient_accumulation_iters(run.devices, run.num_nodes)
-    max_steps = min(run.train.epochs * max(1, len(train_loader) // accum), run.train.max_steps or math.inf)
+    max_steps = min(run.train.epochs * max(1, len(train_loader) // run.accum), run.train.max_steps or math.inf)
 
     fabric.seed_everything(run.seed)
     with fabric.init_module(empty_init=fabric.world_size > 1):
@@ -290,7 +261,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         features=features,
         train=run.train,
         eval=run.eval,
-        accum=accum,
+        accum=run.accum,
         max_steps=max_steps,
         state=state,
         out_dir=run.out_dir,
@@ -392,13 +363,6 @@ def check_quantize(quantize: str | None, precision: str | None, side_width: int)
         raise ValueError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
 
 
-def check_writable(directory: Path) -> None:
-    """Fail before any output is written when the cache directory cannot be created or written."""
-    existing = next(p for p in [directory, *directory.parents] if p.exists())
-    if not os.access(existing, os.W_OK) or (existing != directory and not existing.is_dir()):
-        raise CacheError(f"The Skip-Cache directory {str(directory)!r} cannot be created or written.")
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = sorted(out_dir.glob("step-*/state.pth"))
     return found[-1] if found else None
@@ -414,22 +378,14 @@ def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
 def get_dataloaders(
     fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs
 ) -> tuple[DataLoader, DataLoader]:
-    """LitGPT's data module loaders, same dataset, sampler and collate, with sample lengths added."""
+    """The data module's own loaders, with sample lengths added to each batch."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
         data.prepare_data()
     data.setup()
-    loaders = []
-    for loader in (data.train_dataloader(), data.val_dataloader()):
-        loaders.append(
-            DataLoader(
-                loader.dataset,
-                batch_size=loader.batch_size,
-                sampler=loader.sampler,
-                num_workers=loader.num_workers,
-                collate_fn=partial(collate_with_lengths, collate_fn=loader.collate_fn),
-            )
-        )
+    loaders = data.train_dataloader(), data.val_dataloader()
+    for loader in loaders:
+        loader.collate_fn = partial(collate_with_lengths, collate_fn=loader.collate_fn)
     return fabric.setup_dataloaders(*loaders)
 
 

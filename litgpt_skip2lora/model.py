@@ -1,22 +1,14 @@
 """Skip2-LoRA on top of LitGPT's LoRA model.
 
-Adapter i reads the input of block i and its low-rank output ``B_i A_i x_i * alpha / r`` skips straight to
-the output place, where the sum ``z`` of all adapters is added once. Nothing inside the backbone changes, so
-the backbone needs no backward pass, and its activations for a sample never change: they can be cached
-(see :mod:`litgpt_skip2lora.cache`). Reference: Matutani et al., ASP-DAC 2025, arXiv 2410.21073.
-
-Output places (``skip2lora_output_layer``):
-    ``"lm_head"``: ``logits = lm_head(ln_f(h) + z)``, the paper's design: the tail is one matmul.
-    ``"ln_f"``:    ``logits = lm_head(ln_f(h + z))``: ``z`` joins the residual stream and is normalised with it.
-    ``"block.K"``: ``z`` is added to the input of block K and blocks K.. run in the tail, with gradients.
-                   Adapters may read blocks 0..K; ordinary LoRA flags (``lora_query`` ...) apply to blocks K..
-                   only, so everything before K stays frozen and cacheable.
-
-A side network (``skip2lora_side_width`` > 0, :mod:`litgpt_skip2lora.side`) replaces the adapters: narrow attention
-blocks that read the selected blocks' inputs and re-read the whole prompt; its output is ``z``.
+Adapter i reads the input of block i and its low-rank output ``B_i A_i x_i * alpha / r`` skips straight to the
+output place, where the sum ``z`` of all adapters is added once. Nothing inside the backbone changes, so the
+backbone needs no backward pass, and its activations for a sample never change: they can be cached
+(:mod:`litgpt_skip2lora.cache`). A side network (:mod:`litgpt_skip2lora.side`) may produce ``z`` instead.
+Reference: Matutani et al., ASP-DAC 2025, arXiv 2410.21073.
 """
 
 import math
+import re
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -31,8 +23,8 @@ from typing_extensions import Self
 
 from litgpt_skip2lora.side import SideNetwork
 
-ADAPTER_INPUTS = ("raw", "norm_1")
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
+RETIRED_FIELDS = {"skip2lora_mix": "none", "skip2lora_input": "raw"}  # field: the one value still built in
 
 
 class Rope(NamedTuple):
@@ -63,9 +55,9 @@ class Config(litgpt.lora.Config):
             dropout ``lora_dropout``).
         skip2lora_block_indices: blocks whose input feeds an adapter; negative indices count from the end,
             as in Python. Stored sorted and non-negative.
-        skip2lora_output_layer: where the adapters' sum is added: ``"lm_head"``, ``"ln_f"`` or ``"block.K"``.
-        skip2lora_input: what an adapter reads: the raw residual ``"raw"``, or the block's own pre-attention
-            norm ``"norm_1"`` (what q/v LoRA sees).
+        skip2lora_output_layer: where ``z`` is added. ``"lm_head"``: ``lm_head(ln_f(h) + z)``, the paper's design,
+            the tail is one matmul. ``"ln_f"``: ``lm_head(ln_f(h + z))``. ``"block.K"``: ``z`` joins the input of
+            block K, and blocks K.. run in the tail with gradients (ordinary LoRA flags apply to them only).
         skip2lora_side_width: 0 for adapters; else a side network of this width reads the selected blocks (see
             :mod:`litgpt_skip2lora.side`); the Skip-Cache stores this many channels per selected block and token.
     """
@@ -73,7 +65,6 @@ class Config(litgpt.lora.Config):
     skip2lora_enabled: bool = False
     skip2lora_block_indices: tuple[int, ...] = ()
     skip2lora_output_layer: str = "lm_head"
-    skip2lora_input: str = "raw"
     skip2lora_side_width: int = 0
 
     def __post_init__(self) -> None:
@@ -84,11 +75,11 @@ class Config(litgpt.lora.Config):
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Self:
-        """LitGPT's, also for checkpoints saved before attention-mixed adapters were retired: their
-        ``skip2lora_mix: none`` is what adapters are now; ``attention`` no longer loads."""
+        """LitGPT's, also for checkpoints that name a retired field at the value that is now the only one."""
         saved = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if saved.pop("skip2lora_mix", "none") != "none":
-            raise ValueError(f"{path}: skip2lora_mix 'attention' was retired; this checkpoint needs an older version.")
+        for name, value in RETIRED_FIELDS.items():
+            if saved.pop(name, value) != value:
+                raise ValueError(f"{path}: {name} was retired ({value!r} is built in); use an older version.")
         return cls(**{**saved, **kwargs})
 
     @property
@@ -114,43 +105,25 @@ class Config(litgpt.lora.Config):
         return self.skip2lora_side_width if self.skip2lora_side else self.n_embd
 
     def _checked_indices(self) -> tuple[int, ...]:
+        n, place, indices = self.n_layer, self.skip2lora_output_layer, self.skip2lora_block_indices
+        tail_block = re.fullmatch(r"block\.(\d+)", place)
+        if place not in ("lm_head", "ln_f") and not (tail_block and 0 < int(tail_block[1]) < n):
+            raise ValueError(f"skip2lora_output_layer must be 'lm_head', 'ln_f' or 'block.K' (0 < K < {n}): {place!r}")
         if self.lora_r <= 0 and not self.skip2lora_side_width:
             raise ValueError(f"Skip2-LoRA adapters need lora_r > 0, got lora_r={self.lora_r}.")
-        if self.skip2lora_input not in ADAPTER_INPUTS:
-            raise ValueError(f"skip2lora_input must be one of {ADAPTER_INPUTS}, got {self.skip2lora_input!r}.")
-        start = self._checked_tail_start()
         if not 0 <= self.skip2lora_side_width <= self.n_embd:
             raise ValueError(f"skip2lora_side_width must be in 0..{self.n_embd}, got {self.skip2lora_side_width}.")
-        indices = self.skip2lora_block_indices
         if not indices:
-            raise ValueError(
-                "skip2lora_enabled is true but skip2lora_block_indices is empty: select at least one block."
-            )
+            raise ValueError("skip2lora_block_indices is empty: select at least one block.")
         for i in indices:
-            if isinstance(i, bool) or not isinstance(i, int) or not -self.n_layer <= i < self.n_layer:
-                raise ValueError(
-                    f"skip2lora_block_indices: {i!r} is not a block index of a {self.n_layer}-layer model."
-                )
-        normalized = sorted(i % self.n_layer for i in indices)
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise ValueError(f"skip2lora_block_indices: {i!r} is not a block index of a {n}-layer model.")
+        normalized = sorted(i % n for i in indices)
         if len(set(normalized)) != len(normalized):
             raise ValueError(f"skip2lora_block_indices has duplicates: {list(indices)} selects {normalized}.")
-        if normalized[-1] > start:
-            raise ValueError(
-                f"skip2lora_block_indices: block {normalized[-1]} lies after the output place"
-                f" {self.skip2lora_output_layer!r}; adapters must read blocks 0..{start}."
-            )
+        if normalized[-1] > self.skip2lora_tail_start:
+            raise ValueError(f"skip2lora_block_indices: block {normalized[-1]} lies after the output place {place!r}.")
         return tuple(normalized)
-
-    def _checked_tail_start(self) -> int:
-        place = self.skip2lora_output_layer
-        digits = place.removeprefix("block.")
-        if place in ("lm_head", "ln_f") or (
-            place.startswith("block.") and digits.isdigit() and 0 < int(digits) < self.n_layer
-        ):
-            return self.skip2lora_tail_start
-        raise ValueError(
-            f"skip2lora_output_layer must be 'lm_head', 'ln_f' or 'block.K' with 0 < K < {self.n_layer}, got {place!r}."
-        )
 
 
 class Skip2LoRA(litgpt.lora.LoRALayer):
@@ -183,10 +156,6 @@ class Block(litgpt.lora.Block):
         super().__init__(config, block_idx)
         if config.skip2lora_enabled and not config.skip2lora_side and block_idx in config.skip2lora_block_indices:
             self.skip2lora = Skip2LoRA(config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout)
-
-    def skip2lora_tap(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's input, computed from this block's input ``x``."""
-        return self.norm_1(x) if self.config.skip2lora_input == "norm_1" else x
 
 
 class GPT(litgpt.lora.GPT):
@@ -259,10 +228,9 @@ class GPT(litgpt.lora.GPT):
             x = features.stream + self._delta(features)
         else:
             rope = rope or self._rope_and_mask(features.stream.size(-2), None, None)
-            if self.config.skip2lora_side:
-                x = features.stream + self.skip2lora_side(features.taps, partial(self._block, rope=rope))
-            else:
-                x = features.stream + self._delta(features)
+            side = self.config.skip2lora_side
+            z = self.skip2lora_side(features.taps, partial(self._block, rope=rope)) if side else self._delta(features)
+            x = features.stream + z
             for i in range(self.config.skip2lora_tail_start, self.config.n_layer):
                 x = self._block(i, x, rope)
             if supervised is not None:
@@ -287,7 +255,7 @@ class GPT(litgpt.lora.GPT):
             taps = []
             for i, block in enumerate(self.transformer.h):
                 if hasattr(block, "skip2lora"):
-                    taps.append(block.skip2lora_tap(x))
+                    taps.append(x)
                 elif self.config.skip2lora_side and i in self.skip2lora_side.reads:
                     taps.append(self.skip2lora_side.read(x))
                 if i == start:

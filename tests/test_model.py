@@ -202,7 +202,6 @@ def test_negative_indices_count_from_the_end_and_config_round_trips(tmp_path) ->
         (dict(skip2lora_output_layer="head"), "skip2lora_output_layer must be"),
         (dict(skip2lora_output_layer="block.3"), "skip2lora_output_layer must be"),
         (dict(skip2lora_output_layer="block.1", skip2lora_block_indices=(0, 2)), "lies after the output place"),
-        (dict(skip2lora_input="layernorm"), "skip2lora_input must be"),
     ],
 )
 def test_bad_config_is_refused_with_a_clear_message(kwargs: dict, message: str) -> None:
@@ -232,15 +231,18 @@ def test_factored_head_gives_the_same_logits_and_gradients() -> None:
         torch.testing.assert_close(g1, g2)
 
 
-def test_a_checkpoint_from_before_mixing_was_retired_loads(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("field", "built_in", "other"), [("skip2lora_mix", "none", "attention"), ("skip2lora_input", "raw", "norm_1")]
+)
+def test_a_checkpoint_naming_a_retired_field_loads_at_its_built_in_value(tmp_path, field, built_in, other) -> None:
     from litgpt_skip2lora.finetune import save_config
 
     config = tiny()
     save_config(config, tmp_path)
     path = tmp_path / "model_config.yaml"
     saved = path.read_text()
-    path.write_text(saved + "skip2lora_mix: none\n")
+    path.write_text(saved + f"{field}: {built_in}\n")
     assert Config.from_checkpoint(tmp_path) == config
-    path.write_text(saved + "skip2lora_mix: attention\n")
-    with pytest.raises(ValueError, match="skip2lora_mix 'attention' was retired"):
+    path.write_text(saved + f"{field}: {other}\n")
+    with pytest.raises(ValueError, match=f"{field} was retired"):
         Config.from_file(path)
