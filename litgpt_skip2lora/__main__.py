@@ -9,8 +9,7 @@ Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` bu
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import wraps
 from types import ModuleType
 from typing import Any
@@ -29,30 +28,25 @@ from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
 
 
-@contextmanager
-def _skip2lora_classes(module: ModuleType) -> Iterator[None]:
-    """Let a LitGPT entry point that builds ``GPT(Config...)`` itself build ours instead, for one call."""
-    saved = module.GPT, module.Config
-    module.GPT, module.Config = GPT, Config
-    try:
-        yield
-    finally:
-        module.GPT, module.Config = saved
+def _with_skip2lora_classes(fn: Callable, module: ModuleType) -> Callable:
+    """LitGPT's entry point ``fn``, which builds ``GPT(Config...)`` of ``module``, building ours for the call."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        saved = module.GPT, module.Config
+        module.GPT, module.Config = GPT, Config
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            module.GPT, module.Config = saved
+
+    return run
 
 
 def _with_defaults(fn: Callable, **defaults: Any) -> inspect.Signature:
     signature = inspect.signature(fn)
     params = [p.replace(default=defaults.get(name, p.default)) for name, p in signature.parameters.items()]
     return signature.replace(parameters=params)
-
-
-def _with_skip2lora_classes(fn: Callable, module: ModuleType) -> Callable:
-    @wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _skip2lora_classes(module):
-            return fn(*args, **kwargs)
-
-    return run
 
 
 def finetune(*args: Any, **kwargs: Any) -> None:
