@@ -5,10 +5,7 @@
 # nf4 beside LitGPT's QLoRA, (4) finetune_skip2lora --quantize bnb.nf4 end to end and generation from its result.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source experiments/gpu_setup.sh
 bench="python3 benchmark_skip2lora.py --model Llama-2-7b-hf --precision bf16-true --batch-size 4 --seq-len 512 --repeats 5 --warmup 2"
 
 timeout 270 python3 experiments/cache_placement.py --model Llama-3.2-1B --blocks 0,4,8,12 --samples 304 \

@@ -6,13 +6,7 @@
 # MODEL and N_LAYER shrink it for a CPU rehearsal.
 set -uo pipefail
 OUT=${OUT:-out/gpu-check}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' | tee -a "$OUT/gpu.txt"
+source experiments/gpu_setup.sh
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_model.py tests/test_side.py \
   tests/test_finetune.py -k "not test_finetune.py or every_placement or cached_epochs or resume_continues or signal" \
   2>&1 | tee "$OUT/tests.log"

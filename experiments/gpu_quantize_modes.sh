@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Each further --quantize mode, trained and generated from, on a small random checkpoint (EVALUATION_GUIDE.md §7).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export PYTHONUNBUFFERED=1
+OUT=${OUT:-out/gpu-quantize}
+source experiments/gpu_setup.sh
 python3 - <<'PY'
 import sys; sys.path.insert(0, "experiments")
 from pathlib import Path
