@@ -507,9 +507,9 @@ class Trainer:
         """
         if self.out_dir is None:
             return
-        self.state["rng"] = torch.get_rng_state()  # the tail's dropout continues as if never interrupted
-        if torch.cuda.is_available():
-            self.state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        # the tail's dropout continues as if never interrupted; one key, which ``main`` hands ``fabric.load`` to fill
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        self.state["rng"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
         path = self.out_dir / f"step-{self.state['step_count']:06d}"
         partial_dir = path.with_name(f".{path.name}.partial")
         self.fabric.save(partial_dir / "state.pth", self.state, filter={"model": lora_filter})
@@ -519,9 +519,9 @@ class Trainer:
         self.fabric.barrier()
 
     def restore_rng(self) -> None:
-        torch.set_rng_state(self.state["rng"])
-        if self.state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(self.state["cuda_rng"])
+        torch.set_rng_state(self.state["rng"]["cpu"])
+        if self.state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
 
     def log_validation(self, val_loader: DataLoader) -> float:
         val_loss = self.validate(val_loader)
