@@ -201,13 +201,8 @@ def setup(
     if quantize is not None:
         dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
         plugins, precision = BitsandbytesPrecision(quantize[4:], dtype), None
-    logger = choose_logger(
-        logger_name,
-        out_dir,
-        name=f"finetune-skip2lora-{config.name}",
-        log_interval=train.log_interval,
-        log_args=dataclasses.asdict(log),
-    )
+    name, log_args = f"finetune-skip2lora-{config.name}", dataclasses.asdict(log)
+    logger = choose_logger(logger_name, out_dir, name=name, log_interval=train.log_interval, log_args=log_args)
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
@@ -378,14 +373,18 @@ def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
 def get_dataloaders(
     fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs
 ) -> tuple[DataLoader, DataLoader]:
-    """The data module's own loaders, with sample lengths added to each batch."""
+    """The data module's datasets, samplers and collation, with sample lengths added to each batch. New loaders
+    without the module's generator: each epoch's worker seed comes from the global RNG, which every measured run used.
+    """
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
         data.prepare_data()
     data.setup()
-    loaders = data.train_dataloader(), data.val_dataloader()
-    for loader in loaders:
-        loader.collate_fn = partial(collate_with_lengths, collate_fn=loader.collate_fn)
+    loaders = []
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        collate = partial(collate_with_lengths, collate_fn=loader.collate_fn)
+        options = dict(sampler=loader.sampler, num_workers=loader.num_workers, collate_fn=collate)
+        loaders.append(DataLoader(loader.dataset, loader.batch_size, **options))
     return fabric.setup_dataloaders(*loaders)
 
 
