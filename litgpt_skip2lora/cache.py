@@ -222,8 +222,9 @@ class DiskStore:
             self.records.pop(key, None)
             return None
         entry, offset = {}, 0
-        for name, dtype, shape in record.tensors:
-            dtype, size = getattr(torch, dtype), torch.Size(shape).numel() * getattr(torch, dtype).itemsize
+        for name, dtype_name, shape in record.tensors:
+            dtype = getattr(torch, dtype_name)
+            size = torch.Size(shape).numel() * dtype.itemsize
             entry[name] = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=offset).view(dtype).view(shape)
             offset += size + (-size % ALIGN)
         return entry
@@ -283,8 +284,9 @@ class DiskStore:
             for line in index.read_text().splitlines(keepends=True):
                 if not line.endswith("\n"):
                     break  # torn by a crash: the entry was never complete
-                key, *fields = json.loads(line).values()
-                self.records[key] = Record(*fields)
+                fields = json.loads(line)
+                key = fields.pop("key")
+                self.records[key] = Record(**fields)
 
     def _new_shard(self) -> int:
         shard = max((int(p.stem.split("-")[1]) for p in self.directory.glob("shard-*.bin")), default=-1) + 1
@@ -307,7 +309,7 @@ class SkipCache:
     def __init__(self, store: MemoryStore | DiskStore, max_bytes: int | None = None, dtype: torch.dtype | None = None):
         self.store, self.max_bytes, self.dtype, self.bytes = store, max_bytes, dtype, store.bytes
         self.pending: dict[str, Entry] = {}
-        self._full_warned, self._error = False, None
+        self._full_warned, self._error = False, None  # the error: the writer's, raised at the next put or flush
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name="skip-cache-writer")
         self._writer.start()
@@ -349,13 +351,14 @@ class SkipCache:
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
+            key, entry = item
             try:
                 if self._error is None:
-                    self.store.put(*item)
+                    self.store.put(key, entry)
             except BaseException as err:  # reported to the training loop at its next put or flush
                 self._error = err
             finally:
-                self.pending.pop(item[0], None)
+                self.pending.pop(key, None)
                 self._queue.task_done()
         self._queue.task_done()
 

@@ -25,6 +25,10 @@ import yaml
 # finetune_skip2lora logs ``epoch + 1``
 TRAINERS = {"finetune_lora": ("litgpt", 1), "finetune_skip2lora": ("litgpt_skip2lora", 0)}
 
+CURVES = {  # plot file: x axis, its label
+    "val_loss_vs_step.png": ("step", "training iteration"),
+    "val_loss_vs_time.png": ("train_time_s", "cumulative training time (s)"),
+}
 RATIOS = {"train_time_ratio": "train_time_s", "wall_time_ratio": "wall_time_s", "peak_rss_ratio": "peak_rss_mib"}
 
 # runs the CLI in this very process and records its peak resident memory on the way out, even when it fails;
@@ -239,27 +243,26 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = {name: run for name, run in runs.items() if run["status"] == "ok"}
-    axes = {"step": "training iteration", "train_time_s": "cumulative training time (s)"}
-    for x, label in axes.items():
+    colors = plt.get_cmap("tab20").colors  # one color per variant, up to 20
+    for png, (x, label) in CURVES.items():
         fig, ax = plt.subplots(figsize=(10, 6))
         for i, (name, run) in enumerate(ok.items()):
-            points = [(p[x], p["val_loss"]) for p in run["val_curve"]]
-            style = dict(
-                marker="osD^v<>"[i % 7], color=plt.get_cmap("tab20").colors[i % 20], linewidth=3 - 1.5 * bool(i)
-            )
-            ax.plot(*zip(*points), label=name, **style)
+            xs, losses = zip(*[(p[x], p["val_loss"]) for p in run["val_curve"]])
+            style = dict(marker="osD^v<>"[i % 7], color=colors[i % len(colors)], linewidth=3 if i == 0 else 1.5)
+            ax.plot(xs, losses, label=name, **style)
         ax.set(xlabel=label, ylabel="validation loss")
         ax.set_title(f"Validation loss: {title}", wrap=True, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
-        fig.savefig(out_dir / f"val_loss_vs_{'step' if x == 'step' else 'time'}.png", dpi=120)
+        fig.savefig(out_dir / png, dpi=120)
         plt.close(fig)
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
     names, bottom = list(ok), [0.0] * len(ok)
     for epoch in range(max(len(run["epoch_train_time_s"]) for run in ok.values())):
-        heights = [(ok[name]["epoch_train_time_s"][epoch:] or [0.0])[0] for name in names]
+        times = [ok[name]["epoch_train_time_s"] for name in names]
+        heights = [t[epoch] if epoch < len(t) else 0.0 for t in times]
         bars = ax_time.bar(names, heights, bottom=bottom, label=f"epoch {epoch + 1}")
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax_time.bar_label(bars, labels=[f"{total:.1f} s" for total in bottom])

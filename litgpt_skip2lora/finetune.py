@@ -253,13 +253,13 @@ def main(fabric: L.Fabric, run: Run) -> None:
         model,
         opt,
         scheduler,
-        features,
-        run.train,
-        run.eval,
-        run.accum,
-        max_steps,
-        state,
-        run.out_dir,
+        features=features,
+        train=run.train,
+        eval=run.eval,
+        accum=run.accum,
+        max_steps=max_steps,
+        state=state,
+        out_dir=run.out_dir,
     )
     try:
         finished = trainer.fit(train_loader, val_loader)
@@ -398,6 +398,7 @@ class Trainer:
         model: GPT,
         optimizer,
         scheduler,
+        *,
         features: FeatureLoader,
         train: TrainArgs = TrainArgs(),
         eval: EvalArgs = EvalArgs(),
@@ -456,7 +457,7 @@ class Trainer:
         deadline = self.t_start + (train.max_time or math.inf)
         desc = f"Epoch {epoch + 1}/{train.epochs} [{self.features.describe()}]"
         bar = tqdm(
-            total=len(train_loader), initial=skip, desc=desc, dynamic_ncols=True, disable=self.fabric.global_rank
+            total=len(train_loader), initial=skip, desc=desc, dynamic_ncols=True, disable=self.fabric.global_rank > 0
         )
         self.iter_t0 = time.perf_counter()  # like LitGPT's iter_time: batch loading and optimizer step included
         for batch in self.features.batches(batches, "train"):
