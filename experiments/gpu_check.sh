@@ -7,9 +7,10 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu-check}
 source experiments/gpu_setup.sh
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_model.py tests/test_side.py \
-  tests/test_finetune.py -k "not test_finetune.py or every_placement or cached_epochs or resume_continues or signal" \
+timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_model.py tests/test_side.py \
   2>&1 | tee "$OUT/tests.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_finetune.py \
+  -k "every_placement or cached_epochs or resume or signal or sigkill" 2>&1 | tee -a "$OUT/tests.log"
 layers=${N_LAYER:+--n-layer $N_LAYER}
 timeout 300 python3 benchmark_skip2lora.py --model "${MODEL:-Llama-2-7b-hf}" $layers --batch-size 4 --seq-len 512 \
   --repeats 5 --warmup 2 --blocks 4 --configs skip2-4-cached,skip2-4-cached-plain-head,side,side-cached,side-disk \
