@@ -22,7 +22,7 @@ from functools import partial
 from inspect import signature
 from pathlib import Path
 from pprint import pprint
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import lightning as L
 import litgpt.finetune.lora as litgpt_lora
@@ -63,8 +63,11 @@ from litgpt_skip2lora.cache import (
     open_store,
 )
 from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Features, spaced_blocks
+from litgpt_skip2lora.sampler import RankShareSampler
+from litgpt_skip2lora.wallclock import WallClock, format_report
 
 OUR_SUBCOMMANDS = ["finetune_skip2lora", "finetune"]  # what save_hyperparameters looks for in sys.argv
+FILL_BATCH_FACTOR = 4  # filling the Skip-Cache runs the backbone alone, at this many micro-batches per batch
 
 
 @dataclass
@@ -216,9 +219,10 @@ def setup(
 
 
 def main(fabric: L.Fabric, run: Run) -> None:
+    clock = WallClock(fabric.device)
     tokenizer = Tokenizer(run.checkpoint_dir)
-    train_loader, val_loader = get_dataloaders(fabric, run.data, tokenizer, run.train)
-    max_steps = min(run.train.epochs * max(1, len(train_loader) // run.accum), run.train.max_steps or math.inf)
+    loaders = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed)
+    max_steps = min(run.train.epochs * max(1, len(loaders.train) // run.accum), run.train.max_steps or math.inf)
 
     fabric.seed_everything(run.seed)
     with fabric.init_module(empty_init=fabric.world_size > 1):
@@ -242,7 +246,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
     scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
 
-    features = feature_loader(fabric, model, run, train_loader)
+    features = feature_loader(fabric, model, run, loaders.train)
     state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0, "rng": None}
     if run.resume is not None:
         fabric.load(run.resume, state, strict=False)  # the checkpoint holds the trained parameters only
@@ -260,18 +264,31 @@ def main(fabric: L.Fabric, run: Run) -> None:
         max_steps=max_steps,
         state=state,
         out_dir=run.out_dir,
+        clock=clock,
     )
+    clock.started()
     try:
-        finished = trainer.fit(train_loader, val_loader)
+        finished = trainer.fit(loaders, fill_cache=run.train.max_steps is None and run.train.max_time is None)
     finally:
         features.close()
     if not finished:
         fabric.print(f"Interrupted; a checkpoint is saved. Resume with: {run.command} --resume true")
         raise SystemExit(130)
-    final_dir = save_final(fabric, model, run)
+    with clock.phase("final_save"):
+        final_dir = save_final(fabric, model, run)
+    report_wall_clock(fabric, clock, state["iter_num"])
     if fabric.global_rank == 0:
         fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
         litgpt_lora.generate_example(fabric, model, tokenizer, run.eval, run.data)
+
+
+def report_wall_clock(fabric: L.Fabric, clock: WallClock, step: int) -> None:
+    """Print and log where the run's time went, and close the loggers so that every row is on disk."""
+    seconds = clock.report()
+    fabric.print(f"Wall-clock time since the process started:\n{format_report(seconds)}")
+    fabric.log_dict({f"wall_{name}": value for name, value in seconds.items()}, step=step)
+    for logger in fabric.loggers:
+        logger.finalize("success")
 
 
 def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoader) -> FeatureLoader:
@@ -294,7 +311,8 @@ def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoa
         with fabric.rank_zero_first():
             store = open_store(placement, fabric.device, directory, stamp)
         cache = SkipCache(store, max_bytes, STORAGE_DTYPES.get(run.cache.dtype))
-    return FeatureLoader(model.features, cache, fabric.device, dtype, position_wise, run.cache.prefetch)
+    show = fabric.global_rank == 0
+    return FeatureLoader(model.features, cache, fabric.device, dtype, position_wise, run.cache.prefetch, show)
 
 
 def fingerprint(run: Run, fabric: L.Fabric, config: Config) -> dict:
@@ -370,22 +388,39 @@ def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
     return batch
 
 
-def get_dataloaders(
-    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs
-) -> tuple[DataLoader, DataLoader]:
-    """The data module's datasets, samplers and collation, with sample lengths added to each batch. New loaders
-    without the module's generator: each epoch's worker seed comes from the global RNG, which every measured run used.
-    """
+class Loaders(NamedTuple):
+    """Each split's loader for training and validation, and its loader for filling the Skip-Cache: the same samples
+    of this rank, sorted by length (little padding) in batches of ``FILL_BATCH_FACTOR`` micro-batches."""
+
+    train: DataLoader
+    train_fill: DataLoader
+    val: DataLoader
+    val_fill: DataLoader
+
+
+def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seed: int) -> Loaders:
+    """The data module's datasets and collation, with sample lengths added to each batch, and samplers that keep
+    each rank's share of the samples for the whole run (:mod:`litgpt_skip2lora.sampler`)."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
         data.prepare_data()
     data.setup()
     loaders = []
-    for loader in (data.train_dataloader(), data.val_dataloader()):
+    for loader, shuffle in ((data.train_dataloader(), True), (data.val_dataloader(), False)):
         collate = partial(collate_with_lengths, collate_fn=loader.collate_fn)
-        options = dict(sampler=loader.sampler, num_workers=loader.num_workers, collate_fn=collate)
-        loaders.append(DataLoader(loader.dataset, loader.batch_size, **options))
-    return fabric.setup_dataloaders(*loaders)
+        sampler = RankShareSampler(len(loader.dataset), fabric.world_size, fabric.global_rank, shuffle, seed)
+        options = dict(num_workers=loader.num_workers, collate_fn=collate)
+        loaders.append(DataLoader(loader.dataset, loader.batch_size, sampler=sampler, **options))
+        fill_batches = by_length(loader.dataset, sampler.share, FILL_BATCH_FACTOR * loader.batch_size)
+        # a generator of its own: iterating this loader draws no number from the global RNG (the tail's dropout)
+        loaders.append(DataLoader(loader.dataset, batch_sampler=fill_batches, generator=torch.Generator(), **options))
+    return Loaders(*fabric.setup_dataloaders(*loaders, use_distributed_sampler=False))
+
+
+def by_length(dataset: Dataset, indices: list[int], batch_size: int) -> list[list[int]]:
+    """The distinct ``indices`` in batches of ``batch_size``, shortest samples first."""
+    ordered = sorted(set(indices), key=lambda i: len(dataset[i]["input_ids"]))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 class Trainer:
@@ -406,28 +441,36 @@ class Trainer:
         max_steps: float = math.inf,
         state: dict | None = None,
         out_dir: Path | None = None,
+        clock: WallClock | None = None,
     ) -> None:
         self.fabric, self.fabric_model, self.model = fabric, fabric_model, model
         self.optimizer, self.scheduler, self.features = optimizer, scheduler, features
         self.train, self.eval, self.accum, self.max_steps = train, eval, accum, max_steps
         self.state = {"iter_num": 0, "step_count": 0, "rng": None} if state is None else state
-        self.out_dir = out_dir
+        self.out_dir, self.clock = out_dir, clock or WallClock(fabric.device)
         self.replay = self.state["iter_num"]  # iterations a resumed run passes over without computing
         self.interrupted = False  # set by SIGINT or SIGTERM: stop after the current step
         self.t_start = self.iter_t0 = time.perf_counter()  # the run's and the current iteration's start
 
-    def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
-        """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
+    def fit(self, loaders: Loaders, fill_cache: bool = True) -> bool:
+        """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved). With
+        ``fill_cache``, the backbone first fills the Skip-Cache for every sample, so that no step waits for it."""
         fabric, state = self.fabric, self.state
         self.model.eval()  # the frozen part never drops out; validation switches the tail to training mode after it
+        with self.clock.phase("validation"):
+            self.features.fill(loaders.val_fill, "val", "Filling the Skip-Cache (validation)")
         when = f"at resume (step {state['step_count']})" if self.replay else "before training"
-        summary = [f"Validation loss {when}: {self.log_validation(val_loader):.4f}"]
+        summary = [f"Validation loss {when}: {self.log_validation(loaders.val):.4f}"]
         fabric.print(summary[0])
+        if fill_cache:
+            with self.clock.phase("cache_fill"):
+                self.features.fill(loaders.train_fill, "train", "Filling the Skip-Cache")
         self.t_start = time.perf_counter()
         with stop_on_signals(self):
             for epoch in range(self.train.epochs):
                 epoch_t0, backbone_before = time.perf_counter(), self.features.backbone_samples
-                iters = self.run_epoch(train_loader, val_loader, epoch)
+                with self.clock.phase("epoch_1" if epoch == 0 else "later_epochs"):
+                    iters = self.run_epoch(loaders.train, loaders.val, epoch)
                 if self.interrupted:
                     self.save_checkpoint()
                     return False
@@ -437,10 +480,12 @@ class Trainer:
                 how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
                 summary.append(f"Epoch {epoch + 1}: {elapsed:.2f} s, {elapsed / iters * 1000:.1f} ms/iter ({how})")
                 fabric.print(summary[-1])
-                fabric.log_dict({"epoch_time": elapsed, "epoch": epoch + 1}, step=state["iter_num"])
+                metrics = {"epoch_time": elapsed, "epoch": epoch + 1, **self.rank_counts()}
+                fabric.log_dict(metrics, step=state["iter_num"])
                 self.save_checkpoint()
                 self.features.warn_if_reads_are_slow()
-        val_loss = self.log_validation(val_loader)
+        val_loss = self.log_validation(loaders.val)
+        fabric.log_dict(self.rank_counts(), step=state["iter_num"])
         summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
         fabric.print("\n".join(["", "Summary", *summary]))
         return True
@@ -500,6 +545,13 @@ class Trainer:
         if self.train.save_interval and step % self.train.save_interval == 0:
             self.save_checkpoint()
 
+    def rank_counts(self) -> dict[str, int]:
+        """Each rank's samples through the backbone and cache hits so far (every rank takes part in the gather)."""
+        counts = torch.tensor([self.features.backbone_samples, self.features.cache_hits], device=self.fabric.device)
+        gathered = self.fabric.all_gather(counts).reshape(-1, 2).tolist()
+        names = ("backbone_samples", "cache_hits")
+        return {f"{name}_rank{rank}": row[i] for rank, row in enumerate(gathered) for i, name in enumerate(names)}
+
     def save_checkpoint(self) -> None:
         """The trained parameters, optimizer, scheduler, counters and RNG: enough to resume exactly, nothing frozen.
 
@@ -507,9 +559,12 @@ class Trainer:
         """
         if self.out_dir is None:
             return
-        # the tail's dropout continues as if never interrupted; one key, which ``main`` hands ``fabric.load`` to fill
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        self.state["rng"] = {"cpu": torch.get_rng_state(), "cuda": cuda}
+        with self.clock.phase("checkpoints"):
+            self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
+        # under the one key ``rng``, which ``main`` hands ``fabric.load`` to fill
+        self.state["rng"] = self.rng_states()
         path = self.out_dir / f"step-{self.state['step_count']:06d}"
         partial_dir = path.with_name(f".{path.name}.partial")
         self.fabric.save(partial_dir / "state.pth", self.state, filter={"model": lora_filter})
@@ -518,20 +573,34 @@ class Trainer:
             os.replace(partial_dir, path)
         self.fabric.barrier()
 
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG states, one row per rank: each rank's dropout draws numbers of its own, and only rank 0
+        writes the checkpoint."""
+        fabric = self.fabric
+        states = {"cpu": torch.get_rng_state()}
+        if fabric.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(fabric.device)
+        gathered = {name: fabric.all_gather(state.to(fabric.device)) for name, state in states.items()}
+        return {name: rows.reshape(fabric.world_size, -1).cpu() for name, rows in gathered.items()}
+
     def restore_rng(self) -> None:
-        torch.set_rng_state(self.state["rng"]["cpu"])
-        if self.state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
+        """This rank's RNG states as saved: the tail's dropout continues as if never interrupted."""
+        rank, states = self.fabric.global_rank, self.state["rng"]
+        torch.set_rng_state(states["cpu"][rank].clone())
+        if "cuda" in states:
+            torch.cuda.set_rng_state(states["cuda"][rank].clone(), self.fabric.device)
 
     def log_validation(self, val_loader: DataLoader) -> float:
-        val_loss = self.validate(val_loader)
+        with self.clock.phase("validation"):
+            val_loss = self.validate(val_loader)
         self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=self.state["iter_num"])
         return val_loss
 
     def log(self, loss: torch.Tensor, batch: Batch, epoch: int, bar: tqdm) -> None:
+        loss_value = loss.item()  # waits for the step's queued GPU work, which LitGPT's LoRA also times
         iter_time = time.perf_counter() - self.iter_t0
         metrics = {
-            "loss": loss.item(),
+            "loss": loss_value,
             "iter": self.state["iter_num"],
             "step": self.state["step_count"],
             "epoch": epoch + 1,

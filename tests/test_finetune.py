@@ -100,9 +100,8 @@ def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
     cached = run(tiny_checkpoint, alpaca_file, tmp_path / "cached", **options)
     steps_per_epoch = len(cached) // 3
     tail_blocks = 1 if "skip2lora_output_layer" in options else 0  # block.3 runs in the tail, with gradients
-    assert block_calls_per_step[:steps_per_epoch] == [N_LAYER] * steps_per_epoch
-    assert block_calls_per_step[steps_per_epoch : 3 * steps_per_epoch] == [tail_blocks] * (2 * steps_per_epoch)
-    assert cached["cache_hits"].iloc[-1] > 0
+    # the backbone filled the Skip-Cache before the first step: every step runs the tail alone
+    assert block_calls_per_step == [tail_blocks] * (3 * steps_per_epoch)
 
     uncached = run(tiny_checkpoint, alpaca_file, tmp_path / "uncached", cache=CacheArgs(enabled=False), **options)
     n_train, n_val = 18, 6  # the first validation runs before training and fills the val entries
@@ -251,17 +250,75 @@ def test_finetune_command_follows_the_yaml(tiny_checkpoint: Path, alpaca_file: P
     assert (tmp_path / "lora" / "final" / "lit_model.pth").is_file() and not (tmp_path / "lora" / "skip_cache").exists()
 
 
-def test_two_process_ddp_on_cpu(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    options = "--devices 2 --precision 32-true --lora_r 4 --skip2lora_block_indices [0,2] --data JSON"
-    options += " --data.val_split_fraction 0.25 --train.epochs 2 --train.micro_batch_size 2"
-    options += " --train.global_batch_size 4 --train.lr_warmup_steps 1 --eval.interval 1000 --eval.max_new_tokens 2"
-    paths = ["--data.json_path", str(alpaca_file), "--out_dir", str(tmp_path / "ddp")]
-    result = cli(
-        "finetune_skip2lora", str(tiny_checkpoint), *options.split(), *paths, cwd=tmp_path, CUDA_VISIBLE_DEVICES=""
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = pd.read_csv(next((tmp_path / "ddp").glob("logs/csv/version_*/metrics.csv"))).dropna(subset=["loss"])
-    assert metrics["cache_hits"].iloc[-1] > 0 and (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
+DDP_OPTIONS = (
+    "--devices 2 --precision 32-true --lora_r 4 --skip2lora_block_indices [0,2] --data JSON --seed 7"
+    " --data.val_split_fraction 0.25 --train.epochs 3 --train.micro_batch_size 2 --train.global_batch_size 4"
+    " --train.lr_warmup_steps 1 --train.save_interval 2 --eval.interval 1000 --eval.max_new_tokens 2"
+).split()
+STOP_AT_STEP = """
+import os, sys
+from litgpt_skip2lora.__main__ import main
+from litgpt_skip2lora.finetune import Trainer
+optimizer_step = Trainer.optimizer_step
+def step(self):
+    optimizer_step(self)
+    if self.state["step_count"] == int(os.environ["STOP_AT_STEP"]):
+        os._exit(1)  # both ranks die at once, as on a lost node: no clean-up of any kind
+Trainer.optimizer_step = step
+main()
+"""
+
+
+def ddp_run(checkpoint: Path, data_file: Path, out_dir: Path, *options: str, stop_at: int = 0) -> pd.DataFrame:
+    """``finetune_skip2lora`` in 2 CPU processes; rank 0's metrics (its per-rank counts cover both ranks). With
+    ``stop_at``, both processes die right after that optimizer step."""
+    runner = out_dir.parent / "stop_at_step.py"
+    runner.write_text(STOP_AT_STEP)
+    args = [str(runner), "finetune_skip2lora", str(checkpoint), *DDP_OPTIONS, *options]
+    args += ["--data.json_path", str(data_file), "--out_dir", str(out_dir)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", "STOP_AT_STEP": str(stop_at)}
+    result = subprocess.run([sys.executable, *args], cwd=out_dir.parent, env=env, capture_output=True, text=True)
+    assert result.returncode == (1 if stop_at else 0), result.stderr[-3000:]
+    return pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+
+
+@pytest.mark.parametrize("placement", ["device", "memory", "disk"])
+def test_ddp_ranks_keep_their_samples_cached(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, placement: str
+) -> None:
+    metrics = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "ddp", "--cache.placement", placement)
+    last = metrics.ffill().iloc[-1]
+    n_train, n_val = 18, 6  # 9 and 3 per rank
+    # each sample went through the backbone once, on the one rank that has it for the whole run
+    assert last["backbone_samples_rank0"] + last["backbone_samples_rank1"] == n_train + n_val
+    # from the cache: every training sample in each of 3 epochs, every validation sample before and after training
+    assert [last["cache_hits_rank0"], last["cache_hits_rank1"]] == [(3 * n_train + 2 * n_val) // 2] * 2
+    assert (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
+
+
+def test_ddp_cached_losses_equal_uncached(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    cached = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "cached").dropna(subset=["loss"])
+    uncached = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "uncached", "--cache.enabled", "false")
+    uncached = uncached.dropna(subset=["loss"])
+    assert len(cached) == 15  # 5 micro-batches of 2 per rank and epoch (the last holds 1 sample), 3 epochs
+    torch.testing.assert_close(losses(cached), losses(uncached))
+
+
+def test_ddp_run_that_died_resumes_exactly_and_reuses_its_disk_cache(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path
+) -> None:
+    disk = ("--cache.placement", "disk")
+    full = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "full", *disk).dropna(subset=["loss"])
+    ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "died", *disk, stop_at=5)
+    # 5 steps an epoch (one micro-batch of 2 per rank and step); saved every 2; died after step 5, before the
+    # epoch's own checkpoint
+    assert sorted(p.name for p in (tmp_path / "died").glob("step-*")) == ["step-000002", "step-000004"]
+    resumed = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "died", *disk, "--resume", "true")
+    last = resumed.ffill().iloc[-1]
+    assert last["backbone_samples_rank0"] + last["backbone_samples_rank1"] == 0  # every entry whole and reused
+    resumed = resumed.dropna(subset=["loss"])
+    assert resumed["iter"].iloc[0] == 5
+    torch.testing.assert_close(losses(resumed), losses(full)[4:])
 
 
 def test_step_checkpoints_hold_only_what_training_changes(
