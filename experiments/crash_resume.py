@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cache_placement import write_checkpoint, write_data  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from benchmarks.random_checkpoint import model_config, write_checkpoint, write_sentences  # noqa: E402
 
 PROGRESS = re.compile(r"Epoch (\d+)/\d+:\s+\d+%\|[^|]*\| (\d+)/(\d+)")
 VAL_LOSS = re.compile(r"Validation loss after training: ([0-9.]+)")
@@ -106,8 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     checkpoint, data = args.work / "checkpoint", args.work / "data.json"
-    write_checkpoint(checkpoint, "pythia-14m", 512, torch.float32)
-    write_data(data, 160, 100, 512)
+    words = [f"w{i}" for i in range(509)]
+    write_checkpoint(checkpoint, model_config("pythia-14m", 512), words)
+    write_sentences(data, 160, 100, words)
 
     code, stdout, stderr = run_until(command(checkpoint, data, args.work / "reference", False), None, rng)
     assert code == 0, stderr[-3000:]

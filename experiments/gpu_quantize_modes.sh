@@ -4,12 +4,12 @@ set -uo pipefail
 OUT=${OUT:-out/gpu-quantize}
 source experiments/gpu_setup.sh
 python3 - <<'PY'
-import sys; sys.path.insert(0, "experiments")
 from pathlib import Path
 import torch
-from cache_placement import write_checkpoint, write_data
-write_checkpoint(Path("/tmp/q/ckpt"), "pythia-160m", 512, torch.float16)
-write_data(Path("/tmp/q/data.json"), 40, 60, 512)
+from benchmarks.random_checkpoint import model_config, write_checkpoint, write_sentences
+words = [f"w{i}" for i in range(509)]
+write_checkpoint(Path("/tmp/q/ckpt"), model_config("pythia-160m", 512), words, torch.float16)
+write_sentences(Path("/tmp/q/data.json"), 40, 60, words)
 PY
 for q in bnb.nf4-dq:bf16-true bnb.int8:16-true; do
   mode=${q%%:*}; prec=${q##*:}

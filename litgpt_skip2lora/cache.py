@@ -61,6 +61,10 @@ class CacheArgs:
     stores each row with its own scale (a quarter of float32's bytes)."""
     prefetch: int = 4
     """Batches read ahead of the training step, by background threads."""
+    fill_batch_size: int | None = None
+    """Samples per backbone forward when the cache is filled before training (samples sorted by length); default 4
+    micro-batches. The fill runs for epoch-bound runs (no ``--train.max_steps`` or ``--train.max_time``); otherwise
+    and for any sample the cache could not hold, a training step runs the backbone for its micro-batch."""
 
 
 class CacheError(ValueError):

@@ -67,7 +67,6 @@ from litgpt_skip2lora.sampler import RankShareSampler
 from litgpt_skip2lora.wallclock import WallClock, format_report
 
 OUR_SUBCOMMANDS = ["finetune_skip2lora", "finetune"]  # what save_hyperparameters looks for in sys.argv
-FILL_BATCH_FACTOR = 4  # filling the Skip-Cache runs the backbone alone, at this many micro-batches per batch
 
 
 @dataclass
@@ -221,7 +220,8 @@ def setup(
 def main(fabric: L.Fabric, run: Run) -> None:
     clock = WallClock(fabric.device)
     tokenizer = Tokenizer(run.checkpoint_dir)
-    loaders = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed)
+    fill_batch_size = run.cache.fill_batch_size or 4 * run.train.micro_batch_size
+    loaders = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed, fill_batch_size)
     max_steps = min(run.train.epochs * max(1, len(loaders.train) // run.accum), run.train.max_steps or math.inf)
 
     fabric.seed_everything(run.seed)
@@ -390,7 +390,7 @@ def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
 
 class Loaders(NamedTuple):
     """Each split's loader for training and validation, and its loader for filling the Skip-Cache: the same samples
-    of this rank, sorted by length (little padding) in batches of ``FILL_BATCH_FACTOR`` micro-batches."""
+    of this rank, sorted by length (little padding), in larger batches."""
 
     train: DataLoader
     train_fill: DataLoader
@@ -398,7 +398,9 @@ class Loaders(NamedTuple):
     val_fill: DataLoader
 
 
-def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seed: int) -> Loaders:
+def get_dataloaders(
+    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seed: int, fill_batch_size: int
+) -> Loaders:
     """The data module's datasets and collation, with sample lengths added to each batch, and samplers that keep
     each rank's share of the samples for the whole run (:mod:`litgpt_skip2lora.sampler`)."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
@@ -411,7 +413,7 @@ def get_dataloaders(fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, tr
         sampler = RankShareSampler(len(loader.dataset), fabric.world_size, fabric.global_rank, shuffle, seed)
         options = dict(num_workers=loader.num_workers, collate_fn=collate)
         loaders.append(DataLoader(loader.dataset, loader.batch_size, sampler=sampler, **options))
-        fill_batches = by_length(loader.dataset, sampler.share, FILL_BATCH_FACTOR * loader.batch_size)
+        fill_batches = by_length(loader.dataset, sampler.share, fill_batch_size)
         # a generator of its own: iterating this loader draws no number from the global RNG (the tail's dropout)
         loaders.append(DataLoader(loader.dataset, batch_sampler=fill_batches, generator=torch.Generator(), **options))
     return Loaders(*fabric.setup_dataloaders(*loaders, use_distributed_sampler=False))

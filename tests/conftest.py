@@ -6,11 +6,9 @@ from pathlib import Path
 
 import litgpt
 import pytest
-import torch
-from litgpt.utils import save_config
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
+
+from benchmarks.random_checkpoint import SPECIAL, model_config
+from benchmarks.random_checkpoint import write_checkpoint as write_random_checkpoint
 
 WORDS = (
     "the a cat dog sat ran on under mat log red blue big small what is colour of animal where did it go "
@@ -35,24 +33,10 @@ TINY = dict(
 
 
 def write_checkpoint(directory: Path, seed: int = 0, config_name: str | None = None) -> Path:
-    """A LitGPT checkpoint folder LitGPT itself accepts, with random weights and an offline tokenizer; its blocks
-    are ``TINY``'s, or those of the LitGPT config ``config_name``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
-    tokenizer = HFTokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"})
-    )
-    if config_name is None:
-        config = litgpt.Config(**TINY, vocab_size=len(vocab))
-    else:
-        config = litgpt.Config.from_name(config_name, vocab_size=len(vocab), padded_vocab_size=len(vocab))
-    torch.manual_seed(seed)
-    torch.save(litgpt.model.GPT(config).state_dict(), directory / "lit_model.pth")
-    save_config(config, directory)
-    return directory
+    """A random-weight checkpoint in ``WORDS``, with ``TINY``'s blocks or those of the LitGPT config ``config_name``."""
+    vocab = len(SPECIAL) + len(WORDS)
+    config = litgpt.Config(**TINY, vocab_size=vocab) if config_name is None else model_config(config_name, vocab)
+    return write_random_checkpoint(directory, config, WORDS, seed=seed)
 
 
 def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:

@@ -1,0 +1,33 @@
+"""benchmarks/end_to_end.py on a tiny random model: one short run of each method, its rows and their ratios."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+
+
+def test_end_to_end_benchmark_times_whole_runs(tmp_path: Path) -> None:
+    args = ["--random-model", "pythia-14m", "--n-layer", "2", "--vocab", "64", "--samples", "40", "--tokens", "6"]
+    args += ["--epochs", "2", "--lora-runs", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    args += ["--set", "train.lr_warmup_steps=1", "--set", "eval.max_new_tokens=2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.end_to_end", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = (tmp_path / "out").glob("end_to_end-*.json")
+    assert path.with_suffix(".png").is_file()
+    rows = json.loads(path.read_text())
+    assert [(r["method"], r["run"]) for r in rows] == [("lora", 0), ("lora", 1), ("faithful", 0), ("tail", 0)]
+    for row in rows:
+        assert row["epochs"] == 2 and row["samples"] == 38  # 40 samples, 2 (5%) for validation
+        assert 0 < row["epoch1_s"] < row["train_s"] < row["wall_s"] <= row["exit_s"]
+        lora_median = (rows[0]["wall_s"] + rows[1]["wall_s"]) / 2
+        assert row["wall_vs_lora"] == pytest.approx(row["wall_s"] / lora_median, abs=1e-4)
+    for row in rows[2:]:  # Skip2-LoRA's own breakdown: exclusive phases that add up to the total
+        phases = {k: v for k, v in row["breakdown"].items() if k != "total"}
+        assert sum(phases.values()) == pytest.approx(row["breakdown"]["total"], abs=0.01)
+        assert row["train_s"] == pytest.approx(phases["cache_fill"] + phases["epoch_1"] + phases["later_epochs"])
