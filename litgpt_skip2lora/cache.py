@@ -31,7 +31,6 @@ from typing import Literal, NamedTuple
 import psutil
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from tqdm import tqdm
 
 from litgpt_skip2lora.model import Features
 
@@ -61,10 +60,6 @@ class CacheArgs:
     stores each row with its own scale (a quarter of float32's bytes)."""
     prefetch: int = 4
     """Batches read ahead of the training step, by background threads."""
-    fill_batch_size: int | None = None
-    """Samples per backbone forward when the cache is filled before training (samples sorted by length); default 4
-    micro-batches. The fill runs for epoch-bound runs (no ``--train.max_steps`` or ``--train.max_time``); otherwise
-    and for any sample the cache could not hold, a training step runs the backbone for its micro-batch."""
 
 
 class CacheError(ValueError):
@@ -428,10 +423,8 @@ class FeatureLoader:
         dtype: torch.dtype,
         position_wise: bool,
         prefetch: int = 4,
-        show_progress: bool = True,
     ) -> None:
         self.compute, self.cache, self.device, self.dtype = compute, cache, device, dtype
-        self.show_progress = show_progress
         self.position_wise, self.prefetch = position_wise, max(0, prefetch)
         on_device = cache is not None and cache.placement == "device"
         self.pin = device.type == "cuda" and not on_device
@@ -481,42 +474,19 @@ class FeatureLoader:
             self.time["read_batches"] += 1
             return Batch(*to_features(collated, self.device, self.dtype), tokens, wait)
         missing = [j for j, e in enumerate(entries) if e is None]
-        for j, entry in zip(missing, self._compute(batch, missing, keys)):
-            entries[j] = entry
-        entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
-        return Batch(*to_features(collate(entries, self.position_wise, False), self.device, self.dtype), tokens, 0.0)
-
-    def fill(self, loader: Iterable[dict], split: str, desc: str) -> None:
-        """Store every sample of ``loader`` that the cache lacks: the backbone forward alone, at the loader's batch
-        size, before training needs the entries (a training step would then only read them)."""
-        if self.cache is None:
-            return
-        seen: set[str] = set()
-        for batch in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not self.show_progress):
-            input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
-            keys = [sample_key(split, input_ids[j, :n], labels[j, :n]) for j, n in enumerate(lengths)]
-            missing = [j for j, key in enumerate(keys) if key not in seen and self.cache.get(key) is None]
-            seen.update(keys)
-            if missing:
-                self._compute(batch, missing, keys)
-
-    def _compute(self, batch: dict, rows: list[int], keys: list[str]) -> list[Entry]:
-        """The backbone's entries for ``rows`` of the batch, each stored in the cache (when there is one) as it will
-        be read back: later epochs read what is stored, and the first trains on the same values."""
         input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
         t0 = self._now()
-        features = self.compute(input_ids[rows, : max(lengths[j] for j in rows)])
+        features = self.compute(input_ids[missing, : max(lengths[j] for j in missing)])
         self.time["backbone"] += self._now() - t0
         self.time["backbone_batches"] += 1
-        self.backbone_samples += len(rows)
-        entries = []
-        for row, j in enumerate(rows):
-            entry = make_entry(features, row, labels[j], lengths[j], self.position_wise)
-            if self.cache is not None:
-                entry = encode(entry, self.cache.dtype)
-                self.cache.put(keys[j], entry)
-            entries.append(entry)
-        return entries
+        self.backbone_samples += len(missing)
+        for row, j in enumerate(missing):
+            entries[j] = make_entry(features, row, labels[j], lengths[j], self.position_wise)
+            if self.cache is not None:  # later epochs read what is stored: the first trains on the same values
+                entries[j] = encode(entries[j], self.cache.dtype)
+                self.cache.put(keys[j], entries[j])
+        entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
+        return Batch(*to_features(collate(entries, self.position_wise, False), self.device, self.dtype), tokens, 0.0)
 
     def describe(self) -> str:
         """Where features come from, for the progress bar."""

@@ -22,7 +22,7 @@ from functools import partial
 from inspect import signature
 from pathlib import Path
 from pprint import pprint
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import lightning as L
 import litgpt.finetune.lora as litgpt_lora
@@ -220,9 +220,8 @@ def setup(
 def main(fabric: L.Fabric, run: Run) -> None:
     clock = WallClock(fabric.device)
     tokenizer = Tokenizer(run.checkpoint_dir)
-    fill_batch_size = run.cache.fill_batch_size or 4 * run.train.micro_batch_size
-    loaders = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed, fill_batch_size)
-    max_steps = min(run.train.epochs * max(1, len(loaders.train) // run.accum), run.train.max_steps or math.inf)
+    train_loader, val_loader = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed)
+    max_steps = min(run.train.epochs * max(1, len(train_loader) // run.accum), run.train.max_steps or math.inf)
 
     fabric.seed_everything(run.seed)
     with fabric.init_module(empty_init=fabric.world_size > 1):
@@ -246,7 +245,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
     scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
 
-    features = feature_loader(fabric, model, run, loaders.train)
+    features = feature_loader(fabric, model, run, train_loader)
     state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0, "rng": None}
     if run.resume is not None:
         fabric.load(run.resume, state, strict=False)  # the checkpoint holds the trained parameters only
@@ -268,7 +267,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     )
     clock.started()
     try:
-        finished = trainer.fit(loaders, fill_cache=run.train.max_steps is None and run.train.max_time is None)
+        finished = trainer.fit(train_loader, val_loader)
     finally:
         features.close()
     if not finished:
@@ -311,8 +310,7 @@ def feature_loader(fabric: L.Fabric, model: GPT, run: Run, train_loader: DataLoa
         with fabric.rank_zero_first():
             store = open_store(placement, fabric.device, directory, stamp)
         cache = SkipCache(store, max_bytes, STORAGE_DTYPES.get(run.cache.dtype))
-    show = fabric.global_rank == 0
-    return FeatureLoader(model.features, cache, fabric.device, dtype, position_wise, run.cache.prefetch, show)
+    return FeatureLoader(model.features, cache, fabric.device, dtype, position_wise, run.cache.prefetch)
 
 
 def fingerprint(run: Run, fabric: L.Fabric, config: Config) -> dict:
@@ -388,19 +386,9 @@ def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
     return batch
 
 
-class Loaders(NamedTuple):
-    """Each split's loader for training and validation, and its loader for filling the Skip-Cache: the same samples
-    of this rank, sorted by length (little padding), in larger batches."""
-
-    train: DataLoader
-    train_fill: DataLoader
-    val: DataLoader
-    val_fill: DataLoader
-
-
 def get_dataloaders(
-    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seed: int, fill_batch_size: int
-) -> Loaders:
+    fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seed: int
+) -> tuple[DataLoader, DataLoader]:
     """The data module's datasets and collation, with sample lengths added to each batch, and samplers that keep
     each rank's share of the samples for the whole run (:mod:`litgpt_skip2lora.sampler`)."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
@@ -411,18 +399,9 @@ def get_dataloaders(
     for loader, shuffle in ((data.train_dataloader(), True), (data.val_dataloader(), False)):
         collate = partial(collate_with_lengths, collate_fn=loader.collate_fn)
         sampler = RankShareSampler(len(loader.dataset), fabric.world_size, fabric.global_rank, shuffle, seed)
-        options = dict(num_workers=loader.num_workers, collate_fn=collate)
-        loaders.append(DataLoader(loader.dataset, loader.batch_size, sampler=sampler, **options))
-        fill_batches = by_length(loader.dataset, sampler.share, fill_batch_size)
-        # a generator of its own: iterating this loader draws no number from the global RNG (the tail's dropout)
-        loaders.append(DataLoader(loader.dataset, batch_sampler=fill_batches, generator=torch.Generator(), **options))
-    return Loaders(*fabric.setup_dataloaders(*loaders, use_distributed_sampler=False))
-
-
-def by_length(dataset: Dataset, indices: list[int], batch_size: int) -> list[list[int]]:
-    """The distinct ``indices`` in batches of ``batch_size``, shortest samples first."""
-    ordered = sorted(set(indices), key=lambda i: len(dataset[i]["input_ids"]))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+        options = dict(sampler=sampler, num_workers=loader.num_workers, collate_fn=collate)
+        loaders.append(DataLoader(loader.dataset, loader.batch_size, **options))
+    return fabric.setup_dataloaders(*loaders, use_distributed_sampler=False)
 
 
 class Trainer:
@@ -454,25 +433,19 @@ class Trainer:
         self.interrupted = False  # set by SIGINT or SIGTERM: stop after the current step
         self.t_start = self.iter_t0 = time.perf_counter()  # the run's and the current iteration's start
 
-    def fit(self, loaders: Loaders, fill_cache: bool = True) -> bool:
-        """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved). With
-        ``fill_cache``, the backbone first fills the Skip-Cache for every sample, so that no step waits for it."""
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
+        """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
         fabric, state = self.fabric, self.state
         self.model.eval()  # the frozen part never drops out; validation switches the tail to training mode after it
-        with self.clock.phase("validation"):
-            self.features.fill(loaders.val_fill, "val", "Filling the Skip-Cache (validation)")
         when = f"at resume (step {state['step_count']})" if self.replay else "before training"
-        summary = [f"Validation loss {when}: {self.log_validation(loaders.val):.4f}"]
+        summary = [f"Validation loss {when}: {self.log_validation(val_loader):.4f}"]
         fabric.print(summary[0])
-        if fill_cache:
-            with self.clock.phase("cache_fill"):
-                self.features.fill(loaders.train_fill, "train", "Filling the Skip-Cache")
         self.t_start = time.perf_counter()
         with stop_on_signals(self):
             for epoch in range(self.train.epochs):
                 epoch_t0, backbone_before = time.perf_counter(), self.features.backbone_samples
                 with self.clock.phase("epoch_1" if epoch == 0 else "later_epochs"):
-                    iters = self.run_epoch(loaders.train, loaders.val, epoch)
+                    iters = self.run_epoch(train_loader, val_loader, epoch)
                 if self.interrupted:
                     self.save_checkpoint()
                     return False
@@ -486,7 +459,7 @@ class Trainer:
                 fabric.log_dict(metrics, step=state["iter_num"])
                 self.save_checkpoint()
                 self.features.warn_if_reads_are_slow()
-        val_loss = self.log_validation(loaders.val)
+        val_loss = self.log_validation(val_loader)
         fabric.log_dict(self.rank_counts(), step=state["iter_num"])
         summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
         fabric.print("\n".join(["", "Summary", *summary]))

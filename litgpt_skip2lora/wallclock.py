@@ -1,9 +1,10 @@
 """Where a run's wall-clock time goes, from the moment its process started until the tuned model is saved.
 
 A user waits for all of it, not only for the training steps: process start and model load, validation (which also
-fills the validation entries of the Skip-Cache), filling the training entries, the epochs, checkpoints and the
-final save. Every phase boundary waits for the GPU's queued work first, so each phase holds the work it launched.
-Phases are exclusive: a validation inside an epoch counts as validation, not as the epoch.
+fills the validation entries of the Skip-Cache), the first epoch (which fills the training entries), the later
+epochs, checkpoints and the final save. Every phase boundary waits for the GPU's queued work first, so each phase
+holds the work it launched. Phases are exclusive: a validation inside an epoch counts as validation, not as the
+epoch.
 """
 
 import contextlib
@@ -16,8 +17,7 @@ import torch
 PHASES = {
     "startup": "start-up and model load",
     "validation": "validation (filling its cache included)",
-    "cache_fill": "filling the Skip-Cache (training set)",
-    "epoch_1": "epoch 1",
+    "epoch_1": "epoch 1 (filling the Skip-Cache)",
     "later_epochs": "later epochs",
     "checkpoints": "checkpoints",
     "final_save": "final save",

@@ -30,4 +30,4 @@ def test_end_to_end_benchmark_times_whole_runs(tmp_path: Path) -> None:
     for row in rows[2:]:  # Skip2-LoRA's own breakdown: exclusive phases that add up to the total
         phases = {k: v for k, v in row["breakdown"].items() if k != "total"}
         assert sum(phases.values()) == pytest.approx(row["breakdown"]["total"], abs=0.01)
-        assert row["train_s"] == pytest.approx(phases["cache_fill"] + phases["epoch_1"] + phases["later_epochs"])
+        assert row["train_s"] == pytest.approx(phases["epoch_1"] + phases["later_epochs"], abs=0.002)
