@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", nargs="+", type=int, default=[1, 3, 10])
     parser.add_argument("--lora-runs", type=int, default=2, help="LoRA runs per epoch count, to show its spread")
     parser.add_argument("--configs", type=Path, default=REPO / "config_hub/finetune/SmolLM2-135M-Instruct")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a YAML override, e.g. a.b=1")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE", help="a YAML override, e.g. train.epochs=1"
+    )
     parser.add_argument("--random-model", help="a LitGPT config name: random weights and random sentences")
     parser.add_argument("--n-layer", type=int, help="with --random-model: this many blocks")
     parser.add_argument("--vocab", type=int, default=32000, help="with --random-model: vocabulary size")
@@ -64,16 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def method_configs(args: argparse.Namespace) -> dict[str, Path]:
     """Each method's YAML with the overrides applied (and, for a random model, its checkpoint and data), written
     under ``args.work``."""
-    shared = {}
-    if args.random_model:
-        shared = random_model_overrides(args)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        shared[key] = yaml.safe_load(value)
+    shared = random_model_overrides(args) if args.random_model else {}
     paths = {}
     for name in args.methods:
         config = yaml.safe_load((args.configs / METHODS[name][1]).read_text())
-        overrides = {**shared, **(tail_overrides(config, name, args) if args.random_model else {})}
+        overrides = {**shared, **(block_overrides(name, args) if args.random_model else {})}
+        for item in args.set:  # KEY=VALUE for every method, METHOD:KEY=VALUE for one
+            key, _, value = item.partition("=")
+            method, _, key = key.rpartition(":")
+            if method in ("", name):
+                overrides[key] = yaml.safe_load(value)
         for key, value in overrides.items():
             set_key(config, key, value)
         paths[name] = args.work / f"{name}.yaml"
@@ -100,7 +102,7 @@ def random_model_overrides(args: argparse.Namespace) -> dict:
     }
 
 
-def tail_overrides(config: dict, name: str, args: argparse.Namespace) -> dict:
+def block_overrides(name: str, args: argparse.Namespace) -> dict:
     """The YAMLs name blocks of SmolLM2's 30: the same design for another depth (four spaced blocks; the tail's
     last four blocks train)."""
     n_layer = model_config(args.random_model, args.vocab, args.n_layer).n_layer

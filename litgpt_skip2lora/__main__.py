@@ -1,18 +1,21 @@
 """``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
 
 Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf``,
-``convert_smollm2`` and ``compare``. ``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs
-Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate`` and ``chat`` build this package's ``GPT`` and
-``Config``, which load plain LitGPT checkpoints as well as Skip2-LoRA ones.
+``convert_smollm2``, ``compare`` and ``evaluate_accuracy``. ``finetune`` takes LitGPT's LoRA arguments plus the
+Skip2-LoRA ones and runs Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate``, ``chat`` and ``serve``
+build this package's ``GPT`` and ``Config`` (:mod:`litgpt_skip2lora.api`), which load plain LitGPT checkpoints as
+well as Skip2-LoRA ones.
 """
 
+import contextlib
 import inspect
+import io
 import sys
 import warnings
 from collections.abc import Callable
 from functools import wraps
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 import litgpt.chat.base
 import litgpt.generate.base
@@ -21,24 +24,43 @@ from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
 from litgpt.__main__ import PARSER_DATA
 
 import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --data's choices)
-from litgpt_skip2lora import GPT, Config
+from litgpt_skip2lora.api import skip2lora_classes, swapped, trained_precision
 from litgpt_skip2lora.compare import compare
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
 from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
+from litgpt_skip2lora.serve import serve
 
 
-def _with_skip2lora_classes(fn: Callable, module: ModuleType) -> Callable:
-    """LitGPT's entry point ``fn``, which builds ``GPT(Config...)`` of ``module``, building ours for the call."""
+class _WithoutConfigDump(io.TextIOBase):
+    """Text passed on to ``stream``, but for LitGPT's dump of every config field after ``Loading model ...``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        head, dump, _ = text.partition(" with {")
+        self.stream.write(head if dump and text.startswith("Loading model") else text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _generation_command(fn: Callable, module: ModuleType) -> Callable:
+    """LitGPT's ``generate`` or ``chat`` for this package's checkpoints: its classes, the precision the model was
+    trained in unless ``--precision`` is given, no dump of the arguments and the config, and the end of the input
+    ends a chat as ``!quit`` does."""
 
     @wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        saved = module.GPT, module.Config
-        module.GPT, module.Config = GPT, Config
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            module.GPT, module.Config = saved
+    def run(**kwargs: Any) -> Any:
+        kwargs["precision"] = kwargs.get("precision") or trained_precision(kwargs["checkpoint_dir"])
+        quiet = swapped(module, pprint=lambda *args, **kwargs: None)
+        with skip2lora_classes(module), quiet, contextlib.redirect_stderr(_WithoutConfigDump(sys.stderr)):
+            try:
+                return fn(**kwargs)
+            except EOFError:
+                print()
 
     return run
 
@@ -61,8 +83,9 @@ SUBCOMMANDS = {
     **PARSER_DATA,
     "finetune": finetune,
     "finetune_skip2lora": finetune_skip2lora,
-    "generate": _with_skip2lora_classes(litgpt.generate.base.main, litgpt.generate.base),
-    "chat": _with_skip2lora_classes(litgpt.chat.base.main, litgpt.chat.base),
+    "generate": _generation_command(litgpt.generate.base.main, litgpt.generate.base),
+    "chat": _generation_command(litgpt.chat.base.main, litgpt.chat.base),
+    "serve": serve,
     "convert_gguf": convert_gguf,
     "convert_smollm2": convert_smollm2,
     "compare": compare,

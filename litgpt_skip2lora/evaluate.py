@@ -1,59 +1,72 @@
-"""Exact-match accuracy: for a task whose answer is a label, the share of held-out items answered exactly.
+"""How often a fine-tuned model gives the right answer on held-out items: greedy exact match and, for labels,
+label likelihood.
 
-Validation loss says how likely the right answer is; a user of a label task wants to know how often greedy
-decoding gives it. ``evaluate_accuracy`` generates, greedily, an answer to every validation item of a data module
-from a fine-tuned checkpoint (this package's or LitGPT's: both load in this package's ``GPT``) and compares it,
-stripped of white space, with the expected output.
+Validation loss says how likely the right answer is; a user of a label task wants to know how often the model
+gives it. ``evaluate_accuracy`` reads the validation split of any LitGPT data module (``JSON`` included), builds
+each prompt with the data's prompt style, as training did, and scores two ways:
+
+- **exact match**: the greedy answer's first line, stripped, equals the expected output;
+- **label likelihood**, when the answers form a closed set of labels (``--labels``, or the training answers when
+  each distinct one occurs 10 times on average): the label whose tokens, as training saw them (the end-of-text
+  token included), have the highest log-likelihood after the prompt, as lm-eval-harness scores multiple choice.
+  A malformed generation cannot lose it an item.
 """
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
 from litgpt.data import DataModule
 from litgpt.generate.base import generate
-from litgpt.prompts import load_prompt_style
 from litgpt.tokenizer import Tokenizer
 from tqdm import tqdm
 
-from litgpt_skip2lora.data.base import InstructData
-from litgpt_skip2lora.finetune import user_errors
 from litgpt_skip2lora.model import GPT, Config
+
+CLOSED_SET_REPEATS = 10  # training answers form a closed set when each distinct one occurs this often on average
 
 
 def evaluate_accuracy(
-    checkpoint_dir: Path, data: DataModule | None = None, max_new_tokens: int = 8, limit: int | None = None
+    checkpoint_dir: Path,
+    data: DataModule | None = None,
+    labels: list[str] | None = None,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    out_file: Path | None = None,
 ) -> dict:
-    """Greedy answers to the validation items of ``data`` from the model in ``checkpoint_dir``, scored by exact match.
+    """Score the model in ``checkpoint_dir`` on the validation items of ``data``.
 
     Args:
         checkpoint_dir: A ``final/`` folder of ``finetune_skip2lora`` or ``finetune_lora``, or a base checkpoint.
-        data: The data module whose validation split is scored (its ``val.json`` items: instruction and output),
-            e.g. ``litgpt_skip2lora.data.WordNetInstruct`` with ``--data.task supersense``.
-        max_new_tokens: The longest answer generated.
+        data: The LitGPT data module whose validation split is scored, with its prompt style, e.g. ``JSON`` with
+            ``--data.json_path`` or ``litgpt_skip2lora.data.WordNetInstruct`` with ``--data.task supersense``.
+        labels: The closed set of answers for label likelihood; default: the training answers, when they form one.
+        max_new_tokens: The longest greedy answer.
         limit: Score only the first ``limit`` items.
+        out_file: The per-item answers as JSON; default ``<checkpoint_dir>/evaluate_accuracy.json``.
     """
-    if not isinstance(data, InstructData):
-        with user_errors():
-            raise ValueError("--data must be a data module built offline with a val.json, e.g. WordNetInstruct.")
+    if data is None:
+        error = ValueError("--data is required: the data module whose validation split is scored, e.g. --data JSON.")
+        error.user_error = True
+        raise error
     model, tokenizer = load_model(checkpoint_dir)
-    style = load_prompt_style(checkpoint_dir)
-    data.prepare_data()
-    items = json.loads((data.split_dir / "val.json").read_text())[:limit]
-    correct, answers = 0, []
+    train_items, items = splits(data, tokenizer)
+    items = items[:limit]
+    labels = labels or closed_set(train_items)
     model.max_seq_length = min(512, model.config.block_size)
-    model.set_kv_cache(batch_size=1)
-    for item in tqdm(items, desc=f"Accuracy of {checkpoint_dir}"):
-        prompt = tokenizer.encode(style.apply(item["instruction"]))
-        out = generate(
-            model, prompt, prompt.size(0) + max_new_tokens, top_k=1, eos_id=tokenizer.eos_id, include_prompt=False
-        )
-        answer = tokenizer.decode(out).strip().split("\n")[0].strip()
-        correct += answer == item["output"].strip()
-        answers.append({"expected": item["output"], "answer": answer})
-    result = {"accuracy": correct / len(items), "items": len(items), "answers": answers}
-    print(f"Exact-match accuracy: {correct}/{len(items)} = {result['accuracy']:.3f}")
-    return result
+    model.set_kv_cache(batch_size=1)  # for greedy generation; the label scores run without it
+    results = [score(model, tokenizer, data, item, labels, max_new_tokens) for item in tqdm(items, desc="Scoring")]
+    report = summary(results, labels)
+    out_file = out_file or Path(checkpoint_dir) / "evaluate_accuracy.json"
+    out_file.write_text(json.dumps({**report, "items": results}, indent=1) + "\n", encoding="utf-8")
+    print(f"Exact match: {report['exact_match']}/{report['count']}")
+    if labels:
+        print(f"Label likelihood: {report['label_match']}/{report['count']} ({len(labels)} labels)")
+        for confusion in report["confusions"][:5]:
+            print(f"  {confusion['expected']} -> {confusion['chosen']}: {confusion['count']}")
+    print(f"Per-item answers: {out_file}")
+    return report
 
 
 def load_model(checkpoint_dir: Path) -> tuple[GPT, Tokenizer]:
@@ -64,3 +77,56 @@ def load_model(checkpoint_dir: Path) -> tuple[GPT, Tokenizer]:
     if any("lora_" not in key for key in missing):
         raise ValueError(f"{checkpoint_dir / 'lit_model.pth'} lacks weights of its model: {missing[:5]} ...")
     return model.eval(), Tokenizer(checkpoint_dir)
+
+
+def splits(data: DataModule, tokenizer: Tokenizer) -> tuple[list[dict], list[dict]]:
+    """The data module's training and validation items (instruction, input, output)."""
+    data.connect(tokenizer=tokenizer, batch_size=1, max_seq_length=None)
+    data.prepare_data()
+    data.setup()
+    return list(data.train_dataloader().dataset.data), list(data.val_dataloader().dataset.data)
+
+
+def closed_set(items: list[dict]) -> list[str]:
+    """The distinct answers of ``items`` when they form a closed set of labels, else none."""
+    answers = sorted({item["output"].strip() for item in items})
+    return answers if len(answers) * CLOSED_SET_REPEATS <= len(items) else []
+
+
+@torch.no_grad()
+def score(model: GPT, tokenizer: Tokenizer, data: DataModule, item: dict, labels: list[str], max_new: int) -> dict:
+    prompt = tokenizer.encode(data.prompt_style.apply(prompt=item["instruction"], **item))
+    out = generate(model, prompt, prompt.size(0) + max_new, top_k=1, eos_id=tokenizer.eos_id, include_prompt=False)
+    answer = tokenizer.decode(out).strip().split("\n")[0].strip()
+    expected = item["output"].strip()
+    result = {"instruction": item["instruction"], "expected": expected, "answer": answer, "exact": answer == expected}
+    if labels:
+        chosen = labels[int(label_log_likelihoods(model, tokenizer, prompt, labels).argmax())]
+        result.update(chosen=chosen, label_correct=chosen == expected)
+    return result
+
+
+def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, labels: list[str]) -> torch.Tensor:
+    """Each label's summed log-probability after ``prompt``, its tokens encoded as training encodes an answer."""
+    answers = [tokenizer.encode(label, bos=False, eos=True) for label in labels]
+    width = prompt.size(0) + max(a.size(0) for a in answers)
+    batch = torch.zeros(len(answers), width, dtype=torch.long)
+    for row, answer in enumerate(answers):
+        batch[row, : prompt.size(0)] = prompt
+        batch[row, prompt.size(0) : prompt.size(0) + answer.size(0)] = answer
+    log_probs = model(batch).float().log_softmax(-1)
+    totals = []
+    for row, answer in enumerate(answers):  # the logits at position p predict the token at p + 1
+        positions = torch.arange(prompt.size(0) - 1, prompt.size(0) - 1 + answer.size(0))
+        totals.append(log_probs[row, positions, answer].sum())
+    return torch.stack(totals)
+
+
+def summary(results: list[dict], labels: list[str]) -> dict:
+    """Counts, and for labels the most common confusions (expected, chosen)."""
+    report = {"count": len(results), "exact_match": sum(r["exact"] for r in results), "labels": labels}
+    if labels:
+        report["label_match"] = sum(r["label_correct"] for r in results)
+        wrong = Counter((r["expected"], r["chosen"]) for r in results if not r["label_correct"])
+        report["confusions"] = [{"expected": e, "chosen": c, "count": n} for (e, c), n in wrong.most_common()]
+    return report

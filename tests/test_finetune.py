@@ -432,6 +432,8 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
         (["--quantize", "bnb.int8"], "computes in float16: add --precision 16-true"),
         (["--quantize", "bnb.nf4", "--skip2lora_side_width", "8"], "does not support a side network"),
+        (["--data.json_path", "{tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 12: Expecting value."),
+        (["--out_dir", "/proc/skip2lora-out"], "--out_dir '/proc/skip2lora-out' cannot be created or written"),
     ],
 )
 def test_a_users_error_is_one_line_without_traceback(
@@ -440,6 +442,7 @@ def test_a_users_error_is_one_line_without_traceback(
     if "--quantize" in args and torch.cuda.is_available():
         pytest.skip("this machine has the GPU that the refusal is about")
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "bad.json").write_text('[\n {"output": }\n]')
     checkpoint = args.pop(1) if args[0] == "--checkpoint_dir" else str(tiny_checkpoint)
     args = args[1:] if args and args[0] == "--checkpoint_dir" else args
     result = cli(
@@ -460,6 +463,19 @@ def test_a_users_error_is_one_line_without_traceback(
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_data_that_cannot_be_downloaded_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """LitGPT's default data, Alpaca, is downloaded: offline (here, a port nothing listens on) the error says how to
+    pass local data, before the model loads."""
+    url = ["--data.file_url", "http://127.0.0.1:9/alpaca.json", "--data.download_dir", str(tmp_path / "alpaca")]
+    result = cli("finetune_skip2lora", str(tiny_checkpoint), "--data", "Alpaca", *url, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --data Alpaca downloads its data, which failed (ConnectionError). Without internet, pass local data:"
+        " --data JSON --data.json_path FILE, or --data litgpt_skip2lora.data.WordNetInstruct."
+    )
+    assert "Number of trainable parameters" not in result.stdout
 
 
 def test_cache_serves_a_grown_selection_of_samples(tiny_checkpoint: Path, tmp_path: Path) -> None:

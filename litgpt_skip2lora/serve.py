@@ -1,0 +1,43 @@
+"""``litgpt-skip2lora serve``: LitGPT's LitServe server for this package's checkpoints.
+
+LitGPT's server sets its model up in worker processes through ``litgpt.deploy.serve.LLM``. The API classes here are
+LitGPT's own, with this package's :class:`~litgpt_skip2lora.api.LLM` in that name while a worker sets up; they live
+at module level, so that LitServe can hand them to its workers.
+"""
+
+import importlib.util
+from functools import wraps
+from typing import Any
+
+import litgpt.deploy.serve as litgpt_serve
+
+from litgpt_skip2lora.api import LLM, swapped
+
+
+class _LoadsOurLLM:
+    def setup(self, device: str) -> None:
+        with swapped(litgpt_serve, LLM=LLM):
+            super().setup(device)
+
+
+class SimpleAPI(_LoadsOurLLM, litgpt_serve.SimpleLitAPI):
+    """LitGPT's ``/predict`` API: the whole answer at once."""
+
+
+class StreamAPI(_LoadsOurLLM, litgpt_serve.StreamLitAPI):
+    """LitGPT's streaming API."""
+
+
+class OpenAISpecAPI(_LoadsOurLLM, litgpt_serve.OpenAISpecLitAPI):
+    """LitGPT's OpenAI-compatible API."""
+
+
+@wraps(litgpt_serve.run_server)
+def serve(**kwargs: Any) -> None:
+    if importlib.util.find_spec("litserve") is None:
+        error = ModuleNotFoundError("serve needs LitServe: pip install 'litgpt-skip2lora[serve]'")
+        error.user_error = True
+        raise error
+    apis = dict(SimpleLitAPI=SimpleAPI, StreamLitAPI=StreamAPI, OpenAISpecLitAPI=OpenAISpecAPI)
+    with swapped(litgpt_serve, **apis):
+        litgpt_serve.run_server(**kwargs)

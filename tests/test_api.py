@@ -1,0 +1,116 @@
+"""A tuned ``final/`` wherever LitGPT users use a model: the Python ``LLM``, ``generate``, ``chat`` and ``serve``."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from litgpt_skip2lora import LLM
+from litgpt_skip2lora.api import trained_precision
+
+PROMPT = "what is the colour of the cat ?"
+VARIANTS = {
+    "adapters": [],
+    "tail": ["--skip2lora_output_layer", "block.3", "--lora_query", "true", "--lora_value", "true"],
+    "nf4": ["--quantize", "bnb.nf4"],  # bitsandbytes needs a CUDA GPU
+}
+
+
+def command(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "litgpt_skip2lora", *args], capture_output=True, text=True, env=env, **kwargs
+    )
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def final(request: pytest.FixtureRequest, tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory) -> Path:
+    """A ``final/`` trained for one epoch in the default precision of the machine (32-true on the CPU)."""
+    if request.param == "nf4" and not torch.cuda.is_available():
+        pytest.skip("--quantize needs a CUDA GPU")
+    out_dir = tmp_path_factory.mktemp(request.param)
+    args = ["finetune_skip2lora", str(tiny_checkpoint), "--data", "JSON", "--data.json_path", str(alpaca_file)]
+    args += ["--data.val_split_fraction", "0.25", "--train.epochs", "1", "--train.micro_batch_size", "4"]
+    args += [
+        "--train.global_batch_size",
+        "4",
+        "--train.lr_warmup_steps",
+        "1",
+        "--lora_r",
+        "4",
+        "--eval.max_new_tokens",
+        "2",
+    ]
+    args += ["--skip2lora_block_indices", "[0,2]", "--out_dir", str(out_dir), *VARIANTS[request.param]]
+    done = command(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out_dir / "final"
+
+
+def test_llm_load_generates_what_the_generate_command_does(final: Path) -> None:
+    expected_precision = "bf16-true" if torch.cuda.is_available() else "32-true"
+    assert trained_precision(final) == expected_precision  # recorded, though the command line left it unset
+    llm = LLM.load(str(final))
+    answer = llm.generate(PROMPT, temperature=0, max_new_tokens=4)
+    assert llm.model.transformer.wte.weight.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    done = command("generate", str(final), "--prompt", PROMPT, "--temperature", "0", "--max_new_tokens", "4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert answer.strip() and done.stdout.strip().endswith(answer.strip())
+    assert "checkpoint_dir" not in done.stdout and " with {" not in done.stderr  # no dump of arguments or config
+
+
+def test_chat_ends_cleanly_at_the_end_of_its_input(final: Path) -> None:
+    done = command("chat", str(final), "--max_new_tokens", "3", input=f"{PROMPT}\n")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert ">> Reply:" in done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
+    pytest.importorskip("litserve")
+    port = free_port()
+    args = [sys.executable, "-m", "litgpt_skip2lora", "serve", str(final), "--port", str(port)]
+    args += ["--temperature", "0", "--max_new_tokens", "4", "--accelerator", "cpu"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, reply = time.monotonic() + 120, None
+        while reply is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/predict",
+                    data=json.dumps({"prompt": PROMPT}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    reply = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert reply is not None, server.stderr.read()[-3000:] if server.poll() is not None else "no answer in 120 s"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    llm = LLM.load(str(final))
+    assert reply == {"output": llm.generate(PROMPT, temperature=0, max_new_tokens=4)}
+
+
+def test_serve_without_litserve_is_one_line(final: Path, tmp_path: Path) -> None:
+    hide = tmp_path / "sitecustomize.py"  # litserve made unimportable for this process only
+    hide.write_text("import sys\nsys.modules['litserve'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "litgpt_skip2lora", "serve", str(final)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: serve needs LitServe: pip install 'litgpt-skip2lora[serve]'"
