@@ -55,7 +55,7 @@ def evaluate_accuracy(
     items = items[:limit]
     labels = labels or closed_set(train_items)
     model.max_seq_length = min(512, model.config.block_size)
-    model.set_kv_cache(batch_size=1)  # for greedy generation; the label scores run without it
+    model.set_kv_cache(batch_size=max(1, len(labels)))  # one row for greedy generation, one a label for scoring
     results = [score(model, tokenizer, data, item, labels, max_new_tokens) for item in tqdm(items, desc="Scoring")]
     report = summary(results, labels)
     out_file = out_file or Path(checkpoint_dir) / "evaluate_accuracy.json"
@@ -84,7 +84,7 @@ def splits(data: DataModule, tokenizer: Tokenizer) -> tuple[list[dict], list[dic
     data.connect(tokenizer=tokenizer, batch_size=1, max_seq_length=None)
     data.prepare_data()
     data.setup()
-    return list(data.train_dataloader().dataset.data), list(data.val_dataloader().dataset.data)
+    return list(data.train_dataset.data), list(data.test_dataset.data)  # LitGPT's SFT modules' names
 
 
 def closed_set(items: list[dict]) -> list[str]:
@@ -107,19 +107,25 @@ def score(model: GPT, tokenizer: Tokenizer, data: DataModule, item: dict, labels
 
 
 def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, labels: list[str]) -> torch.Tensor:
-    """Each label's summed log-probability after ``prompt``, its tokens encoded as training encodes an answer."""
+    """Each label's summed log-probability after ``prompt``, its tokens encoded as training encodes an answer.
+
+    The prompt runs once, on row 0 of the KV cache; its keys and values are copied to every other row, and all
+    labels' tokens then run as one batch, one label a row (padding after a label's end cannot reach its tokens).
+    """
     answers = [tokenizer.encode(label, bos=False, eos=True) for label in labels]
-    width = prompt.size(0) + max(a.size(0) for a in answers)
+    n, width = prompt.size(0), max(a.size(0) for a in answers)
+    prompt_logits = model(prompt[None], input_pos=torch.arange(n))[0, -1]
+    for cache in (m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None):
+        cache.k[1:, :, :n] = cache.k[:1, :, :n]
+        cache.v[1:, :, :n] = cache.v[:1, :, :n]
     batch = torch.zeros(len(answers), width, dtype=torch.long)
     for row, answer in enumerate(answers):
-        batch[row, : prompt.size(0)] = prompt
-        batch[row, prompt.size(0) : prompt.size(0) + answer.size(0)] = answer
-    log_probs = model(batch).float().log_softmax(-1)
-    totals = []
-    for row, answer in enumerate(answers):  # the logits at position p predict the token at p + 1
-        positions = torch.arange(prompt.size(0) - 1, prompt.size(0) - 1 + answer.size(0))
-        totals.append(log_probs[row, positions, answer].sum())
-    return torch.stack(totals)
+        batch[row, : answer.size(0)] = answer
+    logits = model(batch, input_pos=torch.arange(n, n + width))  # position i predicts label token i + 1
+    logits = torch.cat([prompt_logits.expand(len(answers), 1, -1), logits[:, :-1]], dim=1).float()
+    log_probs = logits.log_softmax(-1).gather(-1, batch[..., None])[..., 0]
+    lengths = torch.tensor([a.size(0) for a in answers])
+    return (log_probs * (torch.arange(width) < lengths[:, None])).sum(-1)
 
 
 def summary(results: list[dict], labels: list[str]) -> dict:

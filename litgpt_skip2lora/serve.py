@@ -5,7 +5,6 @@ LitGPT's own, with this package's :class:`~litgpt_skip2lora.api.LLM` in that nam
 at module level, so that LitServe can hand them to its workers.
 """
 
-import importlib.util
 from functools import wraps
 from typing import Any
 
@@ -34,7 +33,7 @@ class OpenAISpecAPI(_LoadsOurLLM, litgpt_serve.OpenAISpecLitAPI):
 
 @wraps(litgpt_serve.run_server)
 def serve(**kwargs: Any) -> None:
-    if importlib.util.find_spec("litserve") is None:
+    if not litgpt_serve._LITSERVE_AVAILABLE:  # what LitGPT's server itself checks
         error = ModuleNotFoundError("serve needs LitServe: pip install 'litgpt-skip2lora[serve]'")
         error.user_error = True
         raise error

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +84,9 @@ def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
     port = free_port()
     args = [sys.executable, "-m", "litgpt_skip2lora", "serve", str(final), "--port", str(port)]
     args += ["--temperature", "0", "--max_new_tokens", "4", "--accelerator", "cpu"]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a session of its own: LitServe's workers are the server's children, and all of them must stop with the test
+    output = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(args, **output, start_new_session=True)
     try:
         deadline, reply = time.monotonic() + 120, None
         while reply is None and time.monotonic() < deadline and server.poll() is None:
@@ -99,15 +102,17 @@ def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
                 time.sleep(1)
         assert reply is not None, server.stderr.read()[-3000:] if server.poll() is not None else "no answer in 120 s"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
     llm = LLM.load(str(final))
     assert reply == {"output": llm.generate(PROMPT, temperature=0, max_new_tokens=4)}
 
 
 def test_serve_without_litserve_is_one_line(final: Path, tmp_path: Path) -> None:
-    hide = tmp_path / "sitecustomize.py"  # litserve made unimportable for this process only
-    hide.write_text("import sys\nsys.modules['litserve'] = None\n")
+    hide = tmp_path / "sitecustomize.py"  # litserve absent, as LitGPT sees it, for this process only
+    lines = ["import sys, litgpt.constants", "sys.modules['litserve'] = None"]
+    lines.append("litgpt.constants._LITSERVE_AVAILABLE = False")
+    hide.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "litgpt_skip2lora", "serve", str(final)], capture_output=True, text=True, env=env
