@@ -282,22 +282,36 @@ def ddp_run(checkpoint: Path, data_file: Path, out_dir: Path, *options: str, sto
     return pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
 
 
+@pytest.fixture(scope="module")
+def ddp_reference(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted 2-process runs, one per placement, each run once for the module."""
+    runs: dict[str, pd.DataFrame] = {}
+
+    def run_for(placement: str) -> pd.DataFrame:
+        if placement not in runs:
+            out_dir = tmp_path_factory.mktemp(f"ddp-{placement}") / "ddp"
+            runs[placement] = ddp_run(tiny_checkpoint, alpaca_file, out_dir, "--cache.placement", placement)
+        return runs[placement]
+
+    return run_for
+
+
 @pytest.mark.parametrize("placement", ["device", "memory", "disk"])
-def test_ddp_ranks_keep_their_samples_cached(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, placement: str
-) -> None:
-    metrics = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "ddp", "--cache.placement", placement)
+def test_ddp_ranks_keep_their_samples_cached(ddp_reference, placement: str) -> None:
+    metrics = ddp_reference(placement)
     last = metrics.ffill().iloc[-1]
     n_train, n_val = 18, 6  # 9 and 3 per rank
     # each sample went through the backbone once, on the one rank that has it for the whole run
     assert last["backbone_samples_rank0"] + last["backbone_samples_rank1"] == n_train + n_val
     # from the cache: every training sample in epochs 2 and 3, every validation sample after training
     assert [last["cache_hits_rank0"], last["cache_hits_rank1"]] == [(2 * n_train + n_val) // 2] * 2
-    assert (tmp_path / "ddp" / "final" / "lit_model.pth").is_file()
+    assert last["iter"] == 15 and "wall_total" in metrics  # 5 micro-batches per rank and epoch, 3 epochs
 
 
-def test_ddp_cached_losses_equal_uncached(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    cached = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "cached").dropna(subset=["loss"])
+def test_ddp_cached_losses_equal_uncached(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, ddp_reference
+) -> None:
+    cached = ddp_reference("memory").dropna(subset=["loss"])
     uncached = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "uncached", "--cache.enabled", "false")
     uncached = uncached.dropna(subset=["loss"])
     assert len(cached) == 15  # 5 micro-batches of 2 per rank and epoch (the last holds 1 sample), 3 epochs
@@ -305,10 +319,10 @@ def test_ddp_cached_losses_equal_uncached(tiny_checkpoint: Path, alpaca_file: Pa
 
 
 def test_ddp_run_that_died_resumes_exactly_and_reuses_its_disk_cache(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, ddp_reference
 ) -> None:
     disk = ("--cache.placement", "disk")
-    full = ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "full", *disk).dropna(subset=["loss"])
+    full = ddp_reference("disk").dropna(subset=["loss"])
     ddp_run(tiny_checkpoint, alpaca_file, tmp_path / "died", *disk, stop_at=5)
     # 5 steps an epoch (one micro-batch of 2 per rank and step); saved every 2; died after step 5, before the
     # epoch's own checkpoint
@@ -432,7 +446,7 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
         (["--quantize", "bnb.int8"], "computes in float16: add --precision 16-true"),
         (["--quantize", "bnb.nf4", "--skip2lora_side_width", "8"], "does not support a side network"),
-        (["--data.json_path", "{tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 12: Expecting value."),
+        (["--data.json_path", "{tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 13: Expecting value."),
         (["--out_dir", "/proc/skip2lora-out"], "--out_dir '/proc/skip2lora-out' cannot be created or written"),
     ],
 )
