@@ -67,10 +67,11 @@ def method_configs(args: argparse.Namespace) -> dict[str, Path]:
     """Each method's YAML with the overrides applied (and, for a random model, its checkpoint and data), written
     under ``args.work``."""
     shared = random_model_overrides(args) if args.random_model else {}
+    n_layer = model_config(args.random_model, args.vocab, args.n_layer).n_layer if args.random_model else None
     paths = {}
     for name in args.methods:
         config = yaml.safe_load((args.configs / METHODS[name][1]).read_text())
-        overrides = {**shared, **(block_overrides(name, args) if args.random_model else {})}
+        overrides = {**shared, **(block_overrides(name, n_layer) if n_layer else {})}
         for item in args.set:  # KEY=VALUE for every method, METHOD:KEY=VALUE for one
             key, _, value = item.partition("=")
             method, _, key = key.rpartition(":")
@@ -102,10 +103,9 @@ def random_model_overrides(args: argparse.Namespace) -> dict:
     }
 
 
-def block_overrides(name: str, args: argparse.Namespace) -> dict:
-    """The YAMLs name blocks of SmolLM2's 30: the same design for another depth (four spaced blocks; the tail's
+def block_overrides(name: str, n_layer: int) -> dict:
+    """The YAMLs name blocks of SmolLM2's 30: the same design for ``n_layer`` blocks (four spaced blocks; the tail's
     last four blocks train)."""
-    n_layer = model_config(args.random_model, args.vocab, args.n_layer).n_layer
     if name == "faithful":
         return {"skip2lora_block_indices": spaced_blocks(4, n_layer)}
     if name == "tail":
