@@ -38,7 +38,7 @@ from litgpt.finetune.lora import get_lr_scheduler
 from litgpt.utils import chunked_cross_entropy, instantiate_torch_optimizer, num_parameters
 
 from litgpt_skip2lora.cache import IGNORE_INDEX, FeatureLoader, SkipCache, open_store
-from litgpt_skip2lora.compare import cpu_name, environment
+from benchmarks.compare import cpu_name, environment
 from litgpt_skip2lora.finetune import Trainer
 from litgpt_skip2lora.model import GPT, Config, spaced_blocks
 

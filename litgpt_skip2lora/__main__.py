@@ -1,7 +1,7 @@
 """``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
 
 Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf``,
-``convert_smollm2``, ``compare`` and ``evaluate_accuracy``. ``finetune`` takes LitGPT's LoRA arguments plus the
+``convert_smollm2`` and ``evaluate_accuracy``. ``finetune`` takes LitGPT's LoRA arguments plus the
 Skip2-LoRA ones and runs Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate``, ``chat`` and ``serve``
 build this package's ``GPT`` and ``Config`` (:mod:`litgpt_skip2lora.api`), which load plain LitGPT checkpoints as
 well as Skip2-LoRA ones.
@@ -25,7 +25,6 @@ from litgpt.__main__ import PARSER_DATA
 
 import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --data's choices)
 from litgpt_skip2lora.api import skip2lora_classes, swapped, trained_precision
-from litgpt_skip2lora.compare import compare
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
 from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
@@ -88,7 +87,6 @@ SUBCOMMANDS = {
     "serve": serve,
     "convert_gguf": convert_gguf,
     "convert_smollm2": convert_smollm2,
-    "compare": compare,
     "evaluate_accuracy": evaluate_accuracy,
 }
 

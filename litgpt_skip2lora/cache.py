@@ -1,9 +1,8 @@
 """The Skip-Cache: per-sample backbone activations, kept because the frozen backbone never changes them.
 
-An entry holds one sample's tail input (:func:`make_entry`); :class:`MemoryStore` keeps entries on the GPU or in
-host RAM, :class:`DiskStore` in shard files; :class:`SkipCache` adds the size limit and a bounded background
-writer; :class:`FeatureLoader` gives the training loop each batch's features, read and collated ahead of need by
-background threads (into pinned memory for a GPU), so that neither reads nor writes stall a step.
+An entry holds one sample's tail input (:mod:`litgpt_skip2lora.rows`); :class:`MemoryStore` keeps entries on the
+GPU or in host RAM, :class:`DiskStore` in shard files; :class:`SkipCache` adds the size limit and a bounded
+background writer, so that writes never stall a step. Reads are :mod:`litgpt_skip2lora.backbone`'s.
 
 On disk, entries are appended to shard files read through memory maps as zero-copy views. A shard's ``.idx``
 lists its entries, one JSON line each, written after the entry's bytes: a crash leaves an entry whole or absent.
@@ -17,12 +16,8 @@ import os
 import queue
 import shutil
 import threading
-import time
 import warnings
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from mmap import ACCESS_COPY, mmap
 from pathlib import Path
@@ -30,12 +25,9 @@ from typing import Literal, NamedTuple
 
 import psutil
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from litgpt_skip2lora.model import Features
+from litgpt_skip2lora.rows import Entry
 
-Entry = dict[str, torch.Tensor]
-IGNORE_INDEX = -100
 FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 ALIGN = 64
@@ -66,15 +58,6 @@ class CacheError(ValueError):
     """A cache option that cannot work, reported before training starts."""
 
 
-def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, position_wise: bool) -> Entry:
-    """One sample's tail input: every real position, or for a position-wise tail only the supervised ones."""
-    targets = torch.full((length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-    targets[:-1] = labels[1:length]
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1) if position_wise else slice(0, length)
-    taps = torch.stack([t[row, keep] for t in features.taps])
-    return {"taps": taps, "stream": features.stream[row, keep], "targets": targets[keep]}
-
-
 def encode(entry: Entry, dtype: torch.dtype | None) -> Entry:
     """The entry as stored: floats cast to ``dtype``; with int8, each float row scaled to int8 plus its scale."""
     stored = {}
@@ -101,46 +84,9 @@ def decode(batch: Entry, dtype: torch.dtype) -> Entry:
     return out
 
 
-def collate(entries: list[Entry], position_wise: bool, pin: bool) -> Entry:
-    """A batch: all samples' rows end to end for a position-wise tail, else padded ``(B, T)`` sequences.
-
-    Taps are ``(n_taps, rows, ...)``: their rows are dim 1. With ``pin`` the batch lands in pinned host memory,
-    ready for a ``non_blocking`` copy to the GPU; rows are concatenated straight into it.
-    """
-    batch = {}
-    for name in entries[0]:
-        parts = [e[name] for e in entries]
-        dim = 1 if parts[0].dim() == 3 else 0
-        if position_wise:
-            shape = [*parts[0].shape[:dim], sum(p.size(dim) for p in parts), *parts[0].shape[dim + 1 :]]
-            out = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device, pin_memory=pin)
-            batch[name] = torch.cat(parts, dim=dim, out=out)
-        else:
-            pad = IGNORE_INDEX if name == "targets" else 0
-            padded = pad_sequence([p.movedim(dim, 0) for p in parts], batch_first=True, padding_value=pad)
-            batch[name] = padded.movedim(2, 0) if dim else padded
-            batch[name] = batch[name].pin_memory() if pin else batch[name]
-    return batch
-
-
-def to_features(batch: Entry, device: torch.device, dtype: torch.dtype) -> tuple[Features, torch.Tensor]:
-    """The tail's input on ``device``: a batch copied without blocking (pinned sources), then decoded there."""
-    batch = decode({k: v.to(device, non_blocking=True) for k, v in batch.items()}, dtype)
-    return Features(list(batch["taps"]), batch["stream"]), batch["targets"]
-
-
 def entry_bytes(entry: Entry) -> int:
     """What an entry occupies, as the disk stores it (each tensor padded to ``ALIGN`` bytes)."""
     return sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in entry.values())
-
-
-def sample_key(split: str, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
-    """A sample's identity: its split and a hash of its tokens and labels, all that its entry depends on besides the
-    fingerprint. A run whose selection of samples grew, shrank or was reshuffled reuses every entry it shares."""
-    digest = hashlib.blake2b(digest_size=16)
-    for t in (input_ids, labels):
-        digest.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
-    return f"{split}-{digest.hexdigest()}"
 
 
 def file_digest(path: Path, edge_bytes: int = 1 << 20) -> str:
@@ -396,118 +342,3 @@ def open_store(placement: str, device: torch.device, directory: Path, fingerprin
     if placement == "disk":
         return DiskStore(directory, fingerprint)
     return MemoryStore(device if placement == "device" else torch.device("cpu"))
-
-
-class Batch(NamedTuple):
-    """One batch's tail input and what it cost to get it."""
-
-    features: Features
-    targets: torch.Tensor
-    tokens: int
-    wait: float
-    """Seconds the training loop waited for features read by the prefetcher (0 when computed)."""
-
-
-class FeatureLoader:
-    """Each batch's features: from the cache when every sample is there, else from one backbone pass.
-
-    The entries of the next ``prefetch`` batches are read (and collated, into pinned memory on a GPU) by
-    background threads while the current batch trains.
-    """
-
-    def __init__(
-        self,
-        compute: Callable[[torch.Tensor], Features],
-        cache: SkipCache | None,
-        device: torch.device,
-        dtype: torch.dtype,
-        position_wise: bool,
-        prefetch: int = 4,
-    ) -> None:
-        self.compute, self.cache, self.device, self.dtype = compute, cache, device, dtype
-        self.position_wise, self.prefetch = position_wise, max(0, prefetch)
-        on_device = cache is not None and cache.placement == "device"
-        self.pin = device.type == "cuda" and not on_device
-        self.read_device = device if on_device else torch.device("cpu")
-        self.backbone_samples = self.cache_hits = 0
-        self.time = {"read_wait": 0.0, "read_batches": 0, "backbone": 0.0, "backbone_batches": 0}
-        self._slow_warned = False
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="skip-cache-reader")
-
-    def batches(self, loader: Iterable[dict], split: str) -> Iterator[Batch]:
-        """The loader's batches with their features; reads run ``prefetch`` batches ahead."""
-        ahead: deque[tuple[dict, Future]] = deque()
-        for batch in loader:
-            ahead.append((batch, self.pool.submit(self._read, batch, split)))
-            if len(ahead) > self.prefetch:
-                yield self._resolve(*ahead.popleft())
-        while ahead:
-            yield self._resolve(*ahead.popleft())
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        if self.cache is not None:
-            self.cache.close()
-
-    def _read(self, batch: dict, split: str) -> tuple[list[str], list[Entry | None], Entry | None]:
-        """The samples' keys (hashing them is off the training loop too) and the entries found in the cache;
-        collated as well when every sample was found."""
-        if self.cache is None:
-            return [], [None] * len(batch["length"]), None
-        input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
-        keys = [sample_key(split, input_ids[j, :n], labels[j, :n]) for j, n in enumerate(lengths)]
-        entries = [self.cache.get(key) for key in keys]
-        if any(e is None for e in entries):
-            return keys, entries, None
-        # entries still queued for the writer are where they were computed: bring them where the others are
-        entries = [{k: v.to(self.read_device) for k, v in e.items()} for e in entries]
-        return keys, entries, collate(entries, self.position_wise, self.pin)
-
-    def _resolve(self, batch: dict, future: Future) -> Batch:
-        t0 = time.perf_counter()
-        keys, entries, collated = future.result()
-        wait = time.perf_counter() - t0
-        self.cache_hits += sum(e is not None for e in entries)
-        tokens = int(batch["length"].sum())
-        if collated is not None:
-            self.time["read_wait"] += wait
-            self.time["read_batches"] += 1
-            return Batch(*to_features(collated, self.device, self.dtype), tokens, wait)
-        missing = [j for j, e in enumerate(entries) if e is None]
-        input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
-        t0 = self._now()
-        features = self.compute(input_ids[missing, : max(lengths[j] for j in missing)])
-        self.time["backbone"] += self._now() - t0
-        self.time["backbone_batches"] += 1
-        self.backbone_samples += len(missing)
-        for row, j in enumerate(missing):
-            entries[j] = make_entry(features, row, labels[j], lengths[j], self.position_wise)
-            if self.cache is not None:  # later epochs read what is stored: the first trains on the same values
-                entries[j] = encode(entries[j], self.cache.dtype)
-                self.cache.put(keys[j], entries[j])
-        entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
-        return Batch(*to_features(collate(entries, self.position_wise, False), self.device, self.dtype), tokens, 0.0)
-
-    def describe(self) -> str:
-        """Where features come from, for the progress bar."""
-        return "cache off" if self.cache is None else f"cache: {self.cache.placement}"
-
-    def warn_if_reads_are_slow(self) -> None:
-        """A cache that keeps the step waiting longer than the backbone would take is no gain: say so, once."""
-        t = self.time
-        if self._slow_warned or not t["read_batches"] or not t["backbone_batches"]:
-            return
-        read, compute = t["read_wait"] / t["read_batches"], t["backbone"] / t["backbone_batches"]
-        if read > compute:
-            warnings.warn(
-                f"Skip-Cache reads ({self.cache.placement}) kept each step waiting {read * 1000:.0f} ms, longer than"
-                f" the backbone took ({compute * 1000:.0f} ms per batch): --cache.placement memory (if it fits) or"
-                " --cache.enabled false would be faster."
-            )
-            self._slow_warned = True
-
-    def _now(self) -> float:
-        """The time once queued GPU work is done, so that the backbone's time is its real cost."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()

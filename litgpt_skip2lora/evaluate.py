@@ -22,6 +22,7 @@ from litgpt.generate.base import generate
 from litgpt.tokenizer import Tokenizer
 from tqdm import tqdm
 
+from litgpt_skip2lora.cli import refuse
 from litgpt_skip2lora.model import GPT, Config
 
 CLOSED_SET_REPEATS = 10  # training answers form a closed set when each distinct one occurs this often on average
@@ -47,9 +48,7 @@ def evaluate_accuracy(
         out_file: The per-item answers as JSON; default ``<checkpoint_dir>/evaluate_accuracy.json``.
     """
     if data is None:
-        error = ValueError("--data is required: the data module whose validation split is scored, e.g. --data JSON.")
-        error.user_error = True
-        raise error
+        refuse(ValueError("--data is required: the data module whose validation split is scored, e.g. --data JSON."))
     model, tokenizer = load_model(checkpoint_dir)
     train_items, items = splits(data, tokenizer)
     items = items[:limit]

@@ -11,6 +11,7 @@ from typing import Any
 import litgpt.deploy.serve as litgpt_serve
 
 from litgpt_skip2lora.api import LLM, swapped
+from litgpt_skip2lora.cli import refuse
 
 
 class _LoadsOurLLM:
@@ -34,9 +35,7 @@ class OpenAISpecAPI(_LoadsOurLLM, litgpt_serve.OpenAISpecLitAPI):
 @wraps(litgpt_serve.run_server)
 def serve(**kwargs: Any) -> None:
     if not litgpt_serve._LITSERVE_AVAILABLE:  # what LitGPT's server itself checks
-        error = ModuleNotFoundError("serve needs LitServe: pip install 'litgpt-skip2lora[serve]'")
-        error.user_error = True
-        raise error
+        refuse(ModuleNotFoundError("serve needs LitServe: pip install 'litgpt-skip2lora[serve]'"))
     apis = dict(SimpleLitAPI=SimpleAPI, StreamLitAPI=StreamAPI, OpenAISpecLitAPI=OpenAISpecAPI)
     with swapped(litgpt_serve, **apis):
         litgpt_serve.run_server(**kwargs)

@@ -62,3 +62,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_alpaca(tmp_path_factory.mktemp("data") / "alpaca.json", 24)
+
+
+@pytest.fixture(scope="session")
+def alpaca_writer():
+    """``write_alpaca`` itself, for tests that need data of another size."""
+    return write_alpaca
+
+
+@pytest.fixture(scope="session")
+def checkpoint_writer():
+    """``write_checkpoint`` itself, for tests that need a checkpoint of another shape."""
+    return write_checkpoint

@@ -16,12 +16,12 @@ from litgpt_skip2lora.cache import (
     MemoryStore,
     SkipCache,
     choose_placement,
-    collate,
     decode,
     encode,
     entry_bytes,
     open_store,
 )
+from litgpt_skip2lora.rows import RowLayout
 
 FINGERPRINT = {"model": "tiny"}
 PLACEMENTS = ["memory", "disk"] + (["device"] if torch.cuda.is_available() else [])
@@ -112,13 +112,11 @@ def test_a_torn_write_leaves_the_whole_entries_and_nothing_else(tmp_path: Path) 
 
 
 WRITER = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from test_cache import make
+import torch
 from litgpt_skip2lora.cache import DiskStore, SkipCache
 cache = SkipCache(DiskStore(__import__("pathlib").Path({directory!r}), {{"model": "tiny"}}))
 for i in range(100000):
-    cache.put(f"k{{i}}", make(i, rows=200))
+    cache.put(f"k{{i}}", {{"taps": torch.full((3, 200, 8), float(i)), "targets": torch.full((200,), i)}})
     if i == 20:
         cache.flush()
         print("writing", flush=True)
@@ -126,7 +124,7 @@ for i in range(100000):
 
 
 def test_killed_writer_leaves_only_whole_entries(tmp_path: Path) -> None:
-    script = WRITER.format(tests=str(Path(__file__).parent), directory=str(tmp_path))
+    script = WRITER.format(directory=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "writing"
     os.kill(process.pid, signal.SIGKILL)
@@ -134,7 +132,8 @@ def test_killed_writer_leaves_only_whole_entries(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, FINGERPRINT)
     assert len(store.records) > 20
     for key in store.records:  # every listed entry is whole and right
-        assert_same(store.get(key), make(int(key[1:]), rows=200))
+        entry, i = store.get(key), int(key[1:])
+        assert entry["taps"].shape == (3, 200, 8) and entry["taps"].eq(i).all() and entry["targets"].eq(i).all()
 
 
 def test_readers_and_the_writer_run_concurrently(tmp_path: Path) -> None:
@@ -183,10 +182,10 @@ def test_int8_storage_is_a_quarter_with_small_error() -> None:
 
 def test_collate_flat_and_padded() -> None:
     entries = [make(0, rows=3), make(1, rows=5)]
-    flat = collate(entries, position_wise=True, pin=False)
+    flat = RowLayout(flat=True).collate(entries, pin=False)
     assert flat["taps"].shape == (3, 8, 8) and flat["targets"].shape == (8,)
     assert torch.equal(flat["taps"][:, 3:], entries[1]["taps"])
-    padded = collate(entries, position_wise=False, pin=False)
+    padded = RowLayout(flat=False).collate(entries, pin=False)
     assert padded["taps"].shape == (3, 2, 5, 8) and padded["stream"].shape == (2, 5, 8)
     assert torch.equal(padded["taps"][:, 0, :3], entries[0]["taps"]) and (padded["taps"][:, 0, 3:] == 0).all()
     assert padded["targets"][0, 3:].eq(-100).all()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from litgpt_skip2lora.compare import compare
+from benchmarks.compare import compare
 
 HUB = Path(__file__).parent.parent / "config_hub" / "finetune" / "SmolLM2-135M-Instruct"
 VARIANTS = {

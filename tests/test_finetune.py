@@ -17,8 +17,12 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import JSON
 
 import litgpt_skip2lora.model
-from litgpt_skip2lora.cache import CacheArgs, CacheError, FeatureLoader
-from litgpt_skip2lora.finetune import Trainer, setup
+import litgpt_skip2lora.training
+from litgpt_skip2lora.backbone import CachedBackbone
+from litgpt_skip2lora.cache import CacheArgs
+from litgpt_skip2lora.finetune import setup
+from litgpt_skip2lora.rows import RowLayout
+from litgpt_skip2lora.training import Trainer
 
 REPO = Path(__file__).parent.parent
 N_LAYER = 4
@@ -54,10 +58,10 @@ def losses(metrics: pd.DataFrame) -> torch.Tensor:
 def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the backbone block forwards of each training step, its features' computation included."""
     calls, fetched, per_step = [0], [0], []
-    block_forward, resolve, training_step = (
+    block_forward, resolve, tail_loss = (
         litgpt_skip2lora.model.Block.forward,
-        FeatureLoader._resolve,
-        Trainer.training_step,
+        CachedBackbone._resolve,
+        litgpt_skip2lora.training.tail_loss,
     )
 
     def counting_forward(self, *args, **kwargs):
@@ -70,26 +74,37 @@ def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         fetched[0] = calls[0] - before
         return result
 
-    def counting_step(self, batch):
+    def counting_loss(*args):
         before = calls[0]
-        result = training_step(self, batch)
-        per_step.append(fetched[0] + calls[0] - before)
+        result = tail_loss(*args)
+        if torch.is_grad_enabled():  # a training step, not validation
+            per_step.append(fetched[0] + calls[0] - before)
         return result
 
     monkeypatch.setattr(litgpt_skip2lora.model.Block, "forward", counting_forward)
-    monkeypatch.setattr(FeatureLoader, "_resolve", counting_resolve)
-    monkeypatch.setattr(Trainer, "training_step", counting_step)
+    monkeypatch.setattr(CachedBackbone, "_resolve", counting_resolve)
+    monkeypatch.setattr(litgpt_skip2lora.training, "tail_loss", counting_loss)
     return per_step
 
 
 # in a tail, block 3 trains with q/v LoRA and dropout: the random stream must not depend on the cache
 TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, lora_dropout=0.2)
-CACHED_VARIANTS = {
-    "adapters": {},
-    "tail": TAIL,
-    "side": dict(skip2lora_side_width=16),
-    "side-and-tail": dict(TAIL, skip2lora_side_width=16),
-}
+CACHED_VARIANTS = {"adapters": {}, "tail": TAIL}
+TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-epoch run for the module, with step checkpoints every 3 steps (5 steps an epoch); the
+    runs that stop, fill up or resume are compared with it."""
+    out_dir = tmp_path_factory.mktemp("reference") / "out"
+    run(tiny_checkpoint, alpaca_file, out_dir, train=TrainArgs(epochs=2, **TRAIN, save_interval=3))
+    return out_dir
+
+
+def reference_losses(reference: Path) -> torch.Tensor:
+    metrics = pd.read_csv(sorted(reference.glob("logs/csv/version_*/metrics.csv"))[-1])
+    return losses(metrics.dropna(subset=["loss"]))
 
 
 @pytest.mark.parametrize("variant", CACHED_VARIANTS)
@@ -111,36 +126,20 @@ def test_cached_epochs_skip_the_backbone_and_match_uncached_losses(
     assert cached["loss"].iloc[-3:].mean() < cached["loss"].iloc[:3].mean()  # it learns
 
 
-@pytest.mark.parametrize("variant", ["adapters", "side"])
-def test_final_checkpoint_generates_through_the_cli(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, variant: str
-) -> None:
-    run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=1, **CACHED_VARIANTS[variant])
-    final = tmp_path / "out" / "final"
+def test_final_checkpoint_holds_the_trained_model(reference: Path) -> None:
+    """``final/`` loads with this package's classes and holds what the last step trained, outside the backbone."""
+    final = reference / "final"
     assert {"lit_model.pth", "lit_model.pth.lora", "model_config.yaml", "hyperparameters.yaml", "tokenizer.json"} <= {
         p.name for p in final.iterdir()
     }
-    config = yaml.safe_load((final / "model_config.yaml").read_text())
-    assert config["skip2lora_enabled"] and config["skip2lora_block_indices"] == [0, 2]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "litgpt_skip2lora",
-            "generate",
-            str(final),
-            "--prompt",
-            "what is the colour",
-            "--max_new_tokens",
-            "4",
-            "--precision",
-            "32-true",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "what is the colour" in out.stdout
+    model = litgpt_skip2lora.model.GPT(litgpt_skip2lora.model.Config.from_checkpoint(final))
+    model.load_state_dict(torch.load(final / "lit_model.pth"))  # strict: every key of the model, no other
+    last_step = torch.load(reference / "step-000010" / "state.pth", weights_only=False)["model"]
+    adapters = torch.load(final / "lit_model.pth.lora")["model"]
+    assert set(adapters) == set(last_step) == {"skip2lora.A", "skip2lora.B"}
+    for key, value in last_step.items():
+        assert torch.equal(adapters[key], value) and torch.equal(model.state_dict()[key], value)
+    assert model.skip2lora.B.abs().sum() > 0
 
 
 def test_cache_is_reused_and_damage_is_detected(
@@ -171,42 +170,26 @@ def test_cache_is_reused_and_damage_is_detected(
         run(tiny_checkpoint, alpaca_file, tmp_path / "d", epochs=1, cache=cache, skip2lora_block_indices=[1, 3])
 
 
-def test_size_limit_falls_back_to_recomputation(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+def test_size_limit_falls_back_to_recomputation(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, reference: Path
+) -> None:
     with pytest.warns(UserWarning, match="Skip-Cache is full"):
         metrics = run(tiny_checkpoint, alpaca_file, tmp_path / "out", epochs=2, cache=CacheArgs(max_size_gb=2e-4))
     assert 18 + 6 < metrics["backbone_samples"].iloc[-1] < 2 * 18 + 6  # some train samples fit, some not
-    assert metrics["loss"].notna().all()
+    torch.testing.assert_close(losses(metrics), reference_losses(reference))  # recomputed samples train the same
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        (dict(checkpoint="missing"), FileNotFoundError, "checkpoint_dir"),
-        (dict(skip2lora_block_indices=[0, 9]), ValueError, "9 is not a block index of a 4-layer model"),
-        (dict(cache="a-file/skip_cache"), CacheError, "cannot be created or written"),
-        (dict(resume=True), FileNotFoundError, "no step-"),
-    ],
-)
-def test_bad_arguments_stop_before_any_output(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, kwargs: dict, error: type, message: str
+def test_resume_continues_from_the_last_checkpoint(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, reference: Path
 ) -> None:
-    checkpoint = tmp_path / kwargs.pop("checkpoint") if "checkpoint" in kwargs else tiny_checkpoint
-    if "cache" in kwargs:  # a directory below a plain file can never be created, whoever runs the test
-        (tmp_path / "a-file").write_text("")
-        kwargs["cache"] = CacheArgs(directory=tmp_path / kwargs["cache"])
-    with pytest.raises(error, match=message):
-        run(checkpoint.absolute(), alpaca_file, tmp_path / "out", **kwargs)
-    assert not (tmp_path / "out").exists()
-
-
-def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=5)
-    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
-    crashed = tmp_path / "crashed"  # as if killed after step 5: its later checkpoint and final output never written
-    shutil.copytree(tmp_path / "full", crashed, ignore=shutil.ignore_patterns("step-000010", "final"))
-    resumed = run(tiny_checkpoint, alpaca_file, crashed, train=train, resume=True)
+    crashed = tmp_path / "crashed"  # as if killed after step 5: its later checkpoints and final output never written
+    later = shutil.ignore_patterns("step-000006", "step-000009", "step-000010", "final")
+    shutil.copytree(reference, crashed, ignore=later)
+    resumed = run(
+        tiny_checkpoint, alpaca_file, crashed, train=TrainArgs(epochs=2, **TRAIN, save_interval=3), resume=True
+    )
     assert resumed["iter"].iloc[0] == 6
-    torch.testing.assert_close(losses(resumed), losses(full)[5:])
+    torch.testing.assert_close(losses(resumed), reference_losses(reference)[5:])
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -256,15 +239,17 @@ DDP_OPTIONS = (
     " --train.lr_warmup_steps 1 --train.save_interval 2 --eval.interval 1000 --eval.max_new_tokens 2"
 ).split()
 STOP_AT_STEP = """
-import os, sys
+import os, signal
 from litgpt_skip2lora.__main__ import main
-from litgpt_skip2lora.finetune import Trainer
-optimizer_step = Trainer.optimizer_step
-def step(self):
-    optimizer_step(self)
+from litgpt_skip2lora.training import Trainer
+after_step = Trainer.validate_and_save  # called after every optimizer step
+def step(self, *args):
+    after_step(self, *args)
     if self.state["step_count"] == int(os.environ["STOP_AT_STEP"]):
-        os._exit(1)  # both ranks die at once, as on a lost node: no clean-up of any kind
-Trainer.optimizer_step = step
+        if os.environ.get("STOP_HOW") == "SIGKILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(1)  # under DDP both ranks die at once, as on a lost node: no clean-up of any kind
+Trainer.validate_and_save = step
 main()
 """
 
@@ -342,7 +327,7 @@ def test_step_checkpoints_hold_only_what_training_changes(
     run(tiny_checkpoint, alpaca_file, tmp_path / "out", train=train)
     step = sorted((tmp_path / "out").glob("step-*/state.pth"))[0]
     state = torch.load(step, weights_only=False)
-    assert all("lora_" in key for key in state["model"])
+    assert set(state["model"]) == {"skip2lora.A", "skip2lora.B"}
     trained = sum(t.numel() for t in state["model"].values())
     assert trained == 2 * 2 * 4 * 32  # two adapters, A (r x d) and B (d x r), r=4, n_embd=32
     frozen = sum(t.numel() for t in torch.load(tiny_checkpoint / "lit_model.pth").values())
@@ -353,22 +338,26 @@ def test_step_checkpoints_hold_only_what_training_changes(
 
 def interrupt_at(step: int, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sends ``sig`` to this process right after optimizer step ``step``, as a user's Ctrl-C or a scheduler would."""
-    optimizer_step = Trainer.optimizer_step
+    after_step = Trainer.validate_and_save  # called after every optimizer step
 
-    def signalling_step(self) -> None:
-        optimizer_step(self)
+    def signalling_step(self, *args) -> None:
+        after_step(self, *args)
         if self.state["step_count"] == step:
             os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(Trainer, "optimizer_step", signalling_step)
+    monkeypatch.setattr(Trainer, "validate_and_save", signalling_step)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, sig: signal.Signals, capsys: pytest.CaptureFixture
+    tiny_checkpoint: Path,
+    alpaca_file: Path,
+    tmp_path: Path,
+    sig: signal.Signals,
+    capsys: pytest.CaptureFixture,
+    reference: Path,
 ) -> None:
-    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=None)
-    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
+    train = TrainArgs(epochs=2, **TRAIN, save_interval=None)
     with pytest.MonkeyPatch.context() as patch:
         interrupt_at(7, sig, patch)
         with pytest.raises(SystemExit) as stopped:
@@ -378,50 +367,31 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(
     assert not (tmp_path / "stopped" / "final").exists()
     resumed = run(tiny_checkpoint, alpaca_file, tmp_path / "stopped", train=train, resume=True)
     assert "Validation loss at resume (step 7)" in capsys.readouterr().out
-    torch.testing.assert_close(losses(resumed), losses(full)[7:])
-
-
-KILLED_RUN = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import pytest
-from test_finetune import run, Trainer
-from litgpt.args import TrainArgs
-from pathlib import Path
-optimizer_step = Trainer.optimizer_step
-def step(self):
-    optimizer_step(self)
-    if self.state["step_count"] == 8:
-        os.kill(os.getpid(), signal.SIGKILL)
-Trainer.optimizer_step = step
-train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=3)
-run(Path({checkpoint!r}), Path({data!r}), Path({out!r}), train=train)
-"""
+    torch.testing.assert_close(losses(resumed), reference_losses(reference)[7:])
 
 
 def test_resume_after_sigkill_from_the_newest_checkpoint(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, reference: Path
 ) -> None:
-    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=3)
-    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train)
-    script = KILLED_RUN.format(
-        tests=str(Path(__file__).parent),
-        checkpoint=str(tiny_checkpoint),
-        data=str(alpaca_file),
-        out=str(tmp_path / "killed"),
-    )
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    runner = tmp_path / "stop_at_step.py"
+    runner.write_text(STOP_AT_STEP)
+    options = "--precision 32-true --skip2lora_block_indices [0,2] --lora_r 4 --lora_alpha 8 --seed 7 --data JSON"
+    options += " --data.val_split_fraction 0.25 --data.num_workers 0 --train.epochs 2 --train.micro_batch_size 4"
+    options += " --train.global_batch_size 4 --train.lr_warmup_steps 1 --train.save_interval 3 --eval.interval 1000"
+    options += " --eval.max_new_tokens 3"
+    command = [sys.executable, str(runner), "finetune_skip2lora", str(tiny_checkpoint), *options.split()]
+    command += ["--optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}})]
+    command += ["--data.json_path", str(alpaca_file), "--out_dir", str(tmp_path / "killed")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "STOP_AT_STEP": "8", "STOP_HOW": "SIGKILL"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # steps 3 and 6 by the interval, 5 at the end of the first epoch; killed after step 8
     assert sorted(p.name for p in (tmp_path / "killed").glob("step-*")) == ["step-000003", "step-000005", "step-000006"]
-    resumed = run(tiny_checkpoint, alpaca_file, tmp_path / "killed", train=train, resume=True)
-    torch.testing.assert_close(losses(resumed), losses(full)[6:])
-    final = {
-        k: torch.load(tmp_path / d / "final" / "lit_model.pth.lora")["model"]
-        for k, d in [("a", "full"), ("b", "killed")]
-    }
-    for key, value in final["a"].items():
-        torch.testing.assert_close(final["b"][key], value)
+    resumed = run(tiny_checkpoint, alpaca_file, tmp_path / "killed", train=TrainArgs(epochs=2, **TRAIN), resume=True)
+    torch.testing.assert_close(losses(resumed), reference_losses(reference)[6:])
+    final = [torch.load(d / "final" / "lit_model.pth.lora")["model"] for d in (reference, tmp_path / "killed")]
+    for key, value in final[0].items():
+        torch.testing.assert_close(final[1][key], value)
 
 
 def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
@@ -445,7 +415,6 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--resume", "true"], "holds no step-"),
         (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
         (["--quantize", "bnb.int8"], "computes in float16: add --precision 16-true"),
-        (["--quantize", "bnb.nf4", "--skip2lora_side_width", "8"], "does not support a side network"),
         (["--data.json_path", "{tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 13: Expecting value."),
         (["--out_dir", "/proc/skip2lora-out"], "--out_dir '/proc/skip2lora-out' cannot be created or written"),
     ],
@@ -492,10 +461,9 @@ def test_data_that_cannot_be_downloaded_is_one_line(tiny_checkpoint: Path, tmp_p
     assert "Number of trainable parameters" not in result.stdout
 
 
-def test_cache_serves_a_grown_selection_of_samples(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_cache_serves_a_grown_selection_of_samples(tiny_checkpoint: Path, tmp_path: Path, alpaca_writer) -> None:
     """Entries are keyed by their tokens: more samples only adds entries, the shared ones are read back."""
-    from conftest import write_alpaca
-
+    write_alpaca = alpaca_writer
     cache = CacheArgs(placement="disk", directory=tmp_path / "cache")
     few, more = write_alpaca(tmp_path / "few.json", 24), write_alpaca(tmp_path / "more.json", 40)
     data = dict(val_split_fraction=0.25, num_workers=0)
@@ -507,10 +475,10 @@ def test_cache_serves_a_grown_selection_of_samples(tiny_checkpoint: Path, tmp_pa
     assert 0 < grown["backbone_samples"].iloc[-1] < 40
 
 
-def test_a_smollm2_shaped_step_checkpoint_holds_only_the_adapters(alpaca_file: Path, tmp_path: Path) -> None:
-    from conftest import write_checkpoint
-
-    checkpoint = write_checkpoint(tmp_path / "smollm2", config_name="SmolLM2-135M-Instruct")
+def test_a_smollm2_shaped_step_checkpoint_holds_only_the_adapters(
+    alpaca_file: Path, tmp_path: Path, checkpoint_writer
+) -> None:
+    checkpoint = checkpoint_writer(tmp_path / "smollm2", config_name="SmolLM2-135M-Instruct")
     train = TrainArgs(epochs=1, micro_batch_size=8, global_batch_size=8, lr_warmup_steps=1, save_interval=None)
     run(checkpoint, alpaca_file, tmp_path / "out", train=train, skip2lora_block_indices=None, lora_r=8, lora_alpha=16)
     (step,) = (tmp_path / "out").glob("step-*/state.pth")  # the end of the epoch's
@@ -535,7 +503,7 @@ def test_reads_slower_than_the_backbone_are_reported() -> None:
     from litgpt_skip2lora.cache import MemoryStore, SkipCache
 
     cache = SkipCache(MemoryStore(torch.device("cpu")))
-    features = FeatureLoader(lambda idx: None, cache, torch.device("cpu"), torch.float32, position_wise=True)
+    features = CachedBackbone(lambda idx: None, cache, torch.device("cpu"), torch.float32, RowLayout(flat=True))
     features.time.update(read_wait=0.5, read_batches=5, backbone=0.2, backbone_batches=4)  # 100 ms against 50 ms
     with pytest.warns(UserWarning, match="waiting 100 ms, longer than the backbone took \\(50 ms"):
         features.warn_if_reads_are_slow()

@@ -6,10 +6,11 @@ import litgpt
 import pytest
 import torch
 from litgpt.generate.base import generate
-from litgpt.lora import mark_only_lora_as_trainable
 
-from litgpt_skip2lora import GPT, Config, Skip2LoRA
-from litgpt_skip2lora.model import Features
+from litgpt_skip2lora import GPT, Adapters, Config
+from litgpt_skip2lora.finetune import save_model_config
+from litgpt_skip2lora.model import mark_trainable, trainable_state
+from litgpt_skip2lora.rows import RowLayout
 
 FAMILIES = {
     "pythia": dict(name="pythia-14m", n_layer=3, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96),
@@ -46,8 +47,7 @@ def tiny(family: str = "llama", **kwargs) -> Config:
 
 
 def with_random_adapters(model: GPT) -> GPT:
-    for adapter in model.adapters:
-        torch.nn.init.normal_(adapter.lora_B, std=0.5)
+    torch.nn.init.normal_(model.skip2lora.B, std=0.5)
     return model
 
 
@@ -62,7 +62,7 @@ def test_zero_b_equals_base_model_exactly(family: str, place: str) -> None:
     model = GPT(config)
     result = model.load_state_dict(base.state_dict(), strict=False)  # a plain LitGPT checkpoint loads as it is
     assert result.unexpected_keys == []
-    assert all(".skip2lora." in k for k in result.missing_keys) and result.missing_keys
+    assert result.missing_keys == ["skip2lora.A", "skip2lora.B"]
     idx = torch.randint(0, 96, (2, 9))
     assert torch.equal(model(idx), base(idx))
 
@@ -70,15 +70,15 @@ def test_zero_b_equals_base_model_exactly(family: str, place: str) -> None:
 @pytest.mark.parametrize("place", PLACES)
 def test_gradients_reach_adapters_only(place: str) -> None:
     model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place)))
-    mark_only_lora_as_trainable(model)
+    mark_trainable(model)
     model(torch.randint(0, 96, (2, 9))).sum().backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"transformer.h.{i}.skip2lora.lora_{m}" for i in (0, 1) for m in "AB"}
+    assert with_grad == {"skip2lora.A", "skip2lora.B"} == set(trainable_state(model))
 
 
 def test_ordinary_lora_together_keeps_the_graph() -> None:
     model = with_random_adapters(GPT(tiny(lora_query=True, lora_value=True)))
-    mark_only_lora_as_trainable(model)
+    mark_trainable(model)
     assert model.backbone_requires_grad()
     model(torch.randint(0, 96, (2, 9))).sum().backward()
     qkv_grads = [p.grad for n, p in model.named_parameters() if "attn.qkv.lora_B" in n]
@@ -89,13 +89,13 @@ def test_ordinary_lora_before_a_block_output_place_is_off() -> None:
     model = GPT(tiny(lora_query=True, skip2lora_output_layer="block.2"))
     lora_blocks = {n.split(".")[2] for n, _ in model.named_parameters() if "qkv.lora_A" in n}
     assert lora_blocks == {"2"}
-    mark_only_lora_as_trainable(model)
+    mark_trainable(model)
     assert not model.backbone_requires_grad()
 
 
 def saved_bytes(n_layer: int) -> int:
     model = with_random_adapters(GPT(tiny(n_layer=n_layer)))
-    mark_only_lora_as_trainable(model)
+    mark_trainable(model)
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -138,53 +138,62 @@ def test_chunked_head_equals_unchunked(place: str) -> None:
 def test_tail_from_features_equals_full_forward(place: str) -> None:
     model = with_random_adapters(GPT(tiny(skip2lora_output_layer=place)))
     idx = torch.randint(0, 96, (2, 9))
-    features = model.features(idx)
+    features = model.backbone(idx)
     assert torch.equal(model.tail(features), model(idx))
     supervised = torch.rand(2, 9) < 0.5  # training logits: the supervised rows only
     assert torch.allclose(model.tail(features, supervised), model(idx)[supervised], atol=1e-5)
-    if (
-        model.config.skip2lora_position_wise
-    ):  # such a tail also takes the supervised rows flat, as the cache stores them
-        rows = Features([t[supervised] for t in features.taps], features.stream[supervised])
-        assert torch.allclose(model.tail(rows), model(idx)[supervised], atol=1e-5)
+    if RowLayout.of(model.config).flat:  # such a tail also takes the supervised rows flat, as the cache stores them
+        assert torch.allclose(model.tail(features.rows(supervised)), model(idx)[supervised], atol=1e-5)
 
 
 def test_features_run_without_autograd_graph() -> None:
     model = GPT(tiny())
-    mark_only_lora_as_trainable(model)
-    features = model.features(torch.randint(0, 96, (1, 4)))
-    assert features.stream.grad_fn is None and all(t.grad_fn is None for t in features.taps)
+    mark_trainable(model)
+    features = model.backbone(torch.randint(0, 96, (1, 4)))
+    assert features.stream.grad_fn is None and features.taps.grad_fn is None
 
 
 def test_adapter_only_checkpoint_roundtrip(tmp_path) -> None:
     source = with_random_adapters(GPT(tiny()))
-    adapters = {k: v for k, v in source.state_dict().items() if "lora_" in k}
-    torch.save(adapters, tmp_path / "adapters.pth")
+    mark_trainable(source)
+    torch.save(trainable_state(source), tmp_path / "adapters.pth")
     target = GPT(tiny())
     target.load_state_dict(source.state_dict())
-    for adapter in target.adapters:
-        adapter.reset_parameters()
+    target.skip2lora.reset_parameters()
+    idx = torch.randint(0, 96, (1, 6))
+    assert not torch.equal(target(idx), source(idx))
     target.load_state_dict(torch.load(tmp_path / "adapters.pth"), strict=False)
+    assert torch.equal(target(idx), source(idx))
+
+
+def test_a_checkpoint_of_per_block_adapters_loads_into_the_stacked_ones() -> None:
+    """Earlier versions kept adapter j in block i as ``transformer.h.<i>.skip2lora.lora_A/B``."""
+    source = with_random_adapters(GPT(tiny(skip2lora_block_indices=(0, 2))))
+    old = {k: v for k, v in source.state_dict().items() if not k.startswith("skip2lora.")}
+    for j, i in enumerate((0, 2)):
+        old[f"transformer.h.{i}.skip2lora.lora_A"] = source.skip2lora.A[j].clone()
+        old[f"transformer.h.{i}.skip2lora.lora_B"] = source.skip2lora.B[:, 4 * j : 4 * (j + 1)].clone()
+    target = GPT(tiny(skip2lora_block_indices=(0, 2)))
+    target.load_state_dict(old)  # strict: every old key mapped, none missing
     idx = torch.randint(0, 96, (1, 6))
     assert torch.equal(target(idx), source(idx))
 
 
-def test_layer_shapes_and_scaling() -> None:
-    layer = Skip2LoRA(n_embd=16, r=4, lora_alpha=8, lora_dropout=0.0)
-    assert layer.lora_A.shape == (4, 16) and layer.lora_B.shape == (16, 4) and layer.scaling == 2.0
-    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
-    torch.nn.init.ones_(layer.lora_B)
-    x = torch.randn(3, 16)
-    assert torch.allclose(layer(x), x @ layer.lora_A.T @ layer.lora_B.T * 2.0)
+def test_adapters_sum_each_blocks_low_rank_output() -> None:
+    adapters = Adapters(n=2, n_embd=16, r=4, alpha=8, dropout=0.0)
+    assert adapters.A.shape == (2, 4, 16) and adapters.B.shape == (16, 8) and adapters.scaling == 2.0
+    assert torch.count_nonzero(adapters.B) == 0 and torch.count_nonzero(adapters.A) == 2 * 4 * 16
+    torch.nn.init.normal_(adapters.B)
+    taps = torch.randn(2, 3, 16)
+    expected = sum(taps[i] @ adapters.A[i].T @ adapters.B[:, 4 * i : 4 * (i + 1)].T * 2.0 for i in range(2))
+    torch.testing.assert_close(adapters(taps), expected)
 
 
 def test_negative_indices_count_from_the_end_and_config_round_trips(tmp_path) -> None:
     config = tiny(skip2lora_block_indices=[-1, 0])
     assert config.skip2lora_block_indices == (0, 2)
     path = tmp_path / "model_config.yaml"
-    from litgpt_skip2lora.finetune import save_config
-
-    save_config(config, tmp_path)
+    save_model_config(config, tmp_path)
     assert Config.from_file(path) == config
     assert Config.from_checkpoint(tmp_path) == config
     assert asdict(Config.from_name("pythia-14m"))["skip2lora_enabled"] is False
@@ -212,19 +221,16 @@ def test_bad_config_is_refused_with_a_clear_message(kwargs: dict, message: str) 
 def test_factored_head_gives_the_same_logits_and_gradients() -> None:
     """With few ranks and many rows training uses ``W h + (W B) u``; it must equal ``W (h + B u)``."""
     model = with_random_adapters(GPT(tiny(lora_r=1, lora_alpha=2)))
-    mark_only_lora_as_trainable(model)
-    features = model.features(torch.randint(0, 96, (4, 16)))
-    flat = Features([t.flatten(0, 1) for t in features.taps], features.stream.flatten(0, 1))
-    assert model._factored_head_pays(flat, lm_head_chunk_size=0)
+    mark_trainable(model)
+    flat = model.backbone(torch.randint(0, 96, (4, 16))).rows(torch.ones(4, 16, dtype=torch.bool))
+    assert model.skip2lora.factoring_pays(model.lm_head.linear, rows=64)
     results = []
-    for logits_fn in (
-        model.tail,
-        lambda f: model.lm_head(f.stream + sum(a(t) for a, t in zip(model.adapters, f.taps))),
-    ):
+    for factor in (True, False):
         model.zero_grad()
-        logits = logits_fn(flat)
+        model.skip2lora.factor_head = factor
+        logits = model.tail(flat)
         logits.logsumexp(-1).sum().backward()
-        results.append((logits.detach(), [a.lora_B.grad.clone() for a in model.adapters]))
+        results.append((logits.detach(), [p.grad.clone() for p in (model.skip2lora.A, model.skip2lora.B)]))
     (factored, factored_grads), (plain, plain_grads) = results
     torch.testing.assert_close(factored, plain)
     for g1, g2 in zip(factored_grads, plain_grads):
@@ -232,13 +238,12 @@ def test_factored_head_gives_the_same_logits_and_gradients() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "built_in", "other"), [("skip2lora_mix", "none", "attention"), ("skip2lora_input", "raw", "norm_1")]
+    ("field", "built_in", "other"),
+    [("skip2lora_mix", "none", "attention"), ("skip2lora_input", "raw", "norm_1"), ("skip2lora_side_width", 0, 16)],
 )
 def test_a_checkpoint_naming_a_retired_field_loads_at_its_built_in_value(tmp_path, field, built_in, other) -> None:
-    from litgpt_skip2lora.finetune import save_config
-
     config = tiny()
-    save_config(config, tmp_path)
+    save_model_config(config, tmp_path)
     path = tmp_path / "model_config.yaml"
     saved = path.read_text()
     path.write_text(saved + f"{field}: {built_in}\n")

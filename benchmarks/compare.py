@@ -1,4 +1,4 @@
-"""compare: LitGPT's LoRA against Skip2-LoRA variants on the same checkpoint, data, seed and budget.
+"""``python -m benchmarks.compare``: LitGPT's LoRA against Skip2-LoRA variants, same checkpoint, data, seed, budget.
 
 Every variant trains in a fresh process, so its peak memory is its own, and its raw result is written as soon as it
 finishes, so a crash loses nothing. The report is read back from each run's ``metrics.csv``, never estimated.
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import CLI
 
 # The training commands a variant can name: the module run with ``python -m``, and what to add to its ``epoch``
 # column to count epochs from 1: LitGPT logs ``CycleIterator.epoch``, which is 0 during the first pass;
@@ -304,3 +305,7 @@ def markdown_table(runs: dict[str, dict], baseline: str) -> str:
         epochs = " / ".join(f"{t:.1f}" for t in run["epoch_train_time_s"]) or "-"
         rows.append([name, *cells, epochs, run["status"]])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+if __name__ == "__main__":
+    CLI(compare)

@@ -1,0 +1,70 @@
+"""What produces ``z``: the Skip2-LoRA adapters, one per selected block, summed.
+
+Adapter ``i`` maps the input ``x_i`` of selected block ``i`` to ``B_i A_i dropout(x_i) * alpha / r``; ``z`` is their
+sum. The ``A_i`` are stacked in one ``(n, r, d)`` parameter and the ``B_i`` side by side in one ``(d, n r)``
+parameter, so ``z = codes @ B^T`` is two batched matmuls whatever ``n`` is, where ``codes`` are the ``n r`` rank-r
+values of a row. Reference: Matutani et al., ASP-DAC 2025, arXiv 2410.21073.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Features:
+    """What the tail needs from the frozen backbone: ``taps``, the selected blocks' inputs stacked ``(n, ..., d)``,
+    and ``stream``, the residual stream at the output place, to which ``z`` is added."""
+
+    taps: torch.Tensor
+    stream: torch.Tensor
+
+    def rows(self, mask: torch.Tensor) -> "Features":
+        """The rows where ``mask`` (over the stream's leading dims) is true, as flat rows."""
+        return Features(self.taps[:, mask], self.stream[mask])
+
+
+class Adapters(nn.Module):
+    """The ``n`` adapters as one module: ``forward(taps)`` is ``z``. A fresh module has ``B = 0``: ``z = 0``."""
+
+    def __init__(self, n: int, n_embd: int, r: int, alpha: int, dropout: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(n, r, n_embd))
+        self.B = nn.Parameter(torch.empty(n_embd, n * r))
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.factor_head = True
+        """Let :meth:`factored_logits` replace ``head(stream + z)`` where it is cheaper (see :meth:`factoring_pays`)."""
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each ``A_i`` as LoRA's ``A`` (Kaiming-uniform), ``B`` zero."""
+        with torch.no_grad():
+            for a in self.A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(self.B)
+
+    def codes(self, taps: torch.Tensor) -> torch.Tensor:
+        """Every adapter's rank-r code of each row side by side: ``(..., n r)``."""
+        codes = torch.einsum("n...d,nrd->...nr", self.dropout(taps), self.A)
+        return codes.flatten(-2) * self.scaling
+
+    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+        return self.codes(taps) @ self.B.T
+
+    def factoring_pays(self, head: nn.Linear, rows: int) -> bool:
+        """``W (h + B u) = W h + (W B) u`` for a frozen float head ``W``: backward then multiplies by the
+        vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row, which pays when the ``rows``
+        outnumber the ranks ``k``: ``rows d > 2 d k + 3 rows k`` multiply-adds per vocabulary entry."""
+        d, k = self.B.shape
+        weight = head.weight
+        frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
+        return self.factor_head and torch.is_grad_enabled() and frozen_float and rows * (d - 3 * k) > 2 * d * k
+
+    def factored_logits(self, features: Features, head: nn.Linear) -> torch.Tensor:
+        """``head(stream + z)``, computed as ``head(stream) + codes (W B)^T`` with the first term outside autograd."""
+        with torch.no_grad():
+            stream_logits = head(features.stream)
+        return stream_logits + self.codes(features.taps) @ (head.weight @ self.B).T

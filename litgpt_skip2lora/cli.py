@@ -1,0 +1,95 @@
+"""The command line's side of errors: input refused in one line, before anything is written or loaded.
+
+An error raised inside :func:`user_errors` is the user's: ``litgpt-skip2lora`` prints it as ``error: ...``
+without a traceback. Anything else keeps its traceback. The ``check_*`` functions refuse bad arguments early.
+"""
+
+import contextlib
+import importlib.util
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+import torch
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import JSON, DataModule
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Marks the errors raised inside as the user's."""
+    try:
+        yield
+    except Exception as err:
+        err.user_error = True
+        raise
+
+
+def refuse(error: Exception) -> None:
+    """Raise ``error`` as the user's."""
+    with user_errors():
+        raise error
+
+
+def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
+    if not train.epochs and not train.max_steps:
+        raise ValueError(f"--train.epochs must be at least 1 (or set --train.max_steps); got epochs={train.epochs}.")
+    if eval.max_new_tokens is None:
+        raise ValueError("--eval.max_new_tokens must be set.")
+    for name in ("max_tokens", "max_norm", "tie_embeddings", "lr_warmup_fraction"):
+        if getattr(train, name) is not None:
+            raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and write in it once, so that a path that cannot hold the run fails before the model loads
+    (a permission check alone passes for root in places like ``/proc``)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out_dir {str(out_dir)!r} cannot be created or written: {err.strerror}.") from None
+
+
+def check_json_data(data: DataModule) -> None:
+    """A ``JSON`` data set's files must parse: say which file and where, before the model loads."""
+    if not isinstance(data, JSON):
+        return
+    path = Path(data.json_path)
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*.json*") if p.stem in ("train", "val"))
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        documents = text.splitlines() if file.suffix == ".jsonl" else [text]  # JSON Lines: one document a line
+        for number, document in enumerate(documents, start=1):
+            try:
+                json.loads(document)
+            except json.JSONDecodeError as err:
+                line = number if file.suffix == ".jsonl" else err.lineno
+                raise ValueError(f"{file}: invalid JSON at line {line}, column {err.colno}: {err.msg}.") from None
+
+
+def check_quantize(quantize: str | None, precision: str | None) -> None:
+    """bitsandbytes quantizes on CUDA GPUs only, its int8 layers compute in float16: say so before anything starts."""
+    if quantize is None:
+        return
+    if quantize.startswith("bnb.int8") and precision != "16-true":
+        raise ValueError(f"--quantize {quantize} computes in float16: add --precision 16-true.")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); none is available here.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
+
+
+@contextlib.contextmanager
+def download_hint(data: DataModule) -> Iterator[None]:
+    """A data module that downloads (LitGPT's default ``Alpaca`` does) fails offline: say how to pass local data."""
+    try:
+        yield
+    except requests.exceptions.RequestException as err:
+        raise ConnectionError(
+            f"--data {type(data).__name__} downloads its data, which failed ({type(err).__name__}). Without internet,"
+            " pass local data: --data JSON --data.json_path FILE, or --data litgpt_skip2lora.data.WordNetInstruct."
+        ) from None
