@@ -192,8 +192,7 @@ def setup(
     )
     plugins, trained_in = None, precision
     if quantize is not None:
-        dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
-        plugins, precision = BitsandbytesPrecision(quantize[4:], dtype), None
+        plugins, precision = bitsandbytes_plugin(quantize, precision), None
     name, log_args = f"finetune-skip2lora-{config.name}", dataclasses.asdict(log)
     logger = choose_logger(logger_name, out_dir, name=name, log_interval=train.log_interval, log_args=log_args)
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
@@ -219,6 +218,12 @@ def setup(
         command,
     )
     fabric.launch(main, run)
+
+
+def bitsandbytes_plugin(quantize: str, precision: str) -> BitsandbytesPrecision:
+    """Fabric's plugin that stores the frozen weights as ``quantize`` says and computes in ``precision``'s dtype."""
+    dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}[precision]
+    return BitsandbytesPrecision(quantize.removeprefix("bnb."), dtype)
 
 
 def main(fabric: L.Fabric, run: Run) -> None:

@@ -16,9 +16,6 @@ EXPECTED = [
     "skip2-2-disk-cold",
     "skip2-2-cached-plain-head",
     "skip2-4-cached-quarter",
-    "side",
-    "side-cached",
-    "side-disk",
     "lora-same-params",
 ]
 ENVIRONMENT = "date python torch litgpt device device_name threads precision batch_size seq_len rank".split()
@@ -51,8 +48,8 @@ def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
     assert results["skip2-4-cached-quarter"]["labelled_fraction"] == 0.25
     assert results["skip2-2-cached"]["placement"] == "memory" and results["skip2-2"]["placement"] is None
     assert results["skip2-2-disk-cold"]["placement"] == "disk" and results["skip2-2-disk-cold"]["cold"]
-    # pythia-14m: a side network of width 32 (n_embd 128 / 8, one 32-wide head) reads block 0 of the 2; float32
-    side_bytes = (1 * 32 + 128) * 4 + 8  # the read channels, the stream at the output place, the target
-    assert [results[n]["cache_bytes_per_token"] for n in ("side-cached", "side-disk")] == [side_bytes] * 2
-    assert results["side"]["cache_bytes_per_token"] is None and results["side"]["side_width"] == 32
+    # a sample of 16 tokens keeps its 15 supervised rows: two taps (blocks 0 and 1) and the stream of pythia-14m's
+    # 128 float32 channels each, and 15 int64 targets stored in 128 bytes (each tensor padded to 64 bytes)
+    assert results["skip2-2-cached"]["cache_bytes_per_token"] == ((2 + 1) * 15 * 128 * 4 + 128) / 16
+    assert results["skip2-2"]["cache_bytes_per_token"] is None
     assert list(tmp_path.iterdir()) == [path]  # the disk configurations' caches are cleaned up

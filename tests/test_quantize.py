@@ -1,12 +1,13 @@
 """A 4-bit frozen part: the tail's arithmetic against a bitsandbytes head, on the CPU library bitsandbytes ships."""
 
+import lightning as L
 import pytest
 import torch
-from litgpt.lora import mark_only_lora_as_trainable
-from test_model import tiny
 
 from litgpt_skip2lora import GPT, Config
-from litgpt_skip2lora.model import Features
+from litgpt_skip2lora.backbone import fingerprint
+from litgpt_skip2lora.cache import CacheArgs, DiskStore
+from litgpt_skip2lora.model import mark_trainable
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -21,42 +22,32 @@ def quantized_head(model: GPT) -> torch.nn.Module:
 
 
 def test_tail_against_a_4bit_head_is_the_head_applied_to_the_adapted_rows() -> None:
-    config = tiny("llama")
+    shape = dict(n_layer=3, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96, lora_r=4, lora_alpha=8)
     torch.manual_seed(0)
-    model = GPT(config)
-    mark_only_lora_as_trainable(model)
-    for adapter in model.adapters:
-        torch.nn.init.normal_(adapter.lora_B, std=0.5)
+    model = GPT(Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1)))
+    mark_trainable(model)
+    torch.nn.init.normal_(model.skip2lora.B, std=0.5)
     packed = quantized_head(model)
     assert packed.weight.dtype == torch.uint8
     model.eval()
-    features = model.features(torch.randint(0, 96, (4, 40)))
     # flat rows, many more than the ranks: the case where a float head would be factored (W B)
-    rows = Features([t.flatten(0, 1) for t in features.taps], features.stream.flatten(0, 1))
+    rows = model.backbone(torch.randint(0, 96, (4, 40))).rows(torch.ones(4, 40, dtype=torch.bool))
     logits = model.tail(rows)
-    expected = packed(rows.stream + sum(a(t) for a, t in zip(model.adapters, rows.taps)))
-    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits, packed(rows.stream + model.skip2lora(rows.taps)))
     logits.logsumexp(-1).mean().backward()
-    trained = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert trained and all(".skip2lora.lora_" in n for n in trained)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {"skip2lora.A", "skip2lora.B"}
 
 
-def test_cache_fingerprint_names_the_quantization(tiny_checkpoint) -> None:
-    """Features of a 4-bit backbone differ from a bf16 one's: a cache built for one is never served to the other."""
-    from types import SimpleNamespace
-
-    import lightning as L
-    from litgpt.args import TrainArgs
-    from litgpt.data import Alpaca
-
-    from litgpt_skip2lora.cache import CacheArgs
-    from litgpt_skip2lora.finetune import fingerprint
-
+def test_a_cache_built_for_a_float_backbone_is_never_served_to_a_4bit_one(tiny_checkpoint, tmp_path) -> None:
+    """Features of a 4-bit backbone differ from a bf16 one's: the fingerprint names the quantization."""
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     config = Config.from_file(
         tiny_checkpoint / "model_config.yaml", lora_r=4, skip2lora_enabled=True, skip2lora_block_indices=[0]
     )
-    run = dict(checkpoint_dir=tiny_checkpoint, data=Alpaca(), train=TrainArgs(), cache=CacheArgs())
-    plain = fingerprint(SimpleNamespace(**run, quantize=None), fabric, config)
-    nf4 = fingerprint(SimpleNamespace(**run, quantize="bnb.nf4"), fabric, config)
-    assert plain != nf4 and nf4["quantize"] == "bnb.nf4"
+    model, args = GPT(config), CacheArgs()
+    store = DiskStore(tmp_path, fingerprint(fabric, model, args, tiny_checkpoint, None))
+    store.put("train-sample", {"stream": torch.ones(2, 32)})
+    store.close()
+    with pytest.warns(UserWarning, match="built for other inputs"):
+        store = DiskStore(tmp_path, fingerprint(fabric, model, args, tiny_checkpoint, "bnb.nf4"))
+    assert store.get("train-sample") is None

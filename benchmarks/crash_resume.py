@@ -7,7 +7,9 @@ with ``--resume true`` until it finishes. Each outcome: where it was killed, whe
 entry (detected and recomputed, never used), the largest difference of its final adapters from the reference's,
 and its final validation loss against the reference's::
 
-    python experiments/crash_resume.py --kills 10
+    python -m benchmarks.crash_resume --kills 10
+
+writes ``benchmark_results/crash_resume-<UTC>.json``. The suite runs it with one kill on fewer samples.
 """
 
 import argparse
@@ -19,14 +21,15 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from benchmarks.random_checkpoint import model_config, write_checkpoint, write_sentences  # noqa: E402
+from benchmarks.random_checkpoint import model_config, write_checkpoint, write_sentences
 
-PROGRESS = re.compile(r"Epoch (\d+)/\d+:\s+\d+%\|[^|]*\| (\d+)/(\d+)")
+# tqdm's bar, "Epoch 1/3 [cache: disk]:  40%|####      | 4/10"
+PROGRESS = re.compile(r"Epoch (\d+)/\d+(?: \[[^\]]*\])?:\s+\d+%\|[^|]*\| (\d+)/(\d+)")
 VAL_LOSS = re.compile(r"Validation loss after training: ([0-9.]+)")
 
 
@@ -102,13 +105,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=160, help="training and validation samples")
     parser.add_argument("--work", type=Path, default=Path("out/crash_resume"))
+    parser.add_argument("--out", type=Path, help="default: benchmark_results/crash_resume-<UTC>.json")
     args = parser.parse_args()
+    out = args.out or Path("benchmark_results") / f"crash_resume-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     rng = random.Random(args.seed)
     checkpoint, data = args.work / "checkpoint", args.work / "data.json"
     words = [f"w{i}" for i in range(509)]
     write_checkpoint(checkpoint, model_config("pythia-14m", 512), words)
-    write_sentences(data, 160, 100, words)
+    write_sentences(data, args.samples, 100, words)
 
     code, stdout, stderr = run_until(command(checkpoint, data, args.work / "reference", False), None, rng)
     assert code == 0, stderr[-3000:]
@@ -140,9 +146,12 @@ def main() -> None:
             }
         )
         print(json.dumps(outcomes[-1]), flush=True)
-    (args.work / "outcomes.json").write_text(json.dumps(outcomes, indent=2))
     same = sum(o["max_adapter_difference"] == 0 and o["final_val_loss"] == reference_loss for o in outcomes)
+    summary = {"kills": len(outcomes), "exact": same, "samples": args.samples, "seed": args.seed}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "outcomes": outcomes}, indent=2))
     print(f"{same}/{len(outcomes)} resumed runs ended with the reference's exact adapters and validation loss")
+    print(f"Wrote {out}")
 
 
 if __name__ == "__main__":
