@@ -42,7 +42,8 @@ def evaluate_accuracy(
         checkpoint_dir: A ``final/`` folder of ``finetune_skip2lora`` or ``finetune_lora``, or a base checkpoint.
         data: The LitGPT data module whose validation split is scored, with its prompt style, e.g. ``JSON`` with
             ``--data.json_path`` or ``litgpt_skip2lora.data.WordNetInstruct`` with ``--data.task supersense``.
-        labels: The closed set of answers for label likelihood; default: the training answers, when they form one.
+        labels: The closed set of answers for label likelihood; default: the training answers, when they form one;
+            ``[]``: exact match only.
         max_new_tokens: The longest greedy answer.
         limit: Score only the first ``limit`` items.
         out_file: The per-item answers as JSON; default ``<checkpoint_dir>/evaluate_accuracy.json``.
@@ -52,7 +53,7 @@ def evaluate_accuracy(
     model, tokenizer = load_model(checkpoint_dir)
     train_items, items = splits(data, tokenizer)
     items = items[:limit]
-    labels = labels or closed_set(train_items)
+    labels = closed_set(train_items) if labels is None else labels
     model.max_seq_length = min(512, model.config.block_size)
     model.set_kv_cache(batch_size=max(1, len(labels)))  # one row for greedy generation, one a label for scoring
     results = [score(model, tokenizer, data, item, labels, max_new_tokens) for item in tqdm(items, desc="Scoring")]
