@@ -5,7 +5,7 @@
 # context included). EPOCHS, LORA_RUNS, SAMPLES, MODEL_1B and MODEL_7B shrink it for a rehearsal.
 set -uo pipefail
 OUT=${OUT:-out/gpu-end-to-end}
-source experiments/gpu_setup.sh
+source benchmarks/gpu/setup.sh
 timeout "${E2E_TIMEOUT:-420}" python3 -m benchmarks.end_to_end --random-model "${MODEL_1B:-Llama-3.2-1B}" \
   --samples "${SAMPLES:-5000}" --tokens 300 --epochs ${EPOCHS:-1 3 10} --lora-runs "${LORA_RUNS:-2}" \
   --work /tmp/e2e --out "$OUT" 2>&1 | tee "$OUT/end_to_end.log"
