@@ -147,10 +147,6 @@ class CachedBackbone:
         entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
         return Batch(*to_features(self.layout.collate(entries, False), self.device, self.dtype), tokens, 0.0)
 
-    def describe(self) -> str:
-        """Where features come from, for the progress bar."""
-        return "cache off" if self.cache is None else f"cache: {self.cache.placement}"
-
     def warn_if_reads_are_slow(self) -> None:
         """A cache that keeps the step waiting longer than the backbone would take is no gain: say so, once."""
         t = self.time
@@ -173,15 +169,9 @@ class CachedBackbone:
 
 
 def cached_backbone(
-    fabric: L.Fabric,
-    model: GPT,
-    args: CacheArgs,
-    out_dir: Path,
-    checkpoint_dir: Path,
-    quantize: str | None,
-    train_set: Dataset,
+    fabric: L.Fabric, model: GPT, args: CacheArgs, out_dir: Path, checkpoint_dir: Path, quantize: str | None, loader
 ) -> CachedBackbone:
-    """The model's backbone with its Skip-Cache placed where the whole of it fits best, or none when it is off."""
+    """The model's backbone with its Skip-Cache, placed where the whole of the training ``loader``'s fits best."""
     dtype, layout = model.transformer.wte.weight.dtype, RowLayout.of(model.config)
     cache = None
     if not args.enabled:
@@ -190,7 +180,7 @@ def cached_backbone(
         warnings.warn("Ordinary LoRA trains blocks before the Skip2-LoRA output place: the Skip-Cache is off.")
     else:
         stored = STORAGE_DTYPES.get(args.dtype) or dtype
-        estimate = estimate_bytes(train_set, model.config, stored, layout)
+        estimate = estimate_bytes(loader.dataset, model.config, stored, layout)
         max_bytes = None if args.max_size_gb is None else int(args.max_size_gb * 1e9)
         placement, why = choose_placement(args.placement, estimate, fabric.device, max_bytes)
         fabric.print(f"Skip-Cache: {placement} ({why}; about {estimate / 1e9:.2f} GB for the training set).")
@@ -216,8 +206,6 @@ def fingerprint(fabric: L.Fabric, model: GPT, args: CacheArgs, checkpoint_dir: P
 def estimate_bytes(dataset: Dataset, config, dtype: torch.dtype, layout: RowLayout, sample: int = 256) -> int:
     """The training set's cache size, from the rows of up to ``sample`` samples (tokenising them is cheap)."""
     taken = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // sample))]
-    if not taken:
-        return 0
     rows = [layout.row_count(s["labels"]) for s in taken]
     per_row = (len(config.skip2lora_block_indices) + 1) * config.n_embd * dtype.itemsize + 8
-    return int(sum(rows) / len(rows) * len(dataset) * per_row)
+    return int(sum(rows) / max(1, len(rows)) * len(dataset) * per_row)

@@ -74,16 +74,12 @@ class Run:
     eval: EvalArgs
     cache: CacheArgs
     optimizer: str | dict
-    accum: int
-    """Micro-batches per optimizer step."""
     seed: int
     resume: Path | None
     """The step checkpoint to continue from."""
     precision: str
     """The precision the adapters train in, recorded in ``final/`` for generation."""
     quantize: str | None
-    command: str
-    """How this run was started, for the message that says how to resume it."""
 
 
 def setup(
@@ -199,23 +195,8 @@ def setup(
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
-    command = " ".join(["litgpt-skip2lora", *sys.argv[1:]]) if sys.argv[1:2] else "the same command"
-    accum = train.gradient_accumulation_iters(devices, num_nodes)
     run = Run(
-        config,
-        checkpoint_dir,
-        out_dir,
-        data,
-        train,
-        eval,
-        cache,
-        optimizer,
-        accum,
-        seed,
-        checkpoint,
-        trained_in,
-        quantize,
-        command,
+        config, checkpoint_dir, out_dir, data, train, eval, cache, optimizer, seed, checkpoint, trained_in, quantize
     )
     fabric.launch(main, run)
 
@@ -230,7 +211,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
     clock = WallClock(fabric.device)
     tokenizer = Tokenizer(run.checkpoint_dir)
     train_loader, val_loader = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed)
-    max_steps = min(run.train.epochs * max(1, len(train_loader) // run.accum), run.train.max_steps or math.inf)
+    accum = run.train.gradient_accumulation_iters(fabric.world_size, 1)  # micro-batches per optimizer step
+    max_steps = min(run.train.epochs * max(1, len(train_loader) // accum), run.train.max_steps or math.inf)
 
     fabric.seed_everything(run.seed)
     with fabric.init_module(empty_init=True):
@@ -256,23 +238,9 @@ def main(fabric: L.Fabric, run: Run) -> None:
     if run.resume is not None:
         resume.load(fabric, run.resume, state)
 
-    backbone = cached_backbone(
-        fabric, model, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader.dataset
-    )
+    backbone = cached_backbone(fabric, model, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader)
     trainer = Trainer(
-        fabric,
-        model,
-        fabric_model,
-        opt,
-        scheduler,
-        backbone,
-        state,
-        run.train,
-        run.eval,
-        run.accum,
-        max_steps,
-        run.out_dir,
-        clock,
+        fabric, fabric_model, opt, scheduler, backbone, state, run.train, run.eval, max_steps, run.out_dir, clock
     )
     clock.started()
     try:
@@ -280,7 +248,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
     finally:
         backbone.close()
     if not finished:
-        fabric.print(f"Interrupted; a checkpoint is saved. Resume with: {run.command} --resume true")
+        command = " ".join(["litgpt-skip2lora", *sys.argv[1:]]) if sys.argv[1:2] else "the same command"
+        fabric.print(f"Interrupted; a checkpoint is saved. Resume with: {command} --resume true")
         raise SystemExit(130)
     with clock.phase("final_save"):
         final_dir = save_final(fabric, model, run)

@@ -80,23 +80,16 @@ def restore_rng(fabric: L.Fabric, states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states["cuda"][fabric.global_rank].clone(), fabric.device)
 
 
-class StopRequest:
-    """Set by SIGINT or SIGTERM (see :func:`stop_on_signals`): the loop stops after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """SIGINT and SIGTERM let the current step finish, then stop training with a resumable checkpoint."""
-    stop = StopRequest()
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGINT and SIGTERM set: the loop lets the current step finish, then stops with a checkpoint."""
+    stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handle(signum: int, frame) -> None:
-        stop.requested = True
+        stop.set()
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step ...")
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

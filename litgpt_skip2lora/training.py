@@ -36,8 +36,8 @@ class Trainer:
     """One run's training: ``fit`` trains every epoch, validating and saving step checkpoints on the way."""
 
     fabric: L.Fabric
-    model: GPT
     fabric_model: torch.nn.Module
+    """The model as Fabric set it up; ``state["model"]`` is the model itself."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     backbone: CachedBackbone
@@ -45,10 +45,18 @@ class Trainer:
     """``model``, ``optimizer``, ``scheduler``, ``iter_num``, ``step_count``, ``rng``: what a checkpoint holds."""
     train: TrainArgs
     eval: EvalArgs
-    accum: int
     max_steps: float
     out_dir: Path
     clock: WallClock
+
+    @property
+    def model(self) -> GPT:
+        return self.state["model"]
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.train.gradient_accumulation_iters(self.fabric.world_size, 1)
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
@@ -59,13 +67,14 @@ class Trainer:
         summary = [f"Validation loss {when}: {self.validate(val_loader):.4f}"]
         fabric.print(summary[0])
         deadline = time.perf_counter() + (train.max_time or math.inf)
+        where = f"cache: {self.backbone.cache.placement}" if self.backbone.cache else "cache off"
         with resume.stop_on_signals() as stop:
             for epoch in range(train.epochs):
                 epoch_t0, backbone_before, iters = time.perf_counter(), self.backbone.backbone_samples, 0
                 batches = iter(train_loader)
                 skipped = replay.skip(batches, len(train_loader))
                 bar = tqdm(total=len(train_loader), initial=skipped, dynamic_ncols=True, disable=fabric.global_rank > 0)
-                bar.set_description(f"Epoch {epoch + 1}/{train.epochs} [{self.backbone.describe()}]")
+                bar.set_description(f"Epoch {epoch + 1}/{train.epochs} [{where}]")
                 with self.clock.phase("epoch_1" if epoch == 0 else "later_epochs"):
                     iter_t0 = time.perf_counter()  # as LitGPT's iter_time: loading and the optimizer step included
                     for batch in self.backbone.batches(batches, "train"):
@@ -87,11 +96,11 @@ class Trainer:
                             self.log(loss.item(), time.perf_counter() - iter_t0, batch, epoch, bar)
                         if stepping:
                             self.validate_and_save(val_loader)
-                            if stop.requested:
+                            if stop.is_set():
                                 break
                         iter_t0 = time.perf_counter()
                 bar.close()
-                if stop.requested:
+                if stop.is_set():
                     self.save_checkpoint()
                     return False
                 if iters:

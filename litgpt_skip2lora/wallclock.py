@@ -25,16 +25,12 @@ PHASES = {
 }
 
 
-def process_start() -> float:
-    """This process's start, on the ``time.time()`` clock: the interpreter's own start-up counts too."""
-    return psutil.Process().create_time()
-
-
 class WallClock:
     """Seconds per phase; the phase in force is the innermost ``phase`` block, ``startup`` until ``started``."""
 
     def __init__(self, device: torch.device, start: float | None = None) -> None:
-        self.device, self.start = device, process_start() if start is None else start
+        # the process's start on the time.time() clock: the interpreter's own start-up counts too
+        self.device, self.start = device, psutil.Process().create_time() if start is None else start
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.stack, self.since = ["startup"], self.start
 

@@ -7,8 +7,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from litgpt_skip2lora.data import WordNetInstruct
-from litgpt_skip2lora.data.base import split_groups
-from litgpt_skip2lora.data.wordnet import SUPERSENSES, common_senses, read_synset
+from litgpt_skip2lora.data.wordnet import SUPERSENSES, common_senses, read_synset, split_groups
 
 needs_wordnet = pytest.mark.skipif(
     not Path("/usr/share/wordnet/index.noun").is_file(), reason="needs WordNet: apt-get install -y wordnet-base"

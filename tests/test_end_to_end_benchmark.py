@@ -1,6 +1,7 @@
 """benchmarks/end_to_end.py on a tiny random model: one short run of each method, its rows and their ratios."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,15 @@ def test_end_to_end_benchmark_times_whole_runs(tmp_path: Path) -> None:
         phases = {k: v for k, v in row["breakdown"].items() if k != "total"}
         assert sum(phases.values()) == pytest.approx(row["breakdown"]["total"], abs=0.01)
         assert row["train_s"] == pytest.approx(phases["epoch_1"] + phases["later_epochs"], abs=0.002)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/gpu/setup.sh", "benchmarks/gpu/end_to_end.sh"])
+def test_gpu_scripts_parse_and_name_what_exists(script: str) -> None:
+    """The GPU parts need a GPU; here each script must parse, and every repository file it names must exist."""
+    assert subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True).returncode == 0
+    text = (REPO / script).read_text()
+    named = re.findall(r"(?:benchmarks|litgpt_skip2lora)[\w/.]*\.(?:sh|py)", text)
+    named += [
+        m.replace(".", "/") + ".py" for m in re.findall(r"python3 -m ((?:benchmarks|litgpt_skip2lora)\.\w+)", text)
+    ]
+    assert all((REPO / path).is_file() for path in named), named
