@@ -177,16 +177,26 @@ def lora_step(
     fabric: L.Fabric, model: torch.nn.Module, optimizer, batches: list[dict], clock: Clock
 ) -> Callable[[], None]:
     """One step of ``litgpt finetune_lora`` (no gradient accumulation) per call, over the batches in turn."""
-    scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     iterator = iter(batches)
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         batch = next(iterator)
         logits = model(batch["input_ids"], lm_head_chunk_size=128)
         logits[-1] = logits[-1][..., :-1, :]
-        loss = chunked_cross_entropy(logits, batch["labels"][..., 1:])
+        return chunked_cross_entropy(logits, batch["labels"][..., 1:])
+
+    return timed_step(fabric, optimizer, clock, loss)
+
+
+def timed_step(fabric: L.Fabric, optimizer, clock: Clock, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """A training step per call: the next batch's ``loss()``, backward, the optimizer and scheduler steps; the clock
+    marks the ends of the forward and the backward."""
+    scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
+
+    def step() -> None:
+        value = loss()
         clock.mark()
-        fabric.backward(loss)
+        fabric.backward(value)
         clock.mark()
         optimizer.step()
         optimizer.zero_grad()
@@ -206,7 +216,6 @@ def skip2lora_step(
     """
     fabric_model.mark_forward_method("tail")
     model.skip2lora.factor_head = spec.factored_head
-    scheduler = get_lr_scheduler(optimizer, warmup_steps=1, max_steps=10**6)
     cache, bytes_per_token, layout = None, None, RowLayout.of(model.config)
     if spec.cached:
         cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
@@ -220,17 +229,9 @@ def skip2lora_step(
         if spec.cold:
             drop_from_page_cache(out / "skip_cache")
     iterator = backbone.batches(batches, "train")
-
-    def step() -> None:
-        loss = tail_loss(fabric_model, next(iterator), layout)
-        clock.mark()
-        fabric.backward(loss)
-        clock.mark()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-
-    return step, bytes_per_token
+    return timed_step(
+        fabric, optimizer, clock, lambda: tail_loss(fabric_model, next(iterator), layout)
+    ), bytes_per_token
 
 
 def drop_from_page_cache(directory: Path) -> None:
