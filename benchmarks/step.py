@@ -95,7 +95,10 @@ def new_model(config: litgpt.lora.Config) -> litgpt.lora.GPT:
 
 def mark(model: litgpt.lora.GPT) -> None:
     """What trains: LoRA's layers, or the Skip2-LoRA adapters."""
-    mark_trainable(model) if isinstance(model, GPT) else litgpt.lora.mark_only_lora_as_trainable(model)
+    if isinstance(model, GPT):
+        mark_trainable(model)
+    else:
+        litgpt.lora.mark_only_lora_as_trainable(model)
 
 
 def trainable_parameters(config: litgpt.lora.Config) -> int:

@@ -323,8 +323,8 @@ class SkipCache:
 def choose_placement(wanted: str, estimate: int, device: torch.device, max_bytes: int | None) -> tuple[str, str]:
     """The placement and the reason, in words: the fastest store the whole cache fits in, at most half of its room.
 
-    On a GPU that is GPU memory, else the disk: host RAM is no faster than the page-cached disk there, and fills
-    more slowly (EVALUATION_GUIDE.md §4). On the CPU, host RAM, else the disk.
+    On a GPU that is GPU memory, else the disk: on an H200 host RAM filled more slowly than the page-cached disk
+    (``docs/gpu-h200/cache_placement_run2.json``). On the CPU, host RAM, else the disk.
     """
     if wanted != "auto":
         return wanted, "chosen by --cache.placement"
