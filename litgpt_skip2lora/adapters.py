@@ -3,7 +3,7 @@
 Adapter ``i`` maps the input ``x_i`` of selected block ``i`` to ``B_i A_i dropout(x_i) * alpha / r``; ``z`` is their
 sum. The ``A_i`` are stacked in one ``(n, r, d)`` parameter and the ``B_i`` side by side in one ``(d, n r)``
 parameter, so ``z = codes @ B^T`` is two batched matmuls whatever ``n`` is, where ``codes`` are the ``n r`` rank-r
-values of a row. Reference: Matutani et al., ASP-DAC 2025, arXiv 2410.21073.
+values of a row. Reference: Matsutani et al., ASP-DAC 2025, arXiv 2410.21073.
 """
 
 import math
@@ -36,7 +36,7 @@ class Adapters(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.factor_head = True
-        """Let :meth:`factored_logits` replace ``head(stream + z)`` where it is cheaper (see :meth:`factoring_pays`)."""
+        """Let the head be computed factored where that is cheaper (:meth:`factoring_pays`, ``GPT.factored_heads``)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,9 +62,3 @@ class Adapters(nn.Module):
         weight = head.weight
         frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
         return self.factor_head and torch.is_grad_enabled() and frozen_float and rows * (d - 3 * k) > 2 * d * k
-
-    def factored_logits(self, features: Features, head: nn.Linear) -> torch.Tensor:
-        """``head(stream + z)``, computed as ``head(stream) + codes (W B)^T`` with the first term outside autograd."""
-        with torch.no_grad():
-            stream_logits = head(features.stream)
-        return stream_logits + self.codes(features.taps) @ (head.weight @ self.B).T

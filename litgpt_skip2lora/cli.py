@@ -34,13 +34,40 @@ def refuse(error: Exception) -> None:
 
 
 def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
+    """Refuse settings that would train nothing or that this loop does not read, in one line each."""
     if not train.epochs and not train.max_steps:
         raise ValueError(f"--train.epochs must be at least 1 (or set --train.max_steps); got epochs={train.epochs}.")
+    positive = {
+        "train.epochs": train.epochs,
+        "train.max_steps": train.max_steps,
+        "train.micro_batch_size": train.micro_batch_size,
+        "train.global_batch_size": train.global_batch_size,
+        "train.log_interval": train.log_interval,
+        "train.save_interval": train.save_interval,
+        "eval.interval": eval.interval,
+        "eval.max_iters": eval.max_iters,
+    }
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
+    if (train.lr_warmup_steps or 0) < 0:
+        raise ValueError(f"--train.lr_warmup_steps must not be negative, got {train.lr_warmup_steps}.")
+    if train.global_batch_size % train.micro_batch_size:
+        raise ValueError(
+            f"--train.global_batch_size ({train.global_batch_size}) must be a multiple of --train.micro_batch_size"
+            f" ({train.micro_batch_size})."
+        )
     if eval.max_new_tokens is None:
         raise ValueError("--eval.max_new_tokens must be set.")
-    for name in ("max_tokens", "max_norm", "tie_embeddings", "lr_warmup_fraction"):
+    for name in ("max_tokens", "tie_embeddings", "lr_warmup_fraction"):
         if getattr(train, name) is not None:
             raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
+
+
+def check_validation(sweep, train: TrainArgs, eval: EvalArgs) -> None:
+    """A sweep chooses by validation: it needs one after training."""
+    if len(sweep.grid()) > 1 and not eval.final_validation:
+        raise ValueError("A sweep chooses its best configuration by validation: leave --eval.final_validation true.")
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -93,3 +120,30 @@ def download_hint(data: DataModule) -> Iterator[None]:
             f"--data {type(data).__name__} downloads its data, which failed ({type(err).__name__}). Without internet,"
             " pass local data: --data JSON --data.json_path FILE, or --data litgpt_skip2lora.data.WordNetInstruct."
         ) from None
+
+
+def optimizer_spec(optimizer: str | dict) -> dict:
+    """The optimizer as the YAMLs write it, ``{"class_path": ..., "init_args": {...}}``, from any form a user types.
+
+    jsonargparse hands ``--optimizer.lr 0.003`` over as ``{"lr": "0.003"}`` and ``--optimizer.init_args.lr 0.003``
+    as a top-level ``lr`` beside the YAML's ``init_args`` (LitGPT's issue #1905): such keys are the command line's
+    overrides, so they win over ``init_args``, and their text is read as a number where it is one.
+    """
+    if isinstance(optimizer, str):
+        optimizer = {"class_path": optimizer}
+    overrides = {k: number(v) for k, v in optimizer.items() if k not in ("class_path", "init_args")}
+    class_path = optimizer.get("class_path", "AdamW")
+    class_path = class_path if "." in class_path else f"torch.optim.{class_path}"
+    return {"class_path": class_path, "init_args": {**(optimizer.get("init_args") or {}), **overrides}}
+
+
+def number(value):
+    """``"0.003"`` as 0.003 and ``"8"`` as 8; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

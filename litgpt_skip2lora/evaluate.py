@@ -114,18 +114,35 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor
     """
     answers = [tokenizer.encode(label, bos=False, eos=True) for label in labels]
     n, width = prompt.size(0), max(a.size(0) for a in answers)
-    prompt_logits = model(prompt[None], input_pos=torch.arange(n))[0, -1]
+    device = prompt.device
+    prompt_logits = model(prompt[None], input_pos=torch.arange(n, device=device))[0, -1]
     for cache in (m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None):
         cache.k[1:, :, :n] = cache.k[:1, :, :n]
         cache.v[1:, :, :n] = cache.v[:1, :, :n]
-    batch = torch.zeros(len(answers), width, dtype=torch.long)
+    batch = torch.zeros(len(answers), width, dtype=torch.long, device=device)
     for row, answer in enumerate(answers):
         batch[row, : answer.size(0)] = answer
-    logits = model(batch, input_pos=torch.arange(n, n + width))  # position i predicts label token i + 1
+    logits = model(batch, input_pos=torch.arange(n, n + width, device=device))  # position i predicts label token i + 1
     logits = torch.cat([prompt_logits.expand(len(answers), 1, -1), logits[:, :-1]], dim=1).float()
     log_probs = logits.log_softmax(-1).gather(-1, batch[..., None])[..., 0]
-    lengths = torch.tensor([a.size(0) for a in answers])
-    return (log_probs * (torch.arange(width) < lengths[:, None])).sum(-1)
+    lengths = torch.tensor([a.size(0) for a in answers], device=device)
+    return (log_probs * (torch.arange(width, device=device) < lengths[:, None])).sum(-1)
+
+
+@torch.no_grad()
+def label_accuracy(model: GPT, tokenizer: Tokenizer, data: DataModule, items: list[dict], labels: list[str]) -> float:
+    """The fraction of ``items`` whose expected answer is the label of highest likelihood; ``model`` is left in
+    evaluation mode."""
+    device = model.lm_head.linear.weight.device
+    model.eval()
+    model.set_kv_cache(batch_size=len(labels), device=device)
+    correct = 0
+    for item in tqdm(items, desc="Label accuracy", leave=False):
+        prompt = tokenizer.encode(data.prompt_style.apply(prompt=item["instruction"], **item), device=device)
+        chosen = labels[int(label_log_likelihoods(model, tokenizer, prompt, labels).argmax())]
+        correct += chosen == item["output"].strip()
+    model.clear_kv_cache()
+    return correct / max(1, len(items))
 
 
 def summary(results: list[dict], labels: list[str]) -> dict:

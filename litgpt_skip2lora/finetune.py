@@ -7,7 +7,6 @@ data modules, ``TrainArgs``/``EvalArgs``, loggers, ``chunked_cross_entropy``, ``
 
 import dataclasses
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
-from litgpt.lora import LoRALayer
 from litgpt.parser_config import save_hyperparameters
 from litgpt.prompts import save_prompt_style
 from litgpt.tokenizer import Tokenizer
@@ -34,7 +32,6 @@ from litgpt.utils import (
     check_valid_checkpoint_dir,
     choose_logger,
     copy_config_files,
-    instantiate_torch_optimizer,
     load_checkpoint,
     num_parameters,
     parse_devices,
@@ -42,7 +39,6 @@ from litgpt.utils import (
 from torch.utils.data import DataLoader
 
 from litgpt_skip2lora import resume
-from litgpt_skip2lora.adapters import Adapters
 from litgpt_skip2lora.backbone import cached_backbone
 from litgpt_skip2lora.cache import CacheArgs, check_writable
 from litgpt_skip2lora.cli import (
@@ -50,12 +46,33 @@ from litgpt_skip2lora.cli import (
     check_out_dir,
     check_quantize,
     check_train_args,
+    check_validation,
     download_hint,
+    optimizer_spec,
     user_errors,
 )
-from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, mark_trainable, spaced_blocks, trainable_state
+from litgpt_skip2lora.evaluate import closed_set, label_accuracy, splits
+from litgpt_skip2lora.model import (
+    GPT,
+    LORA_FLAGS,
+    Config,
+    mark_trainable,
+    save_model_config,
+    spaced_blocks,
+    trainable_state,
+)
 from litgpt_skip2lora.resume import latest_checkpoint
 from litgpt_skip2lora.sampler import RankShareSampler
+from litgpt_skip2lora.sweep import (
+    ADAPTER_OPTIONS,
+    Configuration,
+    Sweep,
+    SweepArgs,
+    build_sweep,
+    check_sweep,
+    optimizer_values,
+)
+from litgpt_skip2lora.sweep_outputs import TRAINED, plot, save_configuration, write_table
 from litgpt_skip2lora.training import Trainer
 from litgpt_skip2lora.wallclock import WallClock, format_report
 
@@ -73,7 +90,9 @@ class Run:
     train: TrainArgs
     eval: EvalArgs
     cache: CacheArgs
-    optimizer: str | dict
+    optimizer: dict
+    """``{"class_path": ..., "init_args": {...}}``, whatever form the user typed (:func:`optimizer_spec`)."""
+    sweep: SweepArgs
     seed: int
     resume: Path | None
     """The step checkpoint to continue from."""
@@ -102,6 +121,7 @@ def setup(
     skip2lora_block_indices: list[int] | None = None,
     skip2lora_output_layer: str = "lm_head",
     cache: CacheArgs = CacheArgs(),
+    sweep: SweepArgs = SweepArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
         save_interval=1000,
@@ -143,12 +163,14 @@ def setup(
             evenly spaced blocks, the first being 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
         cache: Skip-Cache options.
+        sweep: Options swept in this one run, each a list: every combination trains on the same cached features,
+            and the best by validation becomes ``final/`` (``<out_dir>/sweep.csv`` lists them all).
         data: A LitGPT data module. The default, Alpaca, is downloaded from the internet; offline, use
             ``litgpt_skip2lora.data.WordNetInstruct`` or ``JSON`` with ``--data.json_path``.
         train: Training settings (epochs, batch sizes, learning-rate warm-up, save interval, ...).
         log: Logger settings.
         eval: Validation settings.
-        optimizer: A torch optimizer name, or a class path with its arguments.
+        optimizer: A torch optimizer name, or a class path with its arguments; ``--optimizer.lr 0.003`` sets one.
         logger_name: Where metrics go: ``csv``, ``tensorboard``, ``wandb``, ``mlflow`` or ``litlogger``.
         seed: Random seed.
         resume: Continue from the newest ``step-*`` checkpoint in ``out_dir`` (one is written at every epoch's end,
@@ -158,6 +180,7 @@ def setup(
     with user_errors():
         checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
     data = Alpaca() if data is None else data
+    optimizer = optimizer_spec(optimizer)
     if not skip2lora_enabled:  # LitGPT's own LoRA, given the arguments it takes
         lora_args = signature(litgpt_lora.setup).parameters
         return litgpt_lora.setup(**{name: value for name, value in locals().items() if name in lora_args})
@@ -166,6 +189,8 @@ def setup(
     with user_errors():
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
+        check_sweep(sweep, trains_lora=any((lora_query, lora_key, lora_value, lora_projection, lora_mlp, lora_head)))
+        check_validation(sweep, train, eval)
         check_quantize(quantize, precision)
         config = Config.from_file(
             checkpoint_dir / "model_config.yaml",
@@ -196,7 +221,19 @@ def setup(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
     run = Run(
-        config, checkpoint_dir, out_dir, data, train, eval, cache, optimizer, seed, checkpoint, trained_in, quantize
+        config=config,
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        data=data,
+        train=train,
+        eval=eval,
+        cache=cache,
+        optimizer=optimizer,
+        sweep=sweep,
+        seed=seed,
+        resume=checkpoint,
+        precision=trained_in,
+        quantize=quantize,
     )
     fabric.launch(main, run)
 
@@ -218,30 +255,21 @@ def main(fabric: L.Fabric, run: Run) -> None:
     with fabric.init_module(empty_init=True):
         model = GPT(run.config)
     mark_trainable(model)
-    fabric.print(f"Number of trainable parameters: {num_parameters(model, requires_grad=True):,}")
-    fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
     load_checkpoint(fabric, model, run.checkpoint_dir / "lit_model.pth", strict=False)
-    with torch.no_grad():  # what the checkpoint does not hold starts the same on any number of devices
-        for module in model.modules():
-            if isinstance(module, (Adapters, LoRALayer)):
-                module.reset_parameters()
     model.max_seq_length = min(run.config.block_size, run.train.max_seq_length or run.config.block_size)
-
-    fabric_model = fabric.setup_module(model)
-    fabric_model.mark_forward_method("tail")
-    opt = fabric.setup_optimizers(
-        instantiate_torch_optimizer(run.optimizer, [p for p in model.parameters() if p.requires_grad])
-    )
-    warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))  # LitGPT's scheduler divides by zero at 0
-    scheduler = litgpt_lora.get_lr_scheduler(opt, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1))
-    state = {"model": model, "optimizer": opt, "scheduler": scheduler, "iter_num": 0, "step_count": 0, "rng": None}
+    fabric.setup_module(model)  # placed and converted for the precision; the loop averages gradients itself
+    warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))
+    schedule = partial(lr_schedule, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1), min_lr=run.train.min_lr)
+    sweep = build_sweep(fabric, model, run.sweep, run.optimizer, run.seed, schedule)
+    per_configuration = sum(p.numel() for p in sweep.configurations[0].parameters())
+    fabric.print(f"Number of trainable parameters: {per_configuration:,}" + describe_sweep(sweep))
+    fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
+    state = {"sweep": sweep, "iter_num": 0, "step_count": 0, "rng": None}
     if run.resume is not None:
         resume.load(fabric, run.resume, state)
 
     backbone = cached_backbone(fabric, model, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader)
-    trainer = Trainer(
-        fabric, fabric_model, opt, scheduler, backbone, state, run.train, run.eval, max_steps, run.out_dir, clock
-    )
+    trainer = Trainer(fabric, sweep, backbone, state, run.train, run.eval, max_steps, run.out_dir, clock)
     clock.started()
     try:
         finished = trainer.fit(train_loader, val_loader)
@@ -252,11 +280,29 @@ def main(fabric: L.Fabric, run: Run) -> None:
         fabric.print(f"Interrupted; a checkpoint is saved. Resume with: {command} --resume true")
         raise SystemExit(130)
     with clock.phase("final_save"):
-        final_dir = save_final(fabric, model, run)
+        chosen = select(fabric, sweep, run, tokenizer)
+        final_dir = save_final(fabric, model, chosen, run)
+        if sweep.is_sweep:
+            save_sweep(fabric, sweep, chosen, trainer.history, run, final_dir)
     report_wall_clock(fabric, clock, state["iter_num"])
     if fabric.global_rank == 0:
         fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
         litgpt_lora.generate_example(fabric, model, tokenizer, run.eval, run.data)
+
+
+def describe_sweep(sweep: Sweep) -> str:
+    """For a sweep: how many configurations, and what they train all together."""
+    if not sweep.is_sweep:
+        return ""
+    total = sum(p.numel() for c in sweep.configurations for p in c.parameters())
+    return f" per configuration; {len(sweep.configurations)} configurations, {total:,} in all"
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr: float | None):
+    """LitGPT's LoRA schedule, a linear warm-up then cosine annealing, down to ``min_lr`` (LitGPT's ends at 0)."""
+    warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / warmup_steps)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps - warmup_steps, eta_min=min_lr or 0)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
 def report_wall_clock(fabric: L.Fabric, clock: WallClock, step: int) -> None:
@@ -298,47 +344,80 @@ def get_dataloaders(
     return fabric.setup_dataloaders(*loaders, use_distributed_sampler=False)
 
 
-def save_model_config(config: Config, directory: Path) -> None:
-    """LitGPT's ``model_config.yaml``, with tuples written as lists so that ``yaml.safe_load`` reads them back."""
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    (directory / "model_config.yaml").write_text(yaml.dump(fields), encoding="utf-8")
+def select(fabric: L.Fabric, sweep: Sweep, run: Run, tokenizer: Tokenizer) -> Configuration:
+    """The configuration ``final/`` holds: the only one, or the sweep's best by its ``select`` rule. Label accuracy
+    scores each configuration still training on the validation items (``evaluate_accuracy``'s label likelihood)."""
+    if sweep.is_sweep and run.sweep.select == "label_accuracy":
+        train_items, items = splits(run.data, tokenizer)
+        labels = closed_set(train_items)
+        if not labels:
+            warnings.warn("--sweep.select label_accuracy: the answers form no closed set of labels; chose by val_loss.")
+            run.sweep.select = "val_loss"
+        for c in sweep.alive if labels else ():
+            c.install(sweep.model)
+            c.accuracy = label_accuracy(sweep.model, tokenizer, run.data, items, labels)
+            fabric.print(f"{c.name}: label accuracy {c.accuracy:.4f} on {len(items)} validation items")
+    return sweep.chosen()
 
 
-def save_final(fabric: L.Fabric, model: GPT, run: Run) -> Path:
-    """A self-contained checkpoint: the model's weights and every trained parameter, unmerged.
+def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) -> Path:
+    """A self-contained checkpoint of the chosen configuration: the model's weights and its trained parameters,
+    unmerged.
 
     Nothing is merged: Skip2-LoRA's adapters read block inputs that no single weight matrix at the output place
     sees, and a 4-bit backbone has no matrix to merge a tail's LoRA into; so the adapters stay modules of their
     own. A quantized model cannot give its float weights back: they come from the checkpoint file instead, so
     the result is the same for a bf16 and a 4-bit run. It loads with this package's ``GPT``.
     """
+    chosen.install(model)
     final_dir = free_final_dir(run.out_dir)
-    partial_dir = final_dir.with_name(f".{final_dir.name}.partial")
-    if fabric.global_rank == 0:
-        partial_dir.mkdir(parents=True, exist_ok=True)
-    trained = trainable_state(model)
-    fabric.save(partial_dir / "lit_model.pth.lora", {"model": model}, filter={"model": lambda k, _: k in trained})
-    if fabric.global_rank == 0:
-        if run.quantize is None:
-            state = model.state_dict()
-        else:
-            state = torch.load(run.checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
-            state.update({k: v.detach().cpu() for k, v in trained.items()})
-        torch.save(state, partial_dir / "lit_model.pth")
-        copy_config_files(run.checkpoint_dir, partial_dir)
-        save_model_config(model.config, partial_dir)
-        save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
-        record_precision(partial_dir / "hyperparameters.yaml", run.precision)
-        save_prompt_style(run.data.prompt_style, partial_dir)
-        os.replace(partial_dir, final_dir)
-    fabric.barrier()
+    with resume.atomic_directory(fabric, final_dir) as partial_dir:
+        trained = trainable_state(model)
+        fabric.save(partial_dir / TRAINED, {"model": model}, filter={"model": lambda k, _: k in trained})
+        if fabric.global_rank == 0:
+            if run.quantize is None:
+                state = model.state_dict()
+            else:
+                state = torch.load(run.checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
+                state.update({k: v.detach().cpu() for k, v in trained.items()})
+            torch.save(state, partial_dir / "lit_model.pth")
+            copy_config_files(run.checkpoint_dir, partial_dir)
+            save_model_config(chosen.model_config, partial_dir)
+            save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
+            hyperparameters = partial_dir / "hyperparameters.yaml"
+            hyperparameters.write_text(yaml.safe_dump(recorded(hyperparameters, chosen, run), sort_keys=False))
+            save_prompt_style(run.data.prompt_style, partial_dir)
     return final_dir
 
 
-def record_precision(hyperparameters: Path, precision: str) -> None:
-    """The precision the run trained in, where the command line left it to the default: generation uses it."""
+def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, history: list[dict], run: Run, final: Path):
+    """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
+    with resume.atomic_directory(fabric, run.out_dir / "sweep") as partial_dir:
+        if fabric.global_rank == 0:
+            for c in sweep.alive:
+                c.install(sweep.model)
+                hyperparameters = recorded(final / "hyperparameters.yaml", c, run)
+                save_configuration(c, trainable_state(sweep.model), hyperparameters, partial_dir / c.name)
+            write_table(sweep, chosen, run.out_dir / "sweep.csv")
+            plot(history, sweep, chosen, run.out_dir / "sweep.png")
+    chosen.install(sweep.model)
+    fabric.print(f"Chose {chosen.name}; every configuration: {str(run.out_dir / 'sweep.csv')!r}")
+
+
+def recorded(hyperparameters: Path, c: Configuration, run: Run) -> dict:
+    """The hyper-parameters that train ``c`` alone, in the YAMLs' form: its swept values in place of the sweep, the
+    optimizer as :func:`optimizer_spec` wrote it, and the precision it trained in (generation uses it)."""
     saved = yaml.safe_load(hyperparameters.read_text(encoding="utf-8"))
-    hyperparameters.write_text(yaml.safe_dump({**saved, "precision": precision}, sort_keys=False), encoding="utf-8")
+    saved.pop("sweep", None)
+    optimizer = run.optimizer | {"init_args": {**run.optimizer["init_args"], **optimizer_values(c)}}
+    adapters = {k: getattr(c.model_config, k) for k in ADAPTER_OPTIONS}
+    return {
+        **saved,
+        **adapters,
+        "seed": c.values.get("seed", run.seed),
+        "optimizer": optimizer,
+        "precision": run.precision,
+    }
 
 
 def free_final_dir(out_dir: Path) -> Path:

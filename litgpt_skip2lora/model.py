@@ -6,6 +6,7 @@ its activations for a sample never change: they can be cached (:mod:`litgpt_skip
 ``forward(x) == tail(backbone(x))``: ``backbone`` runs the frozen part once, ``tail`` the rest.
 """
 
+import dataclasses
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,13 @@ from litgpt_skip2lora.adapters import Adapters, Features
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 # field: the one value still built in; checkpoints naming it at that value still load
 RETIRED_FIELDS = {"skip2lora_mix": "none", "skip2lora_input": "raw", "skip2lora_side_width": 0}
+
+
+class FactoredHead(NamedTuple):
+    """One configuration's factored head: the frozen head's logits of the stream, and ``W B`` for its adapters."""
+
+    stream_logits: torch.Tensor
+    product: torch.Tensor
 
 
 class Rope(NamedTuple):
@@ -58,6 +66,8 @@ class Config(litgpt.lora.Config):
         self.skip2lora_block_indices = tuple(self.skip2lora_block_indices)
         # the output place, parsed once: the first block that runs in the tail, n_layer when it has none
         self.skip2lora_tail_start = self.n_layer
+        self.skip2lora_after_ln_f = self.skip2lora_output_layer == "lm_head"
+        """``z`` is added after ``ln_f`` (``lm_head(ln_f(h) + z)``); otherwise ``ln_f`` follows it."""
         if self.skip2lora_enabled:
             self.skip2lora_tail_start = self._parsed_output_place()
             self.skip2lora_block_indices = self._checked_indices()
@@ -154,18 +164,17 @@ class GPT(litgpt.lora.GPT):
         supervised: torch.Tensor | None = None,
         rope: Rope | None = None,
         lm_head_chunk_size: int = 0,
+        head: FactoredHead | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Logits from the backbone's features, running no frozen block.
 
         ``features`` are ``(B, T)`` sequences, or flat rows for a tail without blocks
         (:class:`~litgpt_skip2lora.rows.RowLayout`); ``supervised``, a ``(B, T)`` mask, keeps only the rows the loss
-        reads for the costly head.
+        reads for the costly head; ``head``, from :meth:`factored_heads`, computes the head factored.
         """
+        if head is not None:
+            return self._softcap(head.stream_logits + self.skip2lora.codes(features.taps) @ head.product.T)
         start, n_layer = self.config.skip2lora_tail_start, self.config.n_layer
-        rows = features.stream.numel() // self.config.n_embd
-        head_is_plain = self.lm_head.r == 0 and self.config.skip2lora_output_layer == "lm_head"
-        if supervised is None and head_is_plain and self.skip2lora.factoring_pays(self.lm_head.linear, rows):
-            return self._softcap(self.skip2lora.factored_logits(features, self.lm_head.linear))
         x = features.stream + self.skip2lora(features.taps)
         if start < n_layer:
             rope = rope or self._rope_and_mask(x.size(-2), None, None)
@@ -173,11 +182,26 @@ class GPT(litgpt.lora.GPT):
                 x = self._block(i, x, rope)
         if supervised is not None:
             x = x[supervised]
-        if self.config.skip2lora_output_layer != "lm_head":
+        if not self.config.skip2lora_after_ln_f:
             x = self.transformer.ln_f(x)
         if lm_head_chunk_size > 0:
             return [self._softcap(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
         return self._softcap(self.lm_head(x))
+
+    def factored_heads(self, features: Features, adapters: list[Adapters]) -> list[FactoredHead] | None:
+        """``head(stream + z_c) = head(stream) + codes_c (W B_c)^T`` for a frozen float ``lm_head`` ``W``: what
+        every configuration ``c`` shares is computed once, ``head(stream)`` outside autograd and all ``W B_c`` as
+        one matmul. None where the head is not plain or factoring does not pay (:meth:`Adapters.factoring_pays`)."""
+        head, rows = self.lm_head, features.stream.numel() // self.config.n_embd
+        plain = head.r == 0 and self.config.skip2lora_after_ln_f
+        if not (plain and all(a.factoring_pays(head.linear, rows) for a in adapters)):
+            return None
+        with torch.no_grad():
+            stream_logits = head.linear(features.stream)
+        products = (head.linear.weight @ torch.cat([a.B for a in adapters], dim=1)).split(
+            [a.B.size(1) for a in adapters], dim=1
+        )
+        return [FactoredHead(stream_logits, product) for product in products]
 
     def backbone_requires_grad(self) -> bool:
         """Whether the frozen part has a trainable parameter (then it cannot be cached)."""
@@ -196,7 +220,7 @@ class GPT(litgpt.lora.GPT):
                     taps.append(x)
                 if i < start:
                     x = self._block(i, x, rope)
-            stream = self.transformer.ln_f(x) if self.config.skip2lora_output_layer == "lm_head" else x
+            stream = self.transformer.ln_f(x) if self.config.skip2lora_after_ln_f else x
         return Features(torch.stack(taps), stream)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -241,6 +265,12 @@ class GPT(litgpt.lora.GPT):
                 raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
             mask = mask[..., :input_pos_maxp1]
         return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
+
+
+def save_model_config(config: Config, directory: Path) -> None:
+    """LitGPT's ``model_config.yaml``, with tuples written as lists so that ``yaml.safe_load`` reads them back."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    (directory / "model_config.yaml").write_text(yaml.dump(fields), encoding="utf-8")
 
 
 def mark_trainable(model: GPT) -> None:

@@ -1,10 +1,11 @@
 """Stopping and resuming a run exactly.
 
-A step checkpoint holds the trained parameters (nothing frozen), the optimizer, the scheduler, the counters and every
-rank's RNG states. It is written under a temporary name and renamed, so a crash never leaves half of one behind;
-one is written at every epoch's end, every ``train.save_interval`` steps and when SIGINT or SIGTERM stops the run.
+A step checkpoint holds every configuration's trained parameters (nothing frozen), optimizer, scheduler and every
+rank's dropout streams, and the counters. It is written under a temporary name and renamed, so a crash never leaves
+half of one behind; one is written at every epoch's end, every ``train.save_interval`` steps and when SIGINT or
+SIGTERM stops the run.
 A resumed run passes over the batches it already trained without computing them (the samplers' order depends on
-the seed and the epoch only), then restores the RNG: its losses are those of an uninterrupted run.
+the seed and the epoch only), with the dropout streams as they were: its losses are those of an uninterrupted run.
 """
 
 import contextlib
@@ -19,8 +20,6 @@ import lightning as L
 import torch
 from tqdm import tqdm
 
-from litgpt_skip2lora.model import trainable_state
-
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = sorted(out_dir.glob("step-*/state.pth"))
@@ -28,18 +27,34 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load(fabric: L.Fabric, path: Path, state: dict) -> None:
-    """Fill ``state`` from a step checkpoint, which holds the trained parameters only."""
-    fabric.load(path, state, strict=False)
+    """Fill ``state`` from a step checkpoint: every configuration's parameters, optimizer, scheduler and this rank's
+    dropout streams."""
+    fabric.load(path, state, strict=True)
+    for c in state["sweep"].configurations:
+        c.rng = {device: rows[fabric.global_rank].clone() for device, rows in state["rng"][c.name].items()}
     fabric.print(f"Resumed from {str(path)!r} (step {state['step_count']})")
 
 
 def save(fabric: L.Fabric, out_dir: Path, state: dict) -> None:
-    """Write ``out_dir/step-<step_count>/state.pth`` atomically, with every rank's RNG under ``state["rng"]``."""
-    state["rng"] = rng_states(fabric)
-    trained = trainable_state(state["model"])
+    """Write ``out_dir/step-<step_count>/state.pth`` atomically, with every rank's dropout streams under
+    ``state["rng"]`` (each rank draws numbers of its own, and only rank 0 writes the checkpoint)."""
+    state["rng"] = {c.name: gathered(fabric, c.rng) for c in state["sweep"].configurations}
     path = out_dir / f"step-{state['step_count']:06d}"
+    with atomic_directory(fabric, path) as partial_dir:
+        fabric.save(partial_dir / "state.pth", state)
+
+
+@contextlib.contextmanager
+def atomic_directory(fabric: L.Fabric, path: Path) -> Iterator[Path]:
+    """A folder written under a temporary name and renamed when whole: a crash never leaves half of one at
+    ``path``. Every rank may write into it; rank 0 renames it."""
     partial_dir = path.with_name(f".{path.name}.partial")
-    fabric.save(partial_dir / "state.pth", state, filter={"model": lambda name, _: name in trained})
+    if fabric.global_rank == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        partial_dir.mkdir(parents=True)
+    fabric.barrier()
+    yield partial_dir
+    fabric.barrier()
     if fabric.global_rank == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(partial_dir, path)
@@ -47,10 +62,11 @@ def save(fabric: L.Fabric, out_dir: Path, state: dict) -> None:
 
 
 class Replay:
-    """The batches a resumed run already trained: ``skip`` passes over them, epoch by epoch, then restores the RNG."""
+    """The batches a resumed run already trained: ``skip`` passes over them, epoch by epoch, without computing
+    them."""
 
-    def __init__(self, fabric: L.Fabric, state: dict) -> None:
-        self.fabric, self.state, self.remaining = fabric, state, state["iter_num"]
+    def __init__(self, state: dict) -> None:
+        self.remaining = state["iter_num"]
 
     def skip(self, batches: Iterator, length: int) -> int:
         """Consume this epoch's already trained batches from ``batches``; return how many."""
@@ -58,26 +74,13 @@ class Replay:
         for _ in range(skipped):
             next(batches)
         self.remaining -= skipped
-        if skipped and not self.remaining:
-            restore_rng(self.fabric, self.state["rng"])
         return skipped
 
 
-def rng_states(fabric: L.Fabric) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states, one row per rank: each rank's dropout draws numbers of its own, and only rank 0
-    writes the checkpoint."""
-    states = {"cpu": torch.get_rng_state()}
-    if fabric.device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(fabric.device)
-    gathered = {name: fabric.all_gather(state.to(fabric.device)) for name, state in states.items()}
-    return {name: rows.reshape(fabric.world_size, -1).cpu() for name, rows in gathered.items()}
-
-
-def restore_rng(fabric: L.Fabric, states: dict[str, torch.Tensor]) -> None:
-    """This rank's RNG states as saved: the tail's dropout continues as if never interrupted."""
-    torch.set_rng_state(states["cpu"][fabric.global_rank].clone())
-    if "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"][fabric.global_rank].clone(), fabric.device)
+def gathered(fabric: L.Fabric, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's random generator states, one row per rank."""
+    rows = {name: fabric.all_gather(state.to(fabric.device)) for name, state in states.items()}
+    return {name: r.reshape(fabric.world_size, -1).cpu() for name, r in rows.items()}
 
 
 @contextlib.contextmanager

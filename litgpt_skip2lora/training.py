@@ -1,12 +1,14 @@
 """The training loop, as LitGPT's LoRA ``fit`` reads, with the backbone behind the Skip-Cache.
 
 Each batch's features come from :class:`~litgpt_skip2lora.backbone.CachedBackbone` (epoch 1 runs the backbone,
-later epochs read the cache); the step is then the tail, the loss and the optimizer only (:func:`tail_loss`).
+later epochs read the cache); the step is then the tail, the loss and the optimizer only, for every configuration
+of the sweep still training (:mod:`litgpt_skip2lora.sweep`; a run without a sweep has one).
 """
 
+import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -18,83 +20,97 @@ from tqdm import tqdm
 
 from litgpt_skip2lora import resume
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
-from litgpt_skip2lora.model import GPT
+from litgpt_skip2lora.model import GPT, FactoredHead
 from litgpt_skip2lora.rows import RowLayout
+from litgpt_skip2lora.sweep import Configuration, Sweep
 from litgpt_skip2lora.wallclock import WallClock
 
+SETTINGS_CHECK_BATCHES = 2
+"""Validation batches run before training when ``eval.initial_validation`` is off, as LitGPT's check of the
+settings."""
 
-def tail_loss(model: torch.nn.Module, batch: Batch, layout: RowLayout) -> torch.Tensor:
+
+def tail_loss(model: GPT, batch: Batch, layout: RowLayout, head: FactoredHead | None = None) -> torch.Tensor:
     """Cross-entropy of the tail's logits at the supervised rows, the only ones the loss reads."""
     supervised = layout.supervised(batch.targets)
-    logits = model.tail(batch.features, supervised)
+    logits = model.tail(batch.features, supervised, head=head)
     targets = batch.targets if supervised is None else batch.targets[supervised]
     return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 
 
+def tail_losses(model: GPT, batch: Batch, layout: RowLayout, configurations: list[Configuration]) -> list[torch.Tensor]:
+    """Each configuration's loss on one batch, each with its own dropout stream; the features, ``head(stream)``
+    and the ``W B`` products are shared (:meth:`GPT.factored_heads`)."""
+    heads = model.factored_heads(batch.features, [c.adapters for c in configurations])
+    losses = []
+    for c, head in zip(configurations, heads or itertools.repeat(None)):
+        c.install(model)
+        with c.random_stream(batch.targets.device):
+            losses.append(tail_loss(model, batch, layout, head))
+    return losses
+
+
 @dataclass
 class Trainer:
-    """One run's training: ``fit`` trains every epoch, validating and saving step checkpoints on the way."""
+    """One run's training: ``fit`` trains every configuration every epoch, validating and saving step checkpoints
+    on the way."""
 
     fabric: L.Fabric
-    fabric_model: torch.nn.Module
-    """The model as Fabric set it up; ``state["model"]`` is the model itself."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sweep: Sweep
     backbone: CachedBackbone
     state: dict
-    """``model``, ``optimizer``, ``scheduler``, ``iter_num``, ``step_count``, ``rng``: what a checkpoint holds."""
+    """``sweep``, ``iter_num``, ``step_count``: what a checkpoint holds."""
     train: TrainArgs
     eval: EvalArgs
     max_steps: float
     out_dir: Path
     clock: WallClock
+    history: list[dict] = field(default_factory=list)
+    """Every validation: step and each configuration's loss, for the sweep's plot."""
 
     @property
     def model(self) -> GPT:
-        return self.state["model"]
+        return self.sweep.model
 
     @property
     def accum(self) -> int:
         """Micro-batches per optimizer step."""
         return self.train.gradient_accumulation_iters(self.fabric.world_size, 1)
 
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout.of(self.model.config)
+
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
         fabric, state, train = self.fabric, self.state, self.train
-        layout, replay = RowLayout.of(self.model.config), resume.Replay(fabric, state)
+        replay = resume.Replay(state)
         self.model.eval()  # the frozen part never drops out; the tail switches to training mode after validation
-        when = f"at resume (step {state['step_count']})" if replay.remaining else "before training"
-        summary = [f"Validation loss {when}: {self.validate(val_loader):.4f}"]
-        fabric.print(summary[0])
+        summary = [self.first_validation(val_loader, state["step_count"] if replay.remaining else None)]
         deadline = time.perf_counter() + (train.max_time or math.inf)
         where = f"cache: {self.backbone.cache.placement}" if self.backbone.cache else "cache off"
         with resume.stop_on_signals() as stop:
             for epoch in range(train.epochs):
-                epoch_t0, backbone_before, iters = time.perf_counter(), self.backbone.backbone_samples, 0
+                epoch_t0, backbone_before, hits_before = time.perf_counter(), *self.backbone_counts()
                 batches = iter(train_loader)
                 skipped = replay.skip(batches, len(train_loader))
-                bar = tqdm(total=len(train_loader), initial=skipped, dynamic_ncols=True, disable=fabric.global_rank > 0)
-                bar.set_description(f"Epoch {epoch + 1}/{train.epochs} [{where}]")
+                description = f"Epoch {epoch + 1}/{train.epochs} [{where}]"
+                bar = tqdm(
+                    desc=description, total=len(train_loader), initial=skipped, disable=fabric.global_rank > 0
+                )
+                iters = 0
                 with self.clock.phase("epoch_1" if epoch == 0 else "later_epochs"):
                     iter_t0 = time.perf_counter()  # as LitGPT's iter_time: loading and the optimizer step included
                     for batch in self.backbone.batches(batches, "train"):
                         if state["step_count"] >= self.max_steps or time.perf_counter() > deadline:
                             break
-                        state["iter_num"] += 1
-                        stepping = state["iter_num"] % self.accum == 0
-                        with fabric.no_backward_sync(self.fabric_model, enabled=not stepping):
-                            loss = tail_loss(self.fabric_model, batch, layout)
-                            fabric.backward(loss / self.accum)
-                        if stepping:
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
-                            self.scheduler.step()
-                            state["step_count"] += 1
+                        losses = self.step(batch)
                         iters += 1
                         bar.update()
                         if state["iter_num"] % train.log_interval == 0:
-                            self.log(loss.item(), time.perf_counter() - iter_t0, batch, epoch, bar)
-                        if stepping:
+                            hits = self.backbone.cache_hits - hits_before
+                            self.log(losses, time.perf_counter() - iter_t0, batch, epoch, bar, hits)
+                        if state["iter_num"] % self.accum == 0:
                             self.validate_and_save(val_loader)
                             if stop.is_set():
                                 break
@@ -105,19 +121,70 @@ class Trainer:
                     return False
                 if iters:
                     summary.append(self.end_epoch(epoch, time.perf_counter() - epoch_t0, iters, backbone_before))
-        val_loss = self.validate(val_loader)
-        summary.append(f"Validation loss after training: {val_loss:.4f} | val ppl: {math.exp(val_loss):.3f}")
+        if self.eval.final_validation:
+            self.validate(val_loader, len(val_loader))
+            summary.append(f"Validation loss after training: {self.describe_losses()}")
         fabric.log_dict(self.rank_counts(), step=state["iter_num"])
         fabric.print("\n".join(["", "Summary", *summary]))
         return True
 
+    def step(self, batch: Batch) -> list[float]:
+        """One micro-batch for every live configuration, and their optimizer steps when the step is complete;
+        returns the losses."""
+        state, alive = self.state, self.sweep.alive
+        state["iter_num"] += 1
+        with self.fabric.autocast():
+            losses = tail_losses(self.model, batch, self.layout, alive)
+        self.fabric.backward(torch.stack(losses).sum() / self.accum)
+        if state["iter_num"] % self.accum == 0:
+            for c in alive:
+                self.average_gradients(c)
+                c.optimizer.step()
+                c.optimizer.zero_grad()
+                c.scheduler.step()
+                c.steps += 1
+            state["step_count"] += 1
+        return [loss.item() for loss in losses]
+
+    def average_gradients(self, c: Configuration) -> None:
+        """Under DDP, each configuration's gradients averaged over the ranks, as DDP averages them: the loop calls
+        the model itself, so that a configuration dropped by halving needs no more collective than it takes."""
+        if self.fabric.world_size == 1:
+            return
+        grads = [p.grad for p in c.parameters()]
+        flat = self.fabric.all_reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def first_validation(self, val_loader: DataLoader, resumed_at: int | None) -> str:
+        """The whole validation set with ``eval.initial_validation`` (or at resume); otherwise a quiet check of the
+        settings on a few batches, as LitGPT's LoRA does."""
+        if self.eval.initial_validation or resumed_at is not None:
+            self.validate(val_loader, len(val_loader))
+            when = f"at resume (step {resumed_at})" if resumed_at is not None else "before training"
+            line = f"Validation loss {when}: {self.describe_losses()}"
+            self.fabric.print(line)
+            return line
+        self.validate(val_loader, SETTINGS_CHECK_BATCHES, record=False)
+        return "Validation loss before training: n/a (eval.initial_validation is off)"
+
     def validate_and_save(self, val_loader: DataLoader) -> None:
-        """Validate and write a step checkpoint when this step is due for them."""
+        """Validate, halve the sweep and write a step checkpoint when this step is due for them."""
         step = self.state["step_count"]
         if step % self.eval.interval == 0:
-            tqdm.write(f"step {step}: val loss {self.validate(val_loader):.4f}")
+            self.validate(val_loader, self.eval.max_iters)
+            dropped = self.sweep.halve() if self.sweep.is_sweep else []
+            after = f"; dropped {', '.join(c.name for c in dropped)}" if dropped else ""
+            tqdm.write(f"step {step}: val loss {self.describe_losses()}{after}")
         if self.train.save_interval and step % self.train.save_interval == 0:
             self.save_checkpoint()
+
+    def describe_losses(self) -> str:
+        """The validation loss, or for a sweep the best one and how many configurations train."""
+        if not self.sweep.is_sweep:
+            return f"{self.sweep.configurations[0].val_loss:.4f}"
+        best = self.sweep.chosen()
+        return f"best {best.val_loss:.4f} ({best.name}), {len(self.sweep.alive)} configurations training"
 
     def end_epoch(self, epoch: int, seconds: float, iters: int, backbone_before: int) -> str:
         """Log the epoch's time and per-rank counts, checkpoint, and say what the epoch ran."""
@@ -136,43 +203,65 @@ class Trainer:
             resume.save(self.fabric, self.out_dir, self.state)
 
     @torch.no_grad()
-    def validate(self, val_loader: DataLoader) -> float:
-        """Mean of per-batch losses over the whole validation set, as LitGPT's ``validate`` averages them."""
-        layout = RowLayout.of(self.model.config)
+    def validate(self, val_loader: DataLoader, max_batches: int, record: bool = True) -> None:
+        """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
+        ``validate`` averages them; recorded in the configurations and the logs."""
+        alive = self.sweep.alive
         with self.clock.phase("validation"):
             self.set_tail_training(False)
-            losses = [tail_loss(self.model, b, layout) for b in self.backbone.batches(val_loader, "val")]
+            batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
+            losses = [torch.stack(tail_losses(self.model, b, self.layout, alive)) for b in batches]
             self.set_tail_training(True)
-            val_loss = self.fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
-        self.fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=self.state["iter_num"])
-        return val_loss
+            means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
+        if not record:
+            return
+        for c, loss in zip(alive, means):
+            c.val_loss = loss
+        self.history.append({"step": self.state["step_count"], **{c.name: c.val_loss for c in alive}})
+        metrics = {tagged("val_loss", c): c.val_loss for c in alive}
+        metrics.update({tagged("val_ppl", c): math.exp(c.val_loss) for c in alive})
+        self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
     def set_tail_training(self, mode: bool) -> None:
-        for module in self.model.tail_modules:
+        """Dropout on in the parts that train (every configuration's adapters, the tail's blocks), off elsewhere."""
+        for module in [*(c.adapters for c in self.sweep.configurations), *self.model.tail_modules]:
             module.train(mode)
+
+    def backbone_counts(self) -> tuple[int, int]:
+        return self.backbone.backbone_samples, self.backbone.cache_hits
 
     def rank_counts(self) -> dict[str, int]:
         """Each rank's samples through the backbone and cache hits so far (every rank takes part in the gather)."""
-        counts = torch.tensor([self.backbone.backbone_samples, self.backbone.cache_hits], device=self.fabric.device)
+        counts = torch.tensor(self.backbone_counts(), device=self.fabric.device)
         gathered = self.fabric.all_gather(counts).reshape(-1, 2).tolist()
         names = ("backbone_samples", "cache_hits")
         return {f"{name}_rank{rank}": row[i] for rank, row in enumerate(gathered) for i, name in enumerate(names)}
 
-    def log(self, loss: float, iter_time: float, batch: Batch, epoch: int, bar: tqdm) -> None:
-        """The step's metrics; ``loss`` was read with ``.item()``, which waits for the step's queued GPU work."""
-        cache = self.backbone.cache
+    def log(self, losses: list[float], iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
+        """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
+        samples read from the Skip-Cache."""
+        cache, alive = self.backbone.cache, self.sweep.alive
         metrics = {
-            "loss": loss,
             "iter": self.state["iter_num"],
             "step": self.state["step_count"],
             "epoch": epoch + 1,
             "iter_time": iter_time,
             "feature_wait": batch.wait,
             "tokens_per_sec": batch.tokens / iter_time,
-            "learning_rate": self.scheduler.get_last_lr()[0],
             "cache_hits": self.backbone.cache_hits,
             "cache_bytes": cache.bytes if cache else 0,
             "backbone_samples": self.backbone.backbone_samples,
         }
+        metrics.update({tagged("loss", c): loss for c, loss in zip(alive, losses)})
+        metrics.update({tagged("learning_rate", c): c.scheduler.get_last_lr()[0] for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
-        bar.set_postfix(loss=f"{loss:.3f}", ms=f"{iter_time * 1000:.0f}", hits=metrics["cache_hits"])
+        postfix = {"loss": f"{min(losses):.3f}", "ms": f"{iter_time * 1000:.0f}", "hits": hits}
+        if self.sweep.is_sweep:
+            best = min((c.val_loss for c in self.sweep.alive), default=math.nan)
+            postfix.update(alive=f"{len(alive)}/{len(self.sweep.configurations)}", best_val=f"{best:.3f}")
+        bar.set_postfix(postfix)
+
+
+def tagged(metric: str, c: Configuration) -> str:
+    """A configuration's metric name in the logs: ``loss`` in a run, ``loss/lr=0.003`` in a sweep."""
+    return metric if c.name == "run" else f"{metric}/{c.name}"

@@ -1,0 +1,244 @@
+"""Sweeps: many configurations trained in one process, in lockstep, from the same Skip-Cache.
+
+The backbone's features do not depend on the adapters, so every configuration can train on the same batches: the
+backbone runs once per sample for the whole sweep, and each step reads each batch's features once. A configuration
+is the run's options with one value of each swept option; it has its own trained parameters, optimizer, scheduler
+and dropout random stream, so it trains exactly as its solo run would. A run without a sweep is a sweep of one.
+As in DINOv2's linear evaluation (many heads over frozen features, the best kept by validation), the best
+configuration is chosen by validation; ``keep`` below 1 drops the weaker ones at each validation (successive
+halving), so they stop costing compute.
+"""
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+from litgpt.lora import LoRALayer
+from litgpt.utils import instantiate_torch_optimizer
+
+from litgpt_skip2lora.adapters import Adapters
+from litgpt_skip2lora.model import GPT, Config
+
+ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
+"""Options that shape the Skip2-LoRA adapters; swept only when nothing else trains (no ordinary LoRA)."""
+OPTIMIZER_OPTIONS = ("lr", "weight_decay")
+
+
+@dataclass
+class SweepArgs:
+    """Options swept in one run: each takes a list, and every combination of the lists' values is trained."""
+
+    lr: list[float] | None = None
+    """Learning rates (the optimizer's ``lr``)."""
+    weight_decay: list[float] | None = None
+    """The optimizer's ``weight_decay`` values."""
+    lora_r: list[int] | None = None
+    """Adapter ranks (adapters only: not with ordinary LoRA layers in the tail)."""
+    lora_alpha: list[int] | None = None
+    """Adapter scaling numerators (adapters only)."""
+    lora_dropout: list[float] | None = None
+    """Adapter dropout rates (adapters only)."""
+    seed: list[int] | None = None
+    """Seeds of the trained parameters' initial values and of dropout; the batches' order follows ``--seed``."""
+    keep: float = 1.0
+    """At each validation, the best fraction of the configurations still training goes on (at least one)."""
+    select: Literal["val_loss", "label_accuracy"] = "val_loss"
+    """How the chosen configuration is picked: the lowest validation loss, or the most validation items whose
+    answer has the highest likelihood among the task's labels (a task with a closed set of answers)."""
+
+    def swept(self) -> dict[str, list]:
+        """The swept options and their values, in a fixed order."""
+        names = (*OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")
+        return {name: list(getattr(self, name)) for name in names if getattr(self, name) is not None}
+
+    def grid(self) -> list[dict[str, Any]]:
+        """One dict of swept values per configuration; ``[{}]`` when nothing is swept."""
+        swept = self.swept()
+        return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
+
+
+def check_sweep(args: SweepArgs, trains_lora: bool) -> None:
+    """Refuse a sweep that cannot run, in one line, before the model loads."""
+    for name, values in args.swept().items():
+        if not values:
+            raise ValueError(f"--sweep.{name} is an empty list: give at least one value.")
+        if len(set(values)) != len(values):
+            raise ValueError(f"--sweep.{name} repeats a value: {values}.")
+        if name in ADAPTER_OPTIONS and trains_lora:
+            raise ValueError(f"--sweep.{name} shapes the Skip2-LoRA adapters only; this run also trains LoRA layers.")
+    if not 0 < args.keep <= 1:
+        raise ValueError(f"--sweep.keep must be in (0, 1], got {args.keep}.")
+    if any(r <= 0 for r in args.lora_r or ()):
+        raise ValueError(f"--sweep.lora_r values must be positive: {args.lora_r}.")
+
+
+def configuration_name(values: dict[str, Any]) -> str:
+    """Readable and stable: ``lr=0.003,lora_r=8``; ``run`` when nothing is swept."""
+    return ",".join(f"{k}={v}" for k, v in values.items()) or "run"
+
+
+@dataclass
+class Configuration:
+    """One configuration's trained parameters and training state."""
+
+    name: str
+    values: dict[str, Any]
+    model_config: Config
+    """The model's config with this configuration's adapter options: what its checkpoint is loaded with."""
+    adapters: Adapters
+    lora: dict[str, nn.Parameter]
+    """Its own copies of the ordinary LoRA parameters that train, by their names in the model."""
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Its dropout random stream: the CPU (and CUDA) generator states it continues from."""
+    alive: bool = True
+    steps: int = 0
+    """Optimizer steps trained."""
+    val_loss: float = math.nan
+    """Its last validation loss."""
+    accuracy: float = math.nan
+    """Its label accuracy, with ``--sweep.select label_accuracy``."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.adapters.parameters(), *self.lora.values()]
+
+    def install(self, model: GPT) -> None:
+        """Put its parameters into ``model``: from now on the model computes this configuration."""
+        model.skip2lora = self.adapters
+        for name, parameter in self.lora.items():
+            module_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attribute, parameter)
+
+    @contextlib.contextmanager
+    def random_stream(self, device: torch.device) -> Iterator[None]:
+        """Run the block with this configuration's own dropout stream, leaving the global one as it was."""
+        saved = rng_state(device)
+        set_rng_state(self.rng, device)
+        try:
+            yield
+        finally:
+            self.rng = rng_state(device)
+            set_rng_state(saved, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "adapters": self.adapters.state_dict(),
+            "lora": {name: p.detach() for name, p in self.lora.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "alive": self.alive,
+            "steps": self.steps,
+            "val_loss": self.val_loss,
+            "accuracy": self.accuracy,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adapters.load_state_dict(state["adapters"])
+        with torch.no_grad():
+            for name, p in self.lora.items():
+                p.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.alive, self.steps = state["alive"], state["steps"]
+        self.val_loss, self.accuracy = state["val_loss"], state["accuracy"]
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Sweep:
+    """The configurations of a run, and what they share: the model, whose frozen weights they all read."""
+
+    def __init__(self, model: GPT, configurations: list[Configuration], args: SweepArgs) -> None:
+        self.model, self.configurations, self.args = model, configurations, args
+
+    @property
+    def alive(self) -> list[Configuration]:
+        return [c for c in self.configurations if c.alive]
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.configurations) > 1
+
+    def halve(self) -> list[Configuration]:
+        """Keep the best ``keep`` fraction of the live configurations (at least one); return the dropped ones."""
+        alive = sorted(self.alive, key=self.rank_key)
+        kept = max(1, math.ceil(len(alive) * self.args.keep))
+        for c in alive[kept:]:
+            c.alive = False
+        return alive[kept:]
+
+    def rank_key(self, c: Configuration) -> tuple[float, float]:
+        """Best first: by accuracy when it selects, then by validation loss (a NaN loss ranks last)."""
+        loss = math.inf if math.isnan(c.val_loss) else c.val_loss
+        accuracy = c.accuracy if self.args.select == "label_accuracy" and not math.isnan(c.accuracy) else 0.0
+        return (-accuracy, loss)
+
+    def chosen(self) -> Configuration:
+        """The selected configuration among those that trained to the end."""
+        return min(self.alive, key=self.rank_key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {c.name: c.state_dict() for c in self.configurations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for c in self.configurations:
+            c.load_state_dict(state[c.name])
+
+
+def build_sweep(fabric: L.Fabric, model: GPT, args: SweepArgs, optimizer: dict, seed: int, schedule) -> Sweep:
+    """Every configuration of the grid, each with its parameters drawn from its seed as a solo run draws them, its
+    optimizer over them and its scheduler (``schedule(optimizer)``)."""
+    trained_lora = [name for name, p in model.named_parameters() if p.requires_grad and "skip2lora." not in name]
+    like = model.skip2lora.A
+    configurations = []
+    for values in args.grid():
+        adapter_options = {k: values.get(k, getattr(model.config, k)) for k in ADAPTER_OPTIONS}
+        n = len(model.config.skip2lora_block_indices)
+        adapters = Adapters(n, model.config.n_embd, *adapter_options.values()).to(like.device, like.dtype)
+        lora = {name: nn.Parameter(model.get_parameter(name).detach().clone()) for name in trained_lora}
+        c = Configuration(configuration_name(values), values, replace(model.config, **adapter_options), adapters, lora)
+        c.install(model)
+        c.rng = initialize(model, values.get("seed", seed), fabric.device)
+        init_args = {**optimizer["init_args"], **optimizer_values(c)}
+        c.optimizer = fabric.setup_optimizers(
+            instantiate_torch_optimizer({**optimizer, "init_args": init_args}, c.parameters())
+        )
+        c.scheduler = schedule(c.optimizer)
+        configurations.append(c)
+    configurations[0].install(model)
+    return Sweep(model, configurations, args)
+
+
+def initialize(model: GPT, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Draw the installed configuration's initial values from ``seed`` (what the checkpoint does not hold starts the
+    same on any number of devices); return the random stream its dropout continues from."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, (Adapters, LoRALayer)):
+                    module.reset_parameters()
+        return rng_state(device)
+
+
+def optimizer_values(c: Configuration) -> dict[str, Any]:
+    """The optimizer arguments ``c`` sweeps."""
+    return {k: c.values[k] for k in OPTIMIZER_OPTIONS if k in c.values}

@@ -1,0 +1,103 @@
+"""What a sweep leaves in ``out_dir`` besides ``final/`` (the chosen configuration): ``sweep.csv``, ``sweep.png``, and
+``sweep/<name>/`` for every configuration that trained to the end.
+
+A ``sweep/<name>/`` folder holds that configuration's trained parameters and its hyper-parameters only, not a copy
+of the frozen model: sixteen full copies of a 7B model would be 200 GB. ``litgpt-skip2lora export_configuration
+out_dir/sweep/<name>`` makes a full checkpoint of it, beside ``final/``, from ``final/``'s frozen weights.
+"""
+
+import csv
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+from litgpt_skip2lora.model import save_model_config
+from litgpt_skip2lora.sweep import Configuration, Sweep
+
+TRAINED = "lit_model.pth.lora"
+"""A configuration's trained parameters, as ``{"model": {name: tensor}}``, the form of LitGPT's LoRA files."""
+
+
+def write_table(sweep: Sweep, chosen: Configuration, path: Path) -> None:
+    """One row per configuration: its name, swept values, last validation loss, optimizer steps and whether it was
+    chosen (exactly one row)."""
+    swept = list(sweep.args.swept())
+    accuracy = ["accuracy"] if sweep.args.select == "label_accuracy" else []
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", *swept, "val_loss", *accuracy, "steps", "chosen"])
+        for c in sweep.configurations:
+            scores = [c.val_loss, *([c.accuracy] if accuracy else [])]
+            writer.writerow([c.name, *(c.values[k] for k in swept), *scores, c.steps, int(c is chosen)])
+
+
+def plot(history: list[dict], sweep: Sweep, chosen: Configuration, path: Path) -> None:
+    """Validation loss against optimizer steps, a line per configuration, the chosen one drawn thick and named."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: no {path.name} (pip install 'litgpt-skip2lora[eval]').")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for c in sweep.configurations:
+        points = [(row["step"], row[c.name]) for row in history if not math.isnan(row.get(c.name, math.nan))]
+        steps, losses = zip(*points) if points else ((), ())
+        is_chosen = c is chosen
+        label = f"{c.name} (chosen)" if is_chosen else c.name
+        ax.plot(steps, losses, marker="o", markersize=3, linewidth=2.5 if is_chosen else 1, label=label)
+        if is_chosen and points:
+            ax.scatter(steps[-1], losses[-1], s=160, marker="*", color="black", zorder=5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"Sweep of {len(sweep.configurations)} configurations; chosen: {chosen.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(sweep.configurations) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_configuration(c: Configuration, trained: dict[str, torch.Tensor], hyperparameters: dict, folder: Path) -> None:
+    """``folder``: the configuration's trained parameters, its model config and its hyper-parameters."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.detach().cpu() for k, v in trained.items()}}, folder / TRAINED)
+    save_model_config(c.model_config, folder)
+    (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(hyperparameters, sort_keys=False), encoding="utf-8")
+
+
+def export_configuration(configuration_dir: Path, final_dir: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Make a full checkpoint of one configuration of a sweep, loadable by ``generate``, ``chat``, ``serve``,
+    ``LLM`` and ``evaluate_accuracy``.
+
+    Args:
+        configuration_dir: ``<out_dir>/sweep/<name>``, written by a sweep.
+        final_dir: The sweep's ``final/``, whose frozen weights and tokenizer are reused; default
+            ``<out_dir>/final``.
+        out_dir: Where the checkpoint goes; default ``<out_dir>/final-<name>``.
+    """
+    configuration_dir = Path(configuration_dir)
+    run_dir = configuration_dir.parent.parent
+    final_dir = Path(final_dir or run_dir / "final")
+    out_dir = Path(out_dir or run_dir / f"final-{configuration_dir.name}")
+    for needed in (configuration_dir / TRAINED, final_dir / "lit_model.pth"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: is {configuration_dir} a configuration of a sweep?")
+    partial_dir = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    shutil.copytree(final_dir, partial_dir, ignore=shutil.ignore_patterns("lit_model.pth*", "evaluate_accuracy.json"))
+    state = torch.load(final_dir / "lit_model.pth", mmap=True, weights_only=True)
+    state.update(torch.load(configuration_dir / TRAINED, weights_only=True)["model"])
+    torch.save(state, partial_dir / "lit_model.pth")
+    for name in (TRAINED, "model_config.yaml", "hyperparameters.yaml"):
+        shutil.copy2(configuration_dir / name, partial_dir / name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial_dir.rename(out_dir)
+    print(f"Saved {configuration_dir.name} as a full checkpoint in {str(out_dir)!r}")
+    return out_dir
