@@ -90,12 +90,25 @@ def check_json_data(data: DataModule) -> None:
     for file in files:
         text = file.read_text(encoding="utf-8")
         documents = text.splitlines() if file.suffix == ".jsonl" else [text]  # JSON Lines: one document a line
+        items = []
         for number, document in enumerate(documents, start=1):
             try:
-                json.loads(document)
+                parsed = json.loads(document)
             except json.JSONDecodeError as err:
                 line = number if file.suffix == ".jsonl" else err.lineno
                 raise ValueError(f"{file}: invalid JSON at line {line}, column {err.colno}: {err.msg}.") from None
+            items.extend(parsed if isinstance(parsed, list) else [parsed])
+        check_items(file, items)
+
+
+def check_items(file: Path, items: list) -> None:
+    """Every item is an object with the keys LitGPT's prompt styles read (``input`` may be left out)."""
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{file}: item {index} is not an object with 'instruction' and 'output'.")
+        for key in ("instruction", "output"):
+            if key not in item:
+                raise ValueError(f"{file}: item {index} has no {key!r} (items need 'instruction' and 'output').")
 
 
 def check_quantize(quantize: str | None, precision: str | None) -> None:

@@ -2,13 +2,19 @@
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import litgpt
+import pandas as pd
 import pytest
+import torch
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import JSON
 
 from benchmarks.random_checkpoint import SPECIAL, model_config
 from benchmarks.random_checkpoint import write_checkpoint as write_random_checkpoint
+from litgpt_skip2lora.finetune import setup
 
 WORDS = (
     "the a cat dog sat ran on under mat log red blue big small what is colour of animal where did it go "
@@ -74,3 +80,35 @@ def alpaca_writer():
 def checkpoint_writer():
     """``write_checkpoint`` itself, for tests that need a checkpoint of another shape."""
     return write_checkpoint
+
+
+def run(checkpoint: Path, data_file: Path, out_dir: Path, epochs: int = 3, **kwargs) -> pd.DataFrame:
+    """One fine-tune in this process; returns the per-iteration rows of its metrics.csv."""
+    args = dict(
+        precision="32-true",
+        skip2lora_block_indices=[0, 2],
+        lora_r=4,
+        lora_alpha=8,
+        seed=7,
+        data=JSON(json_path=data_file, val_split_fraction=0.25, num_workers=0),
+        train=TrainArgs(epochs=epochs, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=None),
+        eval=EvalArgs(interval=1000, max_new_tokens=3),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}},
+    )
+    args.update(kwargs)
+    with pytest.MonkeyPatch.context() as patch:  # LitGPT's save_hyperparameters re-parses the command line
+        patch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(checkpoint)])
+        setup(checkpoint, out_dir=out_dir, **args)
+    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+    return metrics.dropna(subset=["iter"]).reset_index(drop=True)
+
+
+def losses(metrics: pd.DataFrame) -> torch.Tensor:
+    """Per-iteration training losses, at float32 tolerance (the loss is computed in float32)."""
+    return torch.tensor(metrics["loss"].values, dtype=torch.float32)
+
+
+def trained(state: dict, name: str = "run") -> dict[str, torch.Tensor]:
+    """A step checkpoint's trained parameters of configuration ``name``, by their names in the model."""
+    configuration = state["sweep"][name]
+    return {**{f"skip2lora.{k}": v for k, v in configuration["adapters"].items()}, **configuration["lora"]}

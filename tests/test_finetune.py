@@ -13,45 +13,20 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from litgpt.args import EvalArgs, TrainArgs
+from conftest import losses, run, trained
+from litgpt.args import TrainArgs
 from litgpt.data import JSON
 
+import litgpt_skip2lora.__main__
 import litgpt_skip2lora.model
 import litgpt_skip2lora.training
 from litgpt_skip2lora.backbone import CachedBackbone
 from litgpt_skip2lora.cache import CacheArgs
-from litgpt_skip2lora.finetune import setup
 from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.training import Trainer
 
 REPO = Path(__file__).parent.parent
 N_LAYER = 4
-
-
-def run(checkpoint: Path, data_file: Path, out_dir: Path, epochs: int = 3, **kwargs) -> pd.DataFrame:
-    """One fine-tune in this process; returns the per-iteration rows of its metrics.csv."""
-    args = dict(
-        precision="32-true",
-        skip2lora_block_indices=[0, 2],
-        lora_r=4,
-        lora_alpha=8,
-        seed=7,
-        data=JSON(json_path=data_file, val_split_fraction=0.25, num_workers=0),
-        train=TrainArgs(epochs=epochs, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=None),
-        eval=EvalArgs(interval=1000, max_new_tokens=3),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}},
-    )
-    args.update(kwargs)
-    with pytest.MonkeyPatch.context() as patch:  # LitGPT's save_hyperparameters re-parses the command line
-        patch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(checkpoint)])
-        setup(checkpoint, out_dir=out_dir, **args)
-    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
-    return metrics.dropna(subset=["loss"]).reset_index(drop=True)
-
-
-def losses(metrics: pd.DataFrame) -> torch.Tensor:
-    """Per-iteration training losses, at float32 tolerance (the loss is computed in float32)."""
-    return torch.tensor(metrics["loss"].values, dtype=torch.float32)
 
 
 @pytest.fixture()
@@ -134,7 +109,7 @@ def test_final_checkpoint_holds_the_trained_model(reference: Path) -> None:
     }
     model = litgpt_skip2lora.model.GPT(litgpt_skip2lora.model.Config.from_checkpoint(final))
     model.load_state_dict(torch.load(final / "lit_model.pth"))  # strict: every key of the model, no other
-    last_step = torch.load(reference / "step-000010" / "state.pth", weights_only=False)["model"]
+    last_step = trained(torch.load(reference / "step-000010" / "state.pth", weights_only=False))
     adapters = torch.load(final / "lit_model.pth.lora")["model"]
     assert set(adapters) == set(last_step) == {"skip2lora.A", "skip2lora.B"}
     for key, value in last_step.items():
@@ -326,13 +301,13 @@ def test_step_checkpoints_hold_only_what_training_changes(
     train = TrainArgs(epochs=1, micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1, save_interval=2)
     run(tiny_checkpoint, alpaca_file, tmp_path / "out", train=train)
     step = sorted((tmp_path / "out").glob("step-*/state.pth"))[0]
-    state = torch.load(step, weights_only=False)
-    assert set(state["model"]) == {"skip2lora.A", "skip2lora.B"}
-    trained = sum(t.numel() for t in state["model"].values())
-    assert trained == 2 * 2 * 4 * 32  # two adapters, A (r x d) and B (d x r), r=4, n_embd=32
+    state = trained(torch.load(step, weights_only=False))
+    assert set(state) == {"skip2lora.A", "skip2lora.B"}
+    trained_count = sum(t.numel() for t in state.values())
+    assert trained_count == 2 * 2 * 4 * 32  # two adapters, A (r x d) and B (d x r), r=4, n_embd=32
     frozen = sum(t.numel() for t in torch.load(tiny_checkpoint / "lit_model.pth").values())
     # parameters and AdamW's two moments in float32, plus counters, RNG state and pickling overhead
-    assert step.stat().st_size < 3 * 4 * trained + 64_000 < 4 * frozen
+    assert step.stat().st_size < 3 * 4 * trained_count + 64_000 < 4 * frozen
     assert not list((tmp_path / "out").glob(".step-*"))  # written under a temporary name, then renamed
 
 
@@ -412,39 +387,46 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--skip2lora_output_layer", "head"], "skip2lora_output_layer must be"),
         (["--cache.directory", "{tmp}/a-file/cache", "--cache.placement", "disk"], "cannot be created or written"),
         (["--train.epochs", "0"], "--train.epochs must be at least 1"),
+        (["--train.epochs", "-1"], "--train.epochs must be at least 1"),
+        (["--train.micro_batch_size", "0"], "--train.micro_batch_size must be at least 1, got 0"),
+        (["--train.global_batch_size", "-4"], "--train.global_batch_size must be at least 1, got -4"),
+        (["--train.save_interval", "0"], "--train.save_interval must be at least 1, got 0"),
+        (["--eval.interval", "0"], "--eval.interval must be at least 1, got 0"),
+        (["--train.max_steps", "-2"], "--train.max_steps must be at least 1, got -2"),
         (["--resume", "true"], "holds no step-"),
         (["--quantize", "bnb.nf4"], "needs a CUDA GPU"),
         (["--quantize", "bnb.int8"], "computes in float16: add --precision 16-true"),
         (["--data.json_path", "{tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 13: Expecting value."),
+        (["--data.json_path", "{tmp}/no-output.json"], "no-output.json: item 1 has no 'output'"),
         (["--out_dir", "/proc/skip2lora-out"], "--out_dir '/proc/skip2lora-out' cannot be created or written"),
+        (["--sweep.lr", "[]"], "--sweep.lr is an empty list"),
+        (["--sweep.lr", "[0.1,0.1]"], "--sweep.lr repeats a value"),
+        (["--sweep.keep", "0"], "--sweep.keep must be in (0, 1]"),
+        (["--sweep.lora_r", "[2,4]", "--lora_head", "true"], "--sweep.lora_r shapes the Skip2-LoRA adapters only"),
+        (["--sweep.lr", "[0.1,0.2]", "--eval.final_validation", "false"], "leave --eval.final_validation true"),
     ],
 )
 def test_a_users_error_is_one_line_without_traceback(
-    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, args: list[str], message: str
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, args: list[str], message: str, monkeypatch
 ) -> None:
+    """Refused before anything is written, as one ``error: ...`` line (``main`` turns only a user's error into
+    one; anything else would keep its traceback)."""
     if "--quantize" in args and torch.cuda.is_available():
         pytest.skip("this machine has the GPU that the refusal is about")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "bad.json").write_text('[\n {"output": }\n]')
+    items = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]
+    (tmp_path / "no-output.json").write_text(json.dumps(items))
     checkpoint = args.pop(1) if args[0] == "--checkpoint_dir" else str(tiny_checkpoint)
     args = args[1:] if args and args[0] == "--checkpoint_dir" else args
-    result = cli(
-        "finetune_skip2lora",
-        checkpoint,
-        "--data",
-        "JSON",
-        "--data.json_path",
-        str(alpaca_file),
-        "--precision",
-        "32-true",
-        "--out_dir",
-        str(tmp_path / "out"),
-        *[a.format(tmp=tmp_path) for a in args],
-        cwd=tmp_path,
-    )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    common = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--precision", "32-true"]
+    options = [*common, "--out_dir", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args]]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", checkpoint, *options])
+    with pytest.raises(SystemExit) as refused:
+        litgpt_skip2lora.__main__.main()
+    assert isinstance(refused.value.code, str) and refused.value.code.startswith("error: ")
+    assert message in refused.value.code and "\n" not in refused.value.code
     assert not (tmp_path / "out").exists()
 
 
@@ -482,8 +464,8 @@ def test_a_smollm2_shaped_step_checkpoint_holds_only_the_adapters(
     train = TrainArgs(epochs=1, micro_batch_size=8, global_batch_size=8, lr_warmup_steps=1, save_interval=None)
     run(checkpoint, alpaca_file, tmp_path / "out", train=train, skip2lora_block_indices=None, lora_r=8, lora_alpha=16)
     (step,) = (tmp_path / "out").glob("step-*/state.pth")  # the end of the epoch's
-    trained = torch.load(step, weights_only=False)["model"]
-    assert sum(t.numel() for t in trained.values()) == 4 * 2 * 8 * 576  # 4 default blocks, A and B, r=8, n_embd 576
+    parameters = trained(torch.load(step, weights_only=False))
+    assert sum(t.numel() for t in parameters.values()) == 4 * 2 * 8 * 576  # 4 default blocks, A and B, r=8, n_embd 576
     frozen = sum(t.numel() for t in torch.load(checkpoint / "lit_model.pth", mmap=True).values())
     assert frozen > 100_000_000
     assert step.stat().st_size < 3 * 4 * 36_864 + 64_000  # parameters and AdamW's two moments in float32, plus state

@@ -8,7 +8,7 @@ import torch
 from litgpt.generate.base import generate
 
 from litgpt_skip2lora import GPT, Adapters, Config
-from litgpt_skip2lora.model import save_model_config, mark_trainable, trainable_state
+from litgpt_skip2lora.model import mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
 
 FAMILIES = {

@@ -1,0 +1,161 @@
+"""Sweeps on a tiny random-weight checkpoint: every configuration trains as its solo run would, halving drops the
+weaker ones, an interrupted sweep resumes exactly, and a sweep typed on the command line leaves what it promises."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import losses, run, trained
+from litgpt.args import EvalArgs, TrainArgs
+
+from litgpt_skip2lora.sweep import SweepArgs
+from litgpt_skip2lora.sweep_outputs import export_configuration
+from litgpt_skip2lora.training import Trainer
+
+TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
+ADAPTERS = SweepArgs(lr=[0.01, 0.05], lora_r=[4, 8])
+# block 3 trains with q/v LoRA and dropout: each configuration needs its own dropout stream
+TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, lora_dropout=0.2)
+TAIL_SWEEP = SweepArgs(lr=[0.01, 0.05], seed=[7, 8])
+
+
+def table(out_dir: Path) -> dict[str, dict]:
+    with (out_dir / "sweep.csv").open() as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+def saved(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "lit_model.pth.lora", weights_only=True)["model"]
+
+
+def assert_same_parameters(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Equal at float32 rounding: the configurations' ``W B`` products are one matmul, which may round the last bit
+    differently from a matmul of one configuration; and a resumed run recomputes what a memory cache held."""
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-7)
+
+
+def last_val_loss(out_dir: Path) -> float:
+    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+    return float(metrics["val_loss"].dropna().iloc[-1])
+
+
+@pytest.fixture(scope="module")
+def sweeps(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One uninterrupted 2-epoch sweep per variant, with step checkpoints every 3 steps."""
+    root = tmp_path_factory.mktemp("sweeps")
+    train = TrainArgs(epochs=2, **TRAIN, save_interval=3)
+    run(tiny_checkpoint, alpaca_file, root / "adapters", train=train, sweep=ADAPTERS)
+    run(tiny_checkpoint, alpaca_file, root / "tail", train=train, sweep=TAIL_SWEEP, **TAIL)
+    return {"adapters": root / "adapters", "tail": root / "tail"}
+
+
+@pytest.mark.parametrize(
+    ("variant", "name", "solo"),
+    [
+        ("adapters", "lr=0.01,lora_r=8", dict(lora_r=8)),
+        ("adapters", "lr=0.05,lora_r=4", {}),
+        ("tail", "lr=0.01,seed=7", TAIL),
+    ],
+)
+def test_a_configuration_trains_exactly_as_its_solo_run(
+    sweeps, tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, variant: str, name: str, solo: dict
+) -> None:
+    lr = float(name.split(",")[0].removeprefix("lr="))
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}
+    alone = run(tiny_checkpoint, alpaca_file, tmp_path, train=TrainArgs(epochs=2, **TRAIN), optimizer=optimizer, **solo)
+    swept = pd.read_csv(sorted(sweeps[variant].glob("logs/csv/version_*/metrics.csv"))[-1]).dropna(subset=["iter"])
+    torch.testing.assert_close(losses(alone), torch.tensor(swept[f"loss/{name}"].values, dtype=torch.float32))
+    assert float(table(sweeps[variant])[name]["val_loss"]) == pytest.approx(last_val_loss(tmp_path), rel=1e-6)
+    assert_same_parameters(saved(sweeps[variant] / "sweep" / name), saved(tmp_path / "final"))
+
+
+def test_the_sweep_table_final_and_folders(sweeps) -> None:
+    rows = table(sweeps["adapters"])
+    assert list(rows) == ["lr=0.01,lora_r=4", "lr=0.01,lora_r=8", "lr=0.05,lora_r=4", "lr=0.05,lora_r=8"]
+    assert list(next(iter(rows.values()))) == ["name", "lr", "lora_r", "val_loss", "steps", "chosen"]
+    assert [int(r["steps"]) for r in rows.values()] == [10] * 4
+    (chosen,) = [name for name, r in rows.items() if r["chosen"] == "1"]
+    assert chosen == min(rows, key=lambda name: float(rows[name]["val_loss"]))
+    final = sweeps["adapters"] / "final"
+    assert all(torch.equal(v, saved(final)[k]) for k, v in saved(sweeps["adapters"] / "sweep" / chosen).items())
+    hyperparameters = yaml.safe_load((final / "hyperparameters.yaml").read_text())
+    assert "sweep" not in hyperparameters
+    assert hyperparameters["optimizer"]["init_args"]["lr"] == float(rows[chosen]["lr"])
+    assert hyperparameters["lora_r"] == int(rows[chosen]["lora_r"])
+    assert yaml.safe_load((final / "model_config.yaml").read_text())["lora_r"] == int(rows[chosen]["lora_r"])
+    assert sorted(p.name for p in (sweeps["adapters"] / "sweep").iterdir()) == sorted(rows)
+    assert (sweeps["adapters"] / "sweep.png").stat().st_size > 10_000
+
+
+def test_halving_drops_the_weaker_configurations(sweeps, tiny_checkpoint: Path, alpaca_file: Path, tmp_path) -> None:
+    """Validating every 2 steps with keep 0.5: 4 configurations, then 2 after step 2, then 1 after step 4. The
+    survivor trains on exactly as in the sweep without halving."""
+    train, evaluate = TrainArgs(epochs=2, **TRAIN), EvalArgs(interval=2, max_new_tokens=3, max_iters=1)
+    run(
+        tiny_checkpoint,
+        alpaca_file,
+        tmp_path,
+        train=train,
+        eval=evaluate,
+        sweep=SweepArgs(**vars(ADAPTERS) | {"keep": 0.5}),
+    )
+    rows = table(tmp_path)
+    assert sorted(int(r["steps"]) for r in rows.values()) == [2, 2, 4, 10]
+    (survivor,) = [name for name, r in rows.items() if r["steps"] == "10"]
+    assert rows[survivor]["chosen"] == "1"
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [survivor]
+    assert_same_parameters(saved(tmp_path / "sweep" / survivor), saved(sweeps["adapters"] / "sweep" / survivor))
+
+
+def test_an_interrupted_sweep_resumes_exactly(
+    sweeps, tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validate_and_save = Trainer.validate_and_save
+
+    def stop_at_step_7(self, *args) -> None:
+        validate_and_save(self, *args)
+        if self.state["step_count"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train = TrainArgs(epochs=2, **TRAIN, save_interval=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "validate_and_save", stop_at_step_7)
+        with pytest.raises(SystemExit):
+            run(tiny_checkpoint, alpaca_file, tmp_path, train=train, sweep=TAIL_SWEEP, **TAIL)
+    run(tiny_checkpoint, alpaca_file, tmp_path, train=train, sweep=TAIL_SWEEP, resume=True, **TAIL)
+    resumed, full = table(tmp_path), table(sweeps["tail"])
+    for name, row in full.items():
+        assert float(resumed[name].pop("val_loss")) == pytest.approx(float(row.pop("val_loss")), rel=1e-6)
+        assert resumed[name] == row
+        assert_same_parameters(saved(tmp_path / "sweep" / name), saved(sweeps["tail"] / "sweep" / name))
+    last = torch.load(tmp_path / "step-000010" / "state.pth", weights_only=False)
+    assert trained(last, "lr=0.05,seed=8").keys() == saved(tmp_path / "sweep" / "lr=0.05,seed=8").keys()
+
+
+def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """The issue's command on a tiny model: four rows, one chosen; ``final/`` and an exported configuration
+    generate."""
+    command = [sys.executable, "-m", "litgpt_skip2lora"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    options = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--data.val_split_fraction", "0.25"]
+    options += ["--precision", "32-true", "--train.epochs", "1", "--train.micro_batch_size", "4"]
+    options += ["--sweep.lr", "[0.001,0.003]", "--sweep.lora_r", "[4,8]", "--out_dir", str(tmp_path)]
+    finetune = [*command, "finetune_skip2lora", str(tiny_checkpoint), *options, "--skip2lora_block_indices", "[0,2]"]
+    subprocess.run(finetune, env=env, check=True, capture_output=True)
+    rows = table(tmp_path)
+    assert len(rows) == 4 and sum(r["chosen"] == "1" for r in rows.values()) == 1
+    other = next(name for name, r in rows.items() if r["chosen"] == "0")
+    exported = export_configuration(tmp_path / "sweep" / other)
+    assert exported == tmp_path / f"final-{other}"
+    for model in (tmp_path / "final", exported):
+        generate = [*command, "generate", str(model), "--prompt", "the cat", "--max_new_tokens", "3"]
+        assert subprocess.run(generate, env=env, check=True, capture_output=True, text=True).stdout.strip()
