@@ -95,9 +95,7 @@ class Trainer:
                 batches = iter(train_loader)
                 skipped = replay.skip(batches, len(train_loader))
                 description = f"Epoch {epoch + 1}/{train.epochs} [{where}]"
-                bar = tqdm(
-                    desc=description, total=len(train_loader), initial=skipped, disable=fabric.global_rank > 0
-                )
+                bar = tqdm(desc=description, total=len(train_loader), initial=skipped, disable=fabric.global_rank > 0)
                 iters = 0
                 with self.clock.phase("epoch_1" if epoch == 0 else "later_epochs"):
                     iter_t0 = time.perf_counter()  # as LitGPT's iter_time: loading and the optimizer step included
