@@ -8,11 +8,19 @@ per-iteration ``iter_time`` (taken after ``loss.item()``), for Skip2-LoRA the ep
 ``epoch1_s`` is the first epoch's share of it. Ratios are against the median of the LoRA runs with the same number
 of epochs, in the same invocation.
 
+``--sweep KEY=LIST`` adds, for each Skip2-LoRA method, a ``<method>-sweep`` row: the same YAML with that sweep, every
+configuration trained in one process. Its ``wall_vs_solo`` is its wall time over the solo run's of the same method
+and epochs, and ``wall_vs_solo_runs`` over ``configurations`` times that solo run: the configurations' solo runs one
+after another. ``--lora-lrs`` runs LoRA once per learning rate of a grid, as a LoRA user sweeps.
+
 Writes ``<out>/end_to_end-<UTC timestamp>.json`` (a list of rows) and a plot of wall time against epochs::
 
     # CPU, the real SmolLM2-135M-Instruct and WordNet, the demo's setting
     python -m benchmarks.end_to_end --methods lora faithful --epochs 3 \\
         --set data.init_args.num_train=600 --set data.init_args.num_val=100
+    # the same with a sweep of 8 configurations beside the solo run
+    python -m benchmarks.end_to_end --methods faithful --epochs 3 --set data.init_args.num_train=600 \
+        --set data.init_args.num_val=100 --sweep lr=[0.0003,0.001,0.003,0.01] --sweep lora_r=[4,8]
     # GPU, random weights of the Llama-3.2-1B shape, 5,000 samples of about 300 tokens
     python -m benchmarks.end_to_end --random-model Llama-3.2-1B --samples 5000 --tokens 300 --epochs 1 3 10
 """
@@ -45,11 +53,21 @@ VAL_FRACTION = 0.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--epochs", nargs="+", type=int, default=[1, 3, 10])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="what to run")
+    parser.add_argument("--epochs", nargs="+", type=int, default=[1, 3, 10], help="epoch counts, each a set of runs")
     parser.add_argument("--lora-runs", type=int, default=2, help="LoRA runs per epoch count, to show its spread")
-    parser.add_argument("--configs", type=Path, default=REPO / "config_hub/finetune/SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--lora-lrs", nargs="+", type=float, help="LoRA's learning rates, one run each (default: the YAML's)"
+    )
+    parser.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=LIST", help="a Skip2-LoRA sweep row, e.g. lr=[0.001,0.003]"
+    )
+    parser.add_argument(
+        "--configs", type=Path, default=REPO / "config_hub/finetune/SmolLM2-135M-Instruct", help="the methods' YAMLs"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE", help="a YAML override, e.g. train.epochs=1"
     )
@@ -58,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=32000, help="with --random-model: vocabulary size")
     parser.add_argument("--samples", type=int, default=5000, help="with --random-model: samples, 5%% for validation")
     parser.add_argument("--tokens", type=int, default=300, help="with --random-model: words per sample")
-    parser.add_argument("--work", type=Path, default=REPO / "out/end_to_end")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmark_results")
+    parser.add_argument("--work", type=Path, default=REPO / "out/end_to_end", help="runs' folders (replaced)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
     return parser.parse_args(argv)
 
 
@@ -134,11 +152,28 @@ def train_samples(config_path: Path) -> int:
     return total - int(total * data["val_split_fraction"])
 
 
-def timed_run(command: str, config: Path, epochs: int, out_dir: Path) -> dict:
+def runs(args: argparse.Namespace, configs: dict[str, Path], epochs: int) -> list[tuple[str, list[str]]]:
+    """Each run of one epoch count: its row's method name and the options it adds to its YAML's."""
+    planned = []
+    for method in args.methods:
+        if method == "lora":
+            lrs = [["--optimizer.lr", str(lr)] for lr in args.lora_lrs] if args.lora_lrs else [[]]
+            planned += [("lora", lr) for lr in lrs for _ in range(args.lora_runs)]
+            continue
+        planned.append((method, []))
+        if args.sweep:
+            options = [
+                part for item in args.sweep for part in (f"--sweep.{item.split('=', 1)[0]}", item.split("=", 1)[1])
+            ]
+            planned.append((f"{method}-sweep", options))
+    return planned
+
+
+def timed_run(command: str, config: Path, epochs: int, out_dir: Path, options: list[str]) -> dict:
     """One fresh process, its wall time and what its own log says of its training time."""
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    args = [sys.executable, "-m", "litgpt_skip2lora", command, "--config", str(config)]
+    args = [sys.executable, "-m", "litgpt_skip2lora", command, "--config", str(config), *options]
     args += ["--train.epochs", str(epochs), "--train.log_interval", "1", "--out_dir", str(out_dir)]
     start = time.time()
     with open(out_dir / "output.log", "w") as log:
@@ -148,11 +183,17 @@ def timed_run(command: str, config: Path, epochs: int, out_dir: Path) -> dict:
         raise SystemExit(f"{' '.join(args)} failed (exit {done.returncode}); see {out_dir / 'output.log'}")
     metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
     row = {"wall_s": (out_dir / "final" / "lit_model.pth").stat().st_mtime - start, "exit_s": exit_s}
-    row["val_loss"] = float(metrics["val_loss"].dropna().iloc[-1])
+    row["val_loss"] = float(metrics.filter(regex="^val_loss").ffill().iloc[-1].min())
+    if (out_dir / "sweep.csv").is_file():
+        table = pd.read_csv(out_dir / "sweep.csv")
+        chosen = table[table["chosen"] == 1].iloc[0]
+        row.update(configurations=len(table), chosen=chosen["name"], val_loss=float(chosen["val_loss"]))
+        row["sweep"] = table.to_dict(orient="records")
     if command == "finetune_lora":
         steps = metrics.dropna(subset=["iter_time"])
         row["train_s"] = float(steps["iter_time"].sum())
         row["epoch1_s"] = float(steps.loc[steps["epoch"] == steps["epoch"].min(), "iter_time"].sum())
+        row["lr"] = yaml.safe_load((out_dir / "final" / "hyperparameters.yaml").read_text())["optimizer"]
     else:
         wall = metrics.filter(like="wall_").ffill().iloc[-1]
         row["breakdown"] = {k.removeprefix("wall_"): round(float(v), 3) for k, v in wall.items()}
@@ -162,32 +203,65 @@ def timed_run(command: str, config: Path, epochs: int, out_dir: Path) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each row's times over the median LoRA run's with the same number of epochs."""
+    """Each row's times over the median LoRA run's with the same number of epochs; a sweep's over its solo run's."""
     for row in rows:
         lora = [r for r in rows if r["method"] == "lora" and r["epochs"] == row["epochs"]]
         for figure in ("wall_s", "train_s", "epoch1_s"):
             if lora:
                 row[f"{figure[:-2]}_vs_lora"] = round(row[figure] / statistics.median(r[figure] for r in lora), 4)
+        solo = [r for r in rows if r["method"] == row["method"].removesuffix("-sweep") and r["epochs"] == row["epochs"]]
+        if row["method"].endswith("-sweep") and solo:
+            row["wall_vs_solo"] = round(row["wall_s"] / solo[0]["wall_s"], 4)
+            row["wall_vs_solo_runs"] = round(row["wall_s"] / (row["configurations"] * solo[0]["wall_s"]), 4)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def label(row: dict) -> str:
+    """A row's name in plots: the documents' names of the methods, LoRA's learning rate where a grid sets it."""
+    names = {"lora": "LoRA", "faithful": "faithful", "tail": "4-block tail"}
+    name = names[row["method"].removesuffix("-sweep")]
+    if row["method"].endswith("-sweep"):
+        return f"{name} sweep\n({row['configurations']} configurations)"
+    lr = row.get("lr", {}).get("init_args", {}).get("lr")
+    return f"{name}\nlr {lr:g}" if lr else name
+
+
+def plot(rows: list[dict], task: str, path: Path) -> None:
+    """Wall time of each run as a bar, grouped by epoch count, each annotated with its ratio to LoRA (and a sweep's
+    to its solo run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        epochs = sorted({r["epochs"] for r in mine})
-        medians = [statistics.median(r["wall_s"] for r in mine if r["epochs"] == e) for e in epochs]
-        line = ax.plot(epochs, medians, marker="o", label=method)[0]
-        ax.scatter([r["epochs"] for r in mine], [r["wall_s"] for r in mine], color=line.get_color(), s=12)
-    ax.set(xlabel="epochs", ylabel="wall time, process start to final/ (s)", title=rows[0]["model"])
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    bars = ax.bar(range(len(rows)), [r["wall_s"] for r in rows], color=[COLORS[r["method"]] for r in rows])
+    for bar, row in zip(bars, rows):
+        notes = [f"{row['wall_vs_lora']:.2f}x LoRA" if "wall_vs_lora" in row else ""]
+        notes.append(f"{row['wall_vs_solo']:.2f}x solo" if "wall_vs_solo" in row else "")
+        text = "\n".join(n for n in notes if n)
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{label(r)}\n{r['epochs']} ep" for r in rows], fontsize=8)
+    ax.set_ylabel("wall time, process start to final/ (s)")
+    ax.set_ylim(0, 1.2 * max(r["wall_s"] for r in rows))
+    ax.set_title(f"{task}: {rows[0]['samples']} training samples, {rows[0]['model']}, {rows[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+COLORS = {"lora": "tab:gray", "faithful": "tab:blue", "faithful-sweep": "tab:cyan", "tail": "tab:orange"}
+COLORS["tail-sweep"] = "tab:red"
+
+
+def task_name(config: Path, args: argparse.Namespace) -> str:
+    """What the runs learn: WordNet's task, a JSON file's name, or the random model's sentences."""
+    if args.random_model:
+        return f"random sentences, {args.random_model} shape with random weights"
+    data = yaml.safe_load(config.read_text())["data"]
+    init = data.get("init_args", {})
+    if "WordNet" in data["class_path"]:
+        return {"words": "WordNet definitions", "supersense": "WordNet supersense labels"}[init.get("task", "words")]
+    return Path(init.get("json_path", "data")).stem
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -198,23 +272,24 @@ def main(argv: list[str] | None = None) -> Path:
     model = args.random_model or yaml.safe_load(configs[args.methods[0]].read_text())["checkpoint_dir"]
     rows = []
     for epochs in args.epochs:
-        for method in args.methods:
-            for run in range(args.lora_runs if method == "lora" else 1):
-                out_dir = args.work / f"{method}-{epochs}ep-{run}"
-                row = {"method": method, "run": run, "epochs": epochs, "samples": train_samples(configs[method])}
-                row.update(timed_run(METHODS[method][0], configs[method], epochs, out_dir), device=device, model=model)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+        for run, (method, options) in enumerate(runs(args, configs, epochs)):
+            base = method.removesuffix("-sweep")
+            out_dir = args.work / f"{method}-{epochs}ep-{run}"
+            row = {"method": method, "run": run, "epochs": epochs, "samples": train_samples(configs[base])}
+            row.update(timed_run(METHODS[base][0], configs[base], epochs, out_dir, options), device=device, model=model)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     add_ratios(rows)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"end_to_end-{stamp}.json"
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, path.with_suffix(".png"))
+    plot(rows, task_name(configs[args.methods[0]], args), path.with_suffix(".png"))
     for row in rows:
-        ratios = " ".join(f"{k}={row[k]}" for k in ("wall_vs_lora", "train_vs_lora", "epoch1_vs_lora") if k in row)
+        keys = ("wall_vs_lora", "train_vs_lora", "epoch1_vs_lora", "wall_vs_solo", "wall_vs_solo_runs")
+        ratios = " ".join(f"{k}={row[k]}" for k in keys if k in row)
         times = f"wall {row['wall_s']:8.1f} s, train {row['train_s']:8.1f} s"
-        print(f"{row['method']:>9} {row['epochs']:>3} epochs: {times}  {ratios}")
+        print(f"{row['method']:>14} {row['epochs']:>3} epochs: {times}, val {row['val_loss']:.4f}  {ratios}")
     print(f"Wrote {path} and {path.with_suffix('.png').name}")
     return path
 

@@ -14,21 +14,26 @@ import sys
 import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
 import litgpt.chat.base
 import litgpt.generate.base
 import torch
+import yaml
 from jsonargparse import CLI, set_config_read_mode, set_docstring_parse_options
 from litgpt.__main__ import PARSER_DATA
 
 import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --data's choices)
 from litgpt_skip2lora.api import skip2lora_classes, swapped, trained_precision
+from litgpt_skip2lora.cli import optimizer_spec
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
 from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
 from litgpt_skip2lora.serve import serve
+
+LITGPT_TRAINING = ("finetune_lora", "finetune_full", "finetune_adapter", "finetune_adapter_v2", "pretrain")
 
 
 class _WithoutConfigDump(io.TextIOBase):
@@ -64,6 +69,24 @@ def _generation_command(fn: Callable, module: ModuleType) -> Callable:
     return run
 
 
+def _optimizer_from_any_form(fn: Callable) -> Callable:
+    """LitGPT's training command, taking ``--optimizer.lr 0.003`` and the other forms its own CLI fails on (its
+    issue #1905), and recording the optimizer in ``final/hyperparameters.yaml`` in the YAMLs' form."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs["optimizer"] = optimizer_spec(kwargs.get("optimizer", "AdamW"))
+        result = fn(*args, **kwargs)
+        hyperparameters = Path(kwargs.get("out_dir", ".")) / "final" / "hyperparameters.yaml"
+        if hyperparameters.is_file():
+            saved = yaml.safe_load(hyperparameters.read_text(encoding="utf-8"))
+            saved["optimizer"] = kwargs["optimizer"]
+            hyperparameters.write_text(yaml.safe_dump(saved, sort_keys=False), encoding="utf-8")
+        return result
+
+    return run
+
+
 def _with_defaults(fn: Callable, **defaults: Any) -> inspect.Signature:
     signature = inspect.signature(fn)
     params = [p.replace(default=defaults.get(name, p.default)) for name, p in signature.parameters.items()]
@@ -80,6 +103,7 @@ finetune.__signature__ = _with_defaults(finetune_skip2lora, skip2lora_enabled=Fa
 
 SUBCOMMANDS = {
     **PARSER_DATA,
+    **{name: _optimizer_from_any_form(PARSER_DATA[name]) for name in LITGPT_TRAINING},
     "finetune": finetune,
     "finetune_skip2lora": finetune_skip2lora,
     "generate": _generation_command(litgpt.generate.base.main, litgpt.generate.base),

@@ -36,7 +36,7 @@ class Adapters(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.factor_head = True
-        """Let the head be computed factored where that is cheaper (:meth:`factoring_pays`, ``GPT.factored_heads``)."""
+        """Let the head be computed factored where that is cheaper (``GPT.factored_heads``)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -53,12 +53,3 @@ class Adapters(nn.Module):
 
     def forward(self, taps: torch.Tensor) -> torch.Tensor:
         return self.codes(taps) @ self.B.T
-
-    def factoring_pays(self, head: nn.Linear, rows: int) -> bool:
-        """``W (h + B u) = W h + (W B) u`` for a frozen float head ``W``: backward then multiplies by the
-        vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row, which pays when the ``rows``
-        outnumber the ranks ``k``: ``rows d > 2 d k + 3 rows k`` multiply-adds per vocabulary entry."""
-        d, k = self.B.shape
-        weight = head.weight
-        frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
-        return self.factor_head and torch.is_grad_enabled() and frozen_float and rows * (d - 3 * k) > 2 * d * k

@@ -191,16 +191,18 @@ class GPT(litgpt.lora.GPT):
     def factored_heads(self, features: Features, adapters: list[Adapters]) -> list[FactoredHead] | None:
         """``head(stream + z_c) = head(stream) + codes_c (W B_c)^T`` for a frozen float ``lm_head`` ``W``: what
         every configuration ``c`` shares is computed once, ``head(stream)`` outside autograd and all ``W B_c`` as
-        one matmul. None where the head is not plain or factoring does not pay (:meth:`Adapters.factoring_pays`)."""
-        head, rows = self.lm_head, features.stream.numel() // self.config.n_embd
-        plain = head.r == 0 and self.config.skip2lora_after_ln_f
-        if not (plain and all(a.factoring_pays(head.linear, rows) for a in adapters)):
+        one matmul. None where the head is not plain or factoring does not pay (:func:`factoring_pays`)."""
+        weight, rows = self.lm_head.linear.weight, features.stream.numel() // self.config.n_embd
+        frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
+        ranks = [a.B.size(1) for a in adapters]
+        plain = self.lm_head.r == 0 and self.config.skip2lora_after_ln_f and frozen_float
+        if not (plain and all(a.factor_head for a in adapters)):
+            return None
+        if not factoring_pays(rows, self.config.n_embd, ranks, torch.is_grad_enabled()):
             return None
         with torch.no_grad():
-            stream_logits = head.linear(features.stream)
-        products = (head.linear.weight @ torch.cat([a.B for a in adapters], dim=1)).split(
-            [a.B.size(1) for a in adapters], dim=1
-        )
+            stream_logits = self.lm_head.linear(features.stream)
+        products = (weight @ torch.cat([a.B for a in adapters], dim=1)).split(ranks, dim=1)
         return [FactoredHead(stream_logits, product) for product in products]
 
     def backbone_requires_grad(self) -> bool:
@@ -265,6 +267,19 @@ class GPT(litgpt.lora.GPT):
                 raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
             mask = mask[..., :input_pos_maxp1]
         return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
+
+
+def factoring_pays(rows: int, d: int, ranks: list[int], training: bool) -> bool:
+    """Whether the factored head costs fewer multiply-adds per vocabulary entry than ``head(stream + z)`` for each
+    of the configurations, of ranks ``k`` (``n r``).
+
+    Training, backward multiplies by the vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row,
+    which pays for each configuration when ``rows d > 2 d k + 3 rows k``. Without gradients, one configuration
+    never gains, but ``C`` configurations share ``head(stream)``: ``C rows d > rows d + sum(d k + rows k)``.
+    """
+    if training:
+        return all(rows * (d - 3 * k) > 2 * d * k for k in ranks)
+    return (len(ranks) - 1) * rows * d > sum(ranks) * (d + rows)
 
 
 def save_model_config(config: Config, directory: Path) -> None:

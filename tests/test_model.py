@@ -8,7 +8,7 @@ import torch
 from litgpt.generate.base import generate
 
 from litgpt_skip2lora import GPT, Adapters, Config
-from litgpt_skip2lora.model import mark_trainable, save_model_config, trainable_state
+from litgpt_skip2lora.model import factoring_pays, mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
 
 FAMILIES = {
@@ -222,18 +222,24 @@ def test_factored_head_gives_the_same_logits_and_gradients() -> None:
     model = with_random_adapters(GPT(tiny(lora_r=1, lora_alpha=2)))
     mark_trainable(model)
     flat = model.backbone(torch.randint(0, 96, (4, 16))).rows(torch.ones(4, 16, dtype=torch.bool))
-    assert model.skip2lora.factoring_pays(model.lm_head.linear, rows=64)
+    (head,) = model.factored_heads(flat, [model.skip2lora])
     results = []
-    for factor in (True, False):
+    for factored in (head, None):
         model.zero_grad()
-        model.skip2lora.factor_head = factor
-        logits = model.tail(flat)
+        logits = model.tail(flat, head=factored)
         logits.logsumexp(-1).sum().backward()
         results.append((logits.detach(), [p.grad.clone() for p in (model.skip2lora.A, model.skip2lora.B)]))
     (factored, factored_grads), (plain, plain_grads) = results
     torch.testing.assert_close(factored, plain)
     for g1, g2 in zip(factored_grads, plain_grads):
         torch.testing.assert_close(g1, g2)
+
+
+def test_factoring_pays_in_validation_only_when_configurations_share_the_head() -> None:
+    assert factoring_pays(rows=64, d=32, ranks=[2], training=True)
+    assert not factoring_pays(rows=64, d=32, ranks=[2], training=False)  # one configuration: the plain head
+    assert factoring_pays(rows=64, d=32, ranks=[2, 2, 2], training=False)
+    assert not factoring_pays(rows=4, d=32, ranks=[16], training=True)
 
 
 @pytest.mark.parametrize(
