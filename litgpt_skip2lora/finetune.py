@@ -18,6 +18,7 @@ from typing import Literal
 
 import lightning as L
 import litgpt.finetune.lora as litgpt_lora
+import psutil
 import torch
 import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
@@ -69,6 +70,7 @@ from litgpt_skip2lora.sweep import (
     Sweep,
     SweepArgs,
     build_sweep,
+    check_fits,
     check_sweep,
     optimizer_values,
 )
@@ -261,6 +263,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
     warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))
     schedule = partial(lr_schedule, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1), min_lr=run.train.min_lr)
     sweep = build_sweep(fabric, model, run.sweep, run.optimizer, run.seed, schedule)
+    with user_errors():
+        check_fits(sweep, run.train.micro_batch_size * model.max_seq_length, free_memory(fabric.device))
     per_configuration = sum(p.numel() for p in sweep.configurations[0].parameters())
     fabric.print(f"Number of trainable parameters: {per_configuration:,}" + describe_sweep(sweep))
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
@@ -288,6 +292,11 @@ def main(fabric: L.Fabric, run: Run) -> None:
     if fabric.global_rank == 0:
         fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
         litgpt_lora.generate_example(fabric, model, tokenizer, run.eval, run.data)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free where training runs: the GPU's free memory, or the host's available RAM."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
 def describe_sweep(sweep: Sweep) -> str:

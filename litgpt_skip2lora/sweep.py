@@ -203,6 +203,26 @@ class Sweep:
             c.load_state_dict(state[c.name])
 
 
+def configuration_bytes(c: Configuration, rows: int, vocab: int) -> int:
+    """What one configuration adds to a step's memory: its parameters, their gradients and AdamW's two moments, and
+    its logits over ``rows`` rows with their softmax and gradient in float32 (each configuration's graph is alive
+    until the step's one backward)."""
+    parameters = sum(p.numel() * p.element_size() for p in c.parameters())
+    return 4 * parameters + 3 * rows * vocab * 4
+
+
+def check_fits(sweep: Sweep, rows: int, available: int) -> None:
+    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes."""
+    vocab = sweep.model.config.padded_vocab_size
+    needed = sum(configuration_bytes(c, rows, vocab) for c in sweep.configurations)
+    if sweep.is_sweep and needed > available:
+        count = len(sweep.configurations)
+        raise MemoryError(
+            f"The sweep's {count} configurations need about {needed / 1e9:.1f} GB for {rows} rows a micro-batch, more"
+            f" than the {available / 1e9:.1f} GB free: sweep fewer values or lower --train.micro_batch_size."
+        )
+
+
 def build_sweep(fabric: L.Fabric, model: GPT, args: SweepArgs, optimizer: dict, seed: int, schedule) -> Sweep:
     """Every configuration of the grid, each with its parameters drawn from its seed as a solo run draws them, its
     optimizer over them and its scheduler (``schedule(optimizer)``)."""

@@ -91,13 +91,14 @@ class Trainer:
         where = f"cache: {self.backbone.cache.placement}" if self.backbone.cache else "cache off"
         with resume.stop_on_signals() as stop:
             for epoch in range(train.epochs):
-                epoch_t0, backbone_before, hits_before = time.perf_counter(), *self.backbone_counts()
+                phase = "epoch_1" if epoch == 0 else "later_epochs"
+                epoch_before, (backbone_before, hits_before) = self.clock.seconds[phase], self.backbone_counts()
                 batches = iter(train_loader)
                 skipped = replay.skip(batches, len(train_loader))
                 description = f"Epoch {epoch + 1}/{train.epochs} [{where}]"
                 bar = tqdm(desc=description, total=len(train_loader), initial=skipped, disable=fabric.global_rank > 0)
                 iters = 0
-                with self.clock.phase("epoch_1" if epoch == 0 else "later_epochs"):
+                with self.clock.phase(phase):
                     iter_t0 = time.perf_counter()  # as LitGPT's iter_time: loading and the optimizer step included
                     for batch in self.backbone.batches(batches, "train"):
                         if state["step_count"] >= self.max_steps or time.perf_counter() > deadline:
@@ -118,7 +119,8 @@ class Trainer:
                     self.save_checkpoint()
                     return False
                 if iters:
-                    summary.append(self.end_epoch(epoch, time.perf_counter() - epoch_t0, iters, backbone_before))
+                    seconds = self.clock.seconds[phase] - epoch_before  # the breakdown's clock: no validation
+                    summary.append(self.end_epoch(epoch, seconds, iters, backbone_before))
         if self.eval.final_validation:
             self.validate(val_loader, len(val_loader))
             summary.append(f"Validation loss after training: {self.describe_losses()}")
@@ -137,6 +139,8 @@ class Trainer:
         if state["iter_num"] % self.accum == 0:
             for c in alive:
                 self.average_gradients(c)
+                if self.train.max_norm:
+                    torch.nn.utils.clip_grad_norm_(c.parameters(), self.train.max_norm)
                 c.optimizer.step()
                 c.optimizer.zero_grad()
                 c.scheduler.step()
@@ -192,7 +196,7 @@ class Trainer:
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
         self.save_checkpoint()
         self.backbone.warn_if_reads_are_slow()
-        line = f"Epoch {epoch + 1}: {seconds:.2f} s, {seconds / iters * 1000:.1f} ms/iter ({how})"
+        line = f"Epoch {epoch + 1}: {seconds:.2f} s of training, {seconds / iters * 1000:.1f} ms/iter ({how})"
         self.fabric.print(line)
         return line
 
