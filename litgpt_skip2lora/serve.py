@@ -5,6 +5,8 @@ LitGPT's own, with this package's :class:`~litgpt_skip2lora.api.LLM` in that nam
 at module level, so that LitServe can hand them to its workers.
 """
 
+import os
+import signal
 from functools import wraps
 from typing import Any
 
@@ -37,5 +39,20 @@ def serve(**kwargs: Any) -> None:
     if not litgpt_serve._LITSERVE_AVAILABLE:  # what LitGPT's server itself checks
         refuse(ModuleNotFoundError("serve needs LitServe: pip install 'litgpt-skip2lora[serve]'"))
     apis = dict(SimpleLitAPI=SimpleAPI, StreamLitAPI=StreamAPI, OpenAISpecLitAPI=OpenAISpecAPI)
+    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c(os.getpid()))
     with swapped(litgpt_serve, **apis):
         litgpt_serve.run_server(**kwargs)
+
+
+def _stop_as_on_ctrl_c(server_pid: int):
+    """SIGTERM (``kill``, systemd, Docker, Kubernetes) stops the server as Ctrl-C does: LitServe then stops every
+    worker and frees the port. By default SIGTERM would end the main process alone and leave its workers serving.
+    A worker forked with this handler dies of SIGTERM as usual."""
+
+    def handle(signum: int, frame) -> None:
+        if os.getpid() == server_pid:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return handle

@@ -79,6 +79,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_alive(pgid: int, within: float) -> bool:
+    """Whether a process of the group ``pgid`` is still alive after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.2)
+
+
 def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
     pytest.importorskip("litserve")
     port = free_port()
@@ -101,9 +114,16 @@ def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
             except OSError:
                 time.sleep(1)
         assert reply is not None, server.stderr.read()[-3000:] if server.poll() is not None else "no answer in 120 s"
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        server.send_signal(signal.SIGTERM)  # a plain `kill PID`, as systemd, Docker and Kubernetes stop a service
         server.wait(timeout=30)
+        assert not group_alive(server.pid, within=15), "a worker outlived the server"
+        with socket.socket() as s:  # the port is free again: no socket listens on it (closed connections may wait)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+    finally:
+        if group_alive(server.pid, within=0):
+            os.killpg(server.pid, signal.SIGKILL)
     llm = LLM.load(str(final))
     assert reply == {"output": llm.generate(PROMPT, temperature=0, max_new_tokens=4)}
 
