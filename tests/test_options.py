@@ -1,0 +1,80 @@
+"""Every option ``finetune_skip2lora`` accepts is read, or refused in one line: none is accepted and ignored."""
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import litgpt.finetune.lora as litgpt_lora
+import pytest
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.utils import select_sft_generate_example
+
+from litgpt_skip2lora.cache import CacheArgs
+from litgpt_skip2lora.cli import check_train_args, optimizer_spec
+from litgpt_skip2lora.finetune import setup
+from litgpt_skip2lora.sweep import SweepArgs
+
+PACKAGE = Path(__file__).parents[1] / "litgpt_skip2lora"
+# what the loop calls of LitGPT's, reading options there: the accumulation and the sample generation at the end
+LITGPT_READERS = [TrainArgs.gradient_accumulation_iters, litgpt_lora.generate_example, select_sft_generate_example]
+GROUPS = {"train": (TrainArgs, {"train"}), "eval": (EvalArgs, {"eval"}), "cache": (CacheArgs, {"cache", "args"})}
+GROUPS["sweep"] = (SweepArgs, {"sweep", "args", "self"})
+
+
+def reads() -> set[tuple[str, str]]:
+    """``(object, attribute)`` for every ``object.attribute`` or ``x.object.attribute`` read in the package and in
+    the LitGPT functions it hands the options to."""
+    sources = [p.read_text() for p in PACKAGE.rglob("*.py")]
+    sources += [inspect.cleandoc("\n" + inspect.getsource(fn)) for fn in LITGPT_READERS]
+    found = set()
+    for node in (n for source in sources for n in ast.walk(ast.parse(source))):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            owner = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", None)
+            found.add((owner, node.attr))
+    return found
+
+
+def refused(group: str, field: dataclasses.Field) -> bool:
+    """Whether setting ``group.field`` to a value other than its default is refused by the argument checks."""
+    args = {"train": TrainArgs(epochs=1, lr_warmup_steps=None), "eval": EvalArgs(max_new_tokens=5)}
+    if group not in args:
+        return False
+    args[group] = dataclasses.replace(args[group], **{field.name: 0.5})
+    try:
+        check_train_args(args["train"], args["eval"])
+    except ValueError as err:
+        return field.name in str(err)
+    return False
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_a_group_is_read_or_refused(group: str) -> None:
+    cls, owners = GROUPS[group]
+    read = {attr for owner, attr in reads() if owner in owners}
+    if cls is SweepArgs:  # the swept options are read together, by name
+        read |= set(SweepArgs().swept()) | set(SweepArgs(**{f.name: [1] for f in dataclasses.fields(cls)[:6]}).swept())
+    ignored = [f.name for f in dataclasses.fields(cls) if f.name not in read and not refused(group, f)]
+    assert not ignored, f"--{group}.<option> accepted and neither read nor refused: {ignored}"
+
+
+def test_every_argument_of_setup_is_read() -> None:
+    body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(setup))).body[0]
+    names = {n.id for n in ast.walk(body) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    names |= {"locals"} if "locals()" in inspect.getsource(setup) else set()
+    unread = [p for p in inspect.signature(setup).parameters if p not in names]
+    assert not unread, f"finetune_skip2lora arguments never read: {unread}"
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"lr": "0.003"},  # --optimizer.lr 0.003, and --optimizer AdamW --optimizer.lr 0.003
+        {"class_path": "torch.optim.AdamW", "lr": "0.003"},  # --optimizer.class_path ... --optimizer.init_args.lr
+        {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "weight_decay": 0.02}, "lr": "0.003"},  # YAML
+    ],
+)
+def test_the_learning_rate_in_every_form_jsonargparse_hands_over(given: dict) -> None:
+    spec = optimizer_spec(given)
+    assert spec["class_path"] == "torch.optim.AdamW" and spec["init_args"]["lr"] == 0.003
+    assert spec["init_args"].get("weight_decay", 0.02) == 0.02  # what the YAML sets and the command line does not
