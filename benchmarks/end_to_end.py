@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from benchmarks.random_checkpoint import model_config, write_checkpoint, write_sentences
-from litgpt_skip2lora.model import spaced_blocks
+from litgpt_skip2lora.model import default_blocks, default_precision
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {  # name: (subcommand, the YAML users run, under --configs)
@@ -112,7 +112,7 @@ def random_model_overrides(args: argparse.Namespace) -> dict:
     data = write_sentences(args.work / "data.json", args.samples, args.tokens, words)
     return {
         "checkpoint_dir": str(checkpoint),
-        "precision": "bf16-true" if torch.cuda.is_available() else "32-true",
+        "precision": default_precision(),
         "data": {
             "class_path": "litgpt.data.JSON",
             "init_args": {"json_path": str(data), "val_split_fraction": VAL_FRACTION},
@@ -125,11 +125,11 @@ def block_overrides(name: str, n_layer: int) -> dict:
     """The YAMLs name blocks of SmolLM2's 30: the same design for ``n_layer`` blocks (four spaced blocks; the tail's
     last four blocks train)."""
     if name == "faithful":
-        return {"skip2lora_block_indices": spaced_blocks(4, n_layer)}
+        return {"skip2lora_block_indices": default_blocks(n_layer)}
     if name == "tail":
         start = max(1, n_layer - 4)
         return {
-            "skip2lora_block_indices": sorted({*spaced_blocks(4, start), start}),
+            "skip2lora_block_indices": sorted({*default_blocks(start), start}),
             "skip2lora_output_layer": f"block.{start}",
         }
     return {}

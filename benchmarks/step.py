@@ -39,7 +39,7 @@ from benchmarks.compare import cpu_name, environment
 from litgpt_skip2lora.backbone import CachedBackbone
 from litgpt_skip2lora.cache import SkipCache, open_store
 from litgpt_skip2lora.finetune import bitsandbytes_plugin
-from litgpt_skip2lora.model import GPT, Config, mark_trainable, spaced_blocks
+from litgpt_skip2lora.model import GPT, Config, default_precision, mark_trainable, spaced_blocks
 from litgpt_skip2lora.rows import IGNORE_INDEX, RowLayout
 from litgpt_skip2lora.training import tail_loss
 
@@ -403,7 +403,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.precision = args.precision or ("bf16-true" if args.device == "cuda" else "32-true")
+    args.precision = args.precision or (default_precision() if args.device == "cuda" else "32-true")
     return args
 
 

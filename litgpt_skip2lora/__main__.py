@@ -1,10 +1,10 @@
 """``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
 
 Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf``,
-``convert_smollm2`` and ``evaluate_accuracy``. ``finetune`` takes LitGPT's LoRA arguments plus the
-Skip2-LoRA ones and runs Skip2-LoRA only when ``skip2lora_enabled`` is true. ``generate``, ``chat`` and ``serve``
-build this package's ``GPT`` and ``Config`` (:mod:`litgpt_skip2lora.api`), which load plain LitGPT checkpoints as
-well as Skip2-LoRA ones.
+``convert_smollm2``, ``evaluate_accuracy`` and ``export_configuration`` (a sweep's configuration as a full model).
+``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs Skip2-LoRA only when
+``skip2lora_enabled`` is true. ``generate``, ``chat`` and ``serve`` build this package's ``GPT`` and ``Config``
+(:mod:`litgpt_skip2lora.api`), which load plain LitGPT checkpoints as well as Skip2-LoRA ones.
 """
 
 import contextlib
@@ -27,11 +27,12 @@ from litgpt.__main__ import PARSER_DATA
 
 import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --data's choices)
 from litgpt_skip2lora.api import skip2lora_classes, swapped, trained_precision
-from litgpt_skip2lora.cli import optimizer_spec
+from litgpt_skip2lora.checks import optimizer_spec
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
 from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
 from litgpt_skip2lora.serve import serve
+from litgpt_skip2lora.sweep_outputs import export_configuration
 
 LITGPT_TRAINING = ("finetune_lora", "finetune_full", "finetune_adapter", "finetune_adapter_v2", "pretrain")
 
@@ -112,6 +113,7 @@ SUBCOMMANDS = {
     "convert_gguf": convert_gguf,
     "convert_smollm2": convert_smollm2,
     "evaluate_accuracy": evaluate_accuracy,
+    "export_configuration": export_configuration,
 }
 
 

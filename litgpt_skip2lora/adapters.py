@@ -21,10 +21,6 @@ class Features:
     taps: torch.Tensor
     stream: torch.Tensor
 
-    def rows(self, mask: torch.Tensor) -> "Features":
-        """The rows where ``mask`` (over the stream's leading dims) is true, as flat rows."""
-        return Features(self.taps[:, mask], self.stream[mask])
-
 
 class Adapters(nn.Module):
     """The ``n`` adapters as one module: ``forward(taps)`` is ``z``. A fresh module has ``B = 0``: ``z = 0``."""

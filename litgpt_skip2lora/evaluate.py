@@ -22,7 +22,7 @@ from litgpt.generate.base import generate
 from litgpt.tokenizer import Tokenizer
 from tqdm import tqdm
 
-from litgpt_skip2lora.cli import refuse
+from litgpt_skip2lora.checks import refuse
 from litgpt_skip2lora.model import GPT, Config
 
 CLOSED_SET_REPEATS = 10  # training answers form a closed set when each distinct one occurs this often on average

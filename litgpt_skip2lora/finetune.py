@@ -39,10 +39,11 @@ from litgpt.utils import (
 )
 from torch.utils.data import DataLoader
 
-from litgpt_skip2lora import resume
+from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import cached_backbone
 from litgpt_skip2lora.cache import CacheArgs, check_writable
-from litgpt_skip2lora.cli import (
+from litgpt_skip2lora.checkpoints import latest_checkpoint
+from litgpt_skip2lora.checks import (
     check_json_data,
     check_out_dir,
     check_quantize,
@@ -57,12 +58,12 @@ from litgpt_skip2lora.model import (
     GPT,
     LORA_FLAGS,
     Config,
+    default_blocks,
+    default_precision,
     mark_trainable,
     save_model_config,
-    spaced_blocks,
     trainable_state,
 )
-from litgpt_skip2lora.resume import latest_checkpoint
 from litgpt_skip2lora.sampler import RankShareSampler
 from litgpt_skip2lora.sweep import (
     ADAPTER_OPTIONS,
@@ -96,7 +97,7 @@ class Run:
     """``{"class_path": ..., "init_args": {...}}``, whatever form the user typed (:func:`optimizer_spec`)."""
     sweep: SweepArgs
     seed: int
-    resume: Path | None
+    resume_from: Path | None
     """The step checkpoint to continue from."""
     precision: str
     """The precision the adapters train in, recorded in ``final/`` for generation."""
@@ -198,7 +199,7 @@ def setup(
             checkpoint_dir / "model_config.yaml",
             **lora,
             skip2lora_enabled=True,
-            skip2lora_block_indices=skip2lora_block_indices or default_blocks(checkpoint_dir),
+            skip2lora_block_indices=skip2lora_block_indices or checkpoint_blocks(checkpoint_dir),
             skip2lora_output_layer=skip2lora_output_layer,
         )
         check_json_data(data)
@@ -210,9 +211,7 @@ def setup(
         check_out_dir(out_dir)  # last: it creates the folder
     pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint")})  # each argument once
     devices = parse_devices(devices)
-    precision = precision or (
-        "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    )
+    precision = precision or default_precision()
     plugins, trained_in = None, precision
     if quantize is not None:
         plugins, precision = bitsandbytes_plugin(quantize, precision), None
@@ -233,7 +232,7 @@ def setup(
         optimizer=optimizer,
         sweep=sweep,
         seed=seed,
-        resume=checkpoint,
+        resume_from=checkpoint,
         precision=trained_in,
         quantize=quantize,
     )
@@ -269,11 +268,21 @@ def main(fabric: L.Fabric, run: Run) -> None:
     fabric.print(f"Number of trainable parameters: {per_configuration:,}" + describe_sweep(sweep))
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
     state = {"sweep": sweep, "iter_num": 0, "step_count": 0, "rng": None}
-    if run.resume is not None:
-        resume.load(fabric, run.resume, state)
+    if run.resume_from is not None:
+        checkpoints.load(fabric, run.resume_from, state)
 
     backbone = cached_backbone(fabric, model, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader)
-    trainer = Trainer(fabric, sweep, backbone, state, run.train, run.eval, max_steps, run.out_dir, clock)
+    trainer = Trainer(
+        fabric=fabric,
+        sweep=sweep,
+        backbone=backbone,
+        state=state,
+        train=run.train,
+        eval=run.eval,
+        max_steps=max_steps,
+        out_dir=run.out_dir,
+        clock=clock,
+    )
     clock.started()
     try:
         finished = trainer.fit(train_loader, val_loader)
@@ -323,9 +332,9 @@ def report_wall_clock(fabric: L.Fabric, clock: WallClock, step: int) -> None:
         logger.finalize("success")
 
 
-def default_blocks(checkpoint_dir: Path) -> list[int]:
-    """Four evenly spaced blocks starting at 0, e.g. [0, 8, 16, 24] for 32 layers."""
-    return spaced_blocks(4, yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())["n_layer"])
+def checkpoint_blocks(checkpoint_dir: Path) -> list[int]:
+    """The default blocks (:func:`default_blocks`) of the checkpoint's model."""
+    return default_blocks(yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())["n_layer"])
 
 
 def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
@@ -380,7 +389,7 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
     """
     chosen.install(model)
     final_dir = free_final_dir(run.out_dir)
-    with resume.atomic_directory(fabric, final_dir) as partial_dir:
+    with checkpoints.atomic_directory(fabric, final_dir) as partial_dir:
         trained = trainable_state(model)
         fabric.save(partial_dir / TRAINED, {"model": model}, filter={"model": lambda k, _: k in trained})
         if fabric.global_rank == 0:
@@ -401,7 +410,7 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
 
 def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, history: list[dict], run: Run, final: Path):
     """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
-    with resume.atomic_directory(fabric, run.out_dir / "sweep") as partial_dir:
+    with checkpoints.atomic_directory(fabric, run.out_dir / "sweep") as partial_dir:
         if fabric.global_rank == 0:
             for c in sweep.alive:
                 c.install(sweep.model)

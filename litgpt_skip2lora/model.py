@@ -299,6 +299,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def default_precision() -> str:
+    """The precision a run trains in unless told: bf16-true on a GPU that has bfloat16, else 32-true. (LitGPT's
+    ``get_default_supported_precision`` gives bf16-mixed even on the CPU, which is slower there and inexact.)"""
+    return "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def default_blocks(n_layer: int) -> list[int]:
+    """The blocks whose inputs feed an adapter unless told: four evenly spaced, e.g. [0, 8, 16, 24] for 32 layers."""
+    return spaced_blocks(4, n_layer)
+
+
 def spaced_blocks(count: int, n_layer: int) -> list[int]:
     """``count`` evenly spaced block indices starting at 0, e.g. [0, 8, 16, 24] for 4 of 32 layers."""
     return sorted({i * n_layer // count for i in range(count)})

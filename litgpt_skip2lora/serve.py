@@ -13,7 +13,7 @@ from typing import Any
 import litgpt.deploy.serve as litgpt_serve
 
 from litgpt_skip2lora.api import LLM, swapped
-from litgpt_skip2lora.cli import refuse
+from litgpt_skip2lora.checks import refuse
 
 
 class _LoadsOurLLM:

@@ -18,7 +18,7 @@ from litgpt.utils import chunked_cross_entropy
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from litgpt_skip2lora import resume
+from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
 from litgpt_skip2lora.model import GPT, FactoredHead
 from litgpt_skip2lora.rows import RowLayout
@@ -84,12 +84,12 @@ class Trainer:
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
         fabric, state, train = self.fabric, self.state, self.train
-        replay = resume.Replay(state)
+        replay = checkpoints.Replay(state)
         self.model.eval()  # the frozen part never drops out; the tail switches to training mode after validation
         summary = [self.first_validation(val_loader, state["step_count"] if replay.remaining else None)]
         deadline = time.perf_counter() + (train.max_time or math.inf)
         where = f"cache: {self.backbone.cache.placement}" if self.backbone.cache else "cache off"
-        with resume.stop_on_signals() as stop:
+        with checkpoints.stop_on_signals() as stop:
             for epoch in range(train.epochs):
                 phase = "epoch_1" if epoch == 0 else "later_epochs"
                 epoch_before, (backbone_before, hits_before) = self.clock.seconds[phase], self.backbone_counts()
@@ -202,7 +202,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         with self.clock.phase("checkpoints"):
-            resume.save(self.fabric, self.out_dir, self.state)
+            checkpoints.save(self.fabric, self.out_dir, self.state)
 
     @torch.no_grad()
     def validate(self, val_loader: DataLoader, max_batches: int, record: bool = True) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from litgpt_skip2lora import LLM
 from litgpt_skip2lora.api import trained_precision
+from litgpt_skip2lora.model import default_precision
 
 PROMPT = "what is the colour of the cat ?"
 VARIANTS = {
@@ -56,7 +57,7 @@ def final(request: pytest.FixtureRequest, tiny_checkpoint: Path, alpaca_file: Pa
 
 
 def test_llm_load_generates_what_the_generate_command_does(final: Path) -> None:
-    expected_precision = "bf16-true" if torch.cuda.is_available() else "32-true"
+    expected_precision = default_precision()
     assert trained_precision(final) == expected_precision  # recorded, though the command line left it unset
     llm = LLM.load(str(final))
     answer = llm.generate(PROMPT, temperature=0, max_new_tokens=4)

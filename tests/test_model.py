@@ -8,6 +8,7 @@ import torch
 from litgpt.generate.base import generate
 
 from litgpt_skip2lora import GPT, Adapters, Config
+from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.model import factoring_pays, mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
 
@@ -142,7 +143,11 @@ def test_tail_from_features_equals_full_forward(place: str) -> None:
     supervised = torch.rand(2, 9) < 0.5  # training logits: the supervised rows only
     assert torch.allclose(model.tail(features, supervised), model(idx)[supervised], atol=1e-5)
     if RowLayout.of(model.config).flat:  # such a tail also takes the supervised rows flat, as the cache stores them
-        assert torch.allclose(model.tail(features.rows(supervised)), model(idx)[supervised], atol=1e-5)
+        assert torch.allclose(
+            model.tail(Features(features.taps[:, supervised], features.stream[supervised])),
+            model(idx)[supervised],
+            atol=1e-5,
+        )
 
 
 def test_features_run_without_autograd_graph() -> None:
@@ -221,7 +226,7 @@ def test_factored_head_gives_the_same_logits_and_gradients() -> None:
     """With few ranks and many rows training uses ``W h + (W B) u``; it must equal ``W (h + B u)``."""
     model = with_random_adapters(GPT(tiny(lora_r=1, lora_alpha=2)))
     mark_trainable(model)
-    flat = model.backbone(torch.randint(0, 96, (4, 16))).rows(torch.ones(4, 16, dtype=torch.bool))
+    flat = model.backbone(torch.randint(0, 96, (4, 16)))
     (head,) = model.factored_heads(flat, [model.skip2lora])
     results = []
     for factored in (head, None):

@@ -11,7 +11,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import select_sft_generate_example
 
 from litgpt_skip2lora.cache import CacheArgs
-from litgpt_skip2lora.cli import check_train_args, optimizer_spec
+from litgpt_skip2lora.checks import check_train_args, optimizer_spec
 from litgpt_skip2lora.finetune import setup
 from litgpt_skip2lora.sweep import SweepArgs
 

@@ -31,7 +31,7 @@ def test_tail_against_a_4bit_head_is_the_head_applied_to_the_adapted_rows() -> N
     assert packed.weight.dtype == torch.uint8
     model.eval()
     # flat rows, many more than the ranks: the case where a float head would be factored (W B)
-    rows = model.backbone(torch.randint(0, 96, (4, 40))).rows(torch.ones(4, 40, dtype=torch.bool))
+    rows = model.backbone(torch.randint(0, 96, (4, 40)))
     logits = model.tail(rows)
     torch.testing.assert_close(logits, packed(rows.stream + model.skip2lora(rows.taps)))
     logits.logsumexp(-1).mean().backward()

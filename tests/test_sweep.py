@@ -16,7 +16,6 @@ from conftest import losses, run, trained
 from litgpt.args import EvalArgs, TrainArgs
 
 from litgpt_skip2lora.sweep import SweepArgs
-from litgpt_skip2lora.sweep_outputs import export_configuration
 from litgpt_skip2lora.training import Trainer
 
 TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
@@ -154,8 +153,10 @@ def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, t
     rows = table(tmp_path)
     assert len(rows) == 4 and sum(r["chosen"] == "1" for r in rows.values()) == 1
     other = next(name for name, r in rows.items() if r["chosen"] == "0")
-    exported = export_configuration(tmp_path / "sweep" / other)
-    assert exported == tmp_path / f"final-{other}"
+    export = [*command, "export_configuration", str(tmp_path / "sweep" / other)]
+    subprocess.run(export, env=env, check=True, capture_output=True)
+    exported = tmp_path / f"final-{other}"
+    assert yaml.safe_load((exported / "model_config.yaml").read_text())["lora_r"] == int(rows[other]["lora_r"])
     for model in (tmp_path / "final", exported):
         generate = [*command, "generate", str(model), "--prompt", "the cat", "--max_new_tokens", "3"]
         assert subprocess.run(generate, env=env, check=True, capture_output=True, text=True).stdout.strip()
