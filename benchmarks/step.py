@@ -41,7 +41,8 @@ from litgpt_skip2lora.cache import SkipCache, open_store
 from litgpt_skip2lora.finetune import bitsandbytes_plugin
 from litgpt_skip2lora.model import GPT, Config, default_precision, mark_trainable, spaced_blocks
 from litgpt_skip2lora.rows import IGNORE_INDEX, RowLayout
-from litgpt_skip2lora.training import tail_loss
+from litgpt_skip2lora.sweep import Configuration, rng_state
+from litgpt_skip2lora.training import tail_losses
 
 BASELINE = "lora"
 SAME_PARAMS = "lora-same-params"
@@ -209,15 +210,15 @@ def timed_step(fabric: L.Fabric, optimizer, clock: Clock, loss: Callable[[], tor
 
 
 def skip2lora_step(
-    fabric: L.Fabric, model: GPT, fabric_model, optimizer, spec: Spec, batches: list[dict], clock: Clock, out: Path
+    fabric: L.Fabric, model: GPT, optimizer, spec: Spec, batches: list[dict], clock: Clock, out: Path
 ) -> tuple[Callable[[], None], float | None]:
     """One training step per call, from training's own parts: the batch's features from the ``CachedBackbone``,
-    ``tail_loss``, backward and the optimizer step; and the filled cache's bytes per token (None uncached).
+    ``tail_losses`` for the model's one configuration, backward and the optimizer step; and the filled cache's bytes
+    per token (None uncached).
 
     For a cached configuration the cache is filled first (the first epoch's work, not timed); the forward time
     then includes waiting for the prefetched entries.
     """
-    fabric_model.mark_forward_method("tail")
     model.skip2lora.factor_head = spec.factored_head
     cache, bytes_per_token, layout = None, None, RowLayout.of(model.config)
     if spec.cached:
@@ -232,8 +233,9 @@ def skip2lora_step(
         if spec.cold:
             drop_from_page_cache(out / "skip_cache")
     iterator = backbone.batches(batches, "train")
+    run = [Configuration("run", {}, model.config, model.skip2lora, {}, rng=rng_state(fabric.device))]
     return timed_step(
-        fabric, optimizer, clock, lambda: tail_loss(fabric_model, next(iterator), layout)
+        fabric, optimizer, clock, lambda: tail_losses(model, next(iterator), layout, run)[0]
     ), bytes_per_token
 
 
@@ -261,9 +263,7 @@ def run_worker(args: argparse.Namespace, spec: Spec) -> dict:
     setup_mib, bytes_per_token = memory_in_use_mib(fabric.device), None
     if spec.blocks:
         with tempfile.TemporaryDirectory(dir=args.out) as scratch:
-            step, bytes_per_token = skip2lora_step(
-                fabric, model, fabric_model, optimizer, spec, batches, clock, Path(scratch)
-            )
+            step, bytes_per_token = skip2lora_step(fabric, model, optimizer, spec, batches, clock, Path(scratch))
             times = time_steps(step, clock, args)
     else:
         times = time_steps(lora_step(fabric, fabric_model, optimizer, batches, clock), clock, args)

@@ -20,17 +20,18 @@ from litgpt.model import batched_index_select, do_softcapping
 from typing_extensions import Self
 
 from litgpt_skip2lora.adapters import Adapters, Features
+from litgpt_skip2lora.head import factoring_pays
 
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 # field: the one value still built in; checkpoints naming it at that value still load
 RETIRED_FIELDS = {"skip2lora_mix": "none", "skip2lora_input": "raw", "skip2lora_side_width": 0}
 
 
-class FactoredHead(NamedTuple):
-    """One configuration's factored head: the frozen head's logits of the stream, and ``W B`` for its adapters."""
+class SharedHead(NamedTuple):
+    """The frozen head's logits of the stream, and each configuration's ``W B``."""
 
     stream_logits: torch.Tensor
-    product: torch.Tensor
+    products: list[torch.Tensor]
 
 
 class Rope(NamedTuple):
@@ -164,16 +165,13 @@ class GPT(litgpt.lora.GPT):
         supervised: torch.Tensor | None = None,
         rope: Rope | None = None,
         lm_head_chunk_size: int = 0,
-        head: FactoredHead | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Logits from the backbone's features, running no frozen block.
 
         ``features`` are ``(B, T)`` sequences, or flat rows for a tail without blocks
         (:class:`~litgpt_skip2lora.rows.RowLayout`); ``supervised``, a ``(B, T)`` mask, keeps only the rows the loss
-        reads for the costly head; ``head``, from :meth:`factored_heads`, computes the head factored.
+        reads for the costly head.
         """
-        if head is not None:
-            return self._softcap(head.stream_logits + self.skip2lora.codes(features.taps) @ head.product.T)
         start, n_layer = self.config.skip2lora_tail_start, self.config.n_layer
         x = features.stream + self.skip2lora(features.taps)
         if start < n_layer:
@@ -188,22 +186,22 @@ class GPT(litgpt.lora.GPT):
             return [self._softcap(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
         return self._softcap(self.lm_head(x))
 
-    def factored_heads(self, features: Features, adapters: list[Adapters]) -> list[FactoredHead] | None:
-        """``head(stream + z_c) = head(stream) + codes_c (W B_c)^T`` for a frozen float ``lm_head`` ``W``: what
-        every configuration ``c`` shares is computed once, ``head(stream)`` outside autograd and all ``W B_c`` as
-        one matmul. None where the head is not plain or factoring does not pay (:func:`factoring_pays`)."""
+    def shared_head(self, features: Features, adapters: list[Adapters]) -> SharedHead | None:
+        """What every configuration's factored head shares (:mod:`litgpt_skip2lora.head`): ``head(stream)``,
+        outside autograd, and every ``W B_c`` from one matmul. None where the head is not a plain frozen float
+        matrix or factoring does not pay (:func:`~litgpt_skip2lora.head.factoring_pays`)."""
         weight, rows = self.lm_head.linear.weight, features.stream.numel() // self.config.n_embd
         frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
+        plain = self.lm_head.r == 0 and self.config.skip2lora_after_ln_f and self.config.final_logit_softcapping is None
         ranks = [a.B.size(1) for a in adapters]
-        plain = self.lm_head.r == 0 and self.config.skip2lora_after_ln_f and frozen_float
-        if not (plain and all(a.factor_head for a in adapters)):
+        if not (plain and frozen_float and all(a.factor_head for a in adapters)):
             return None
         if not factoring_pays(rows, self.config.n_embd, ranks, torch.is_grad_enabled()):
             return None
         with torch.no_grad():
             stream_logits = self.lm_head.linear(features.stream)
         products = (weight @ torch.cat([a.B for a in adapters], dim=1)).split(ranks, dim=1)
-        return [FactoredHead(stream_logits, product) for product in products]
+        return SharedHead(stream_logits, list(products))
 
     def backbone_requires_grad(self) -> bool:
         """Whether the frozen part has a trainable parameter (then it cannot be cached)."""
@@ -267,19 +265,6 @@ class GPT(litgpt.lora.GPT):
                 raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
             mask = mask[..., :input_pos_maxp1]
         return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
-
-
-def factoring_pays(rows: int, d: int, ranks: list[int], training: bool) -> bool:
-    """Whether the factored head costs fewer multiply-adds per vocabulary entry than ``head(stream + z)`` for each
-    of the configurations, of ranks ``k`` (``n r``).
-
-    Training, backward multiplies by the vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row,
-    which pays for each configuration when ``rows d > 2 d k + 3 rows k``. Without gradients, one configuration
-    never gains, but ``C`` configurations share ``head(stream)``: ``C rows d > rows d + sum(d k + rows k)``.
-    """
-    if training:
-        return all(rows * (d - 3 * k) > 2 * d * k for k in ranks)
-    return (len(ranks) - 1) * rows * d > sum(ranks) * (d + rows)
 
 
 def save_model_config(config: Config, directory: Path) -> None:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
-from litgpt_skip2lora.model import GPT, FactoredHead
+from litgpt_skip2lora.head import factored_cross_entropy
+from litgpt_skip2lora.model import GPT
 from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep
 from litgpt_skip2lora.wallclock import WallClock
@@ -30,24 +31,32 @@ SETTINGS_CHECK_BATCHES = 2
 settings."""
 
 
-def tail_loss(model: GPT, batch: Batch, layout: RowLayout, head: FactoredHead | None = None) -> torch.Tensor:
+def tail_loss(model: GPT, batch: Batch, layout: RowLayout) -> torch.Tensor:
     """Cross-entropy of the tail's logits at the supervised rows, the only ones the loss reads."""
     supervised = layout.supervised(batch.targets)
-    logits = model.tail(batch.features, supervised, head=head)
+    logits = model.tail(batch.features, supervised)
     targets = batch.targets if supervised is None else batch.targets[supervised]
     return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 
 
 def tail_losses(model: GPT, batch: Batch, layout: RowLayout, configurations: list[Configuration]) -> list[torch.Tensor]:
-    """Each configuration's loss on one batch, each with its own dropout stream; the features, ``head(stream)``
-    and the ``W B`` products are shared (:meth:`GPT.factored_heads`)."""
-    heads = model.factored_heads(batch.features, [c.adapters for c in configurations])
-    losses = []
-    for c, head in zip(configurations, heads or itertools.repeat(None)):
-        c.install(model)
-        with c.random_stream(batch.targets.device):
-            losses.append(tail_loss(model, batch, layout, head))
-    return losses
+    """Each configuration's loss on one batch, each with its own dropout stream. The features are shared, and with
+    a factored head also ``head(stream)``, the ``W B`` products and each pass over the vocabulary
+    (:mod:`litgpt_skip2lora.head`)."""
+    device = batch.targets.device
+    shared = model.shared_head(batch.features, [c.adapters for c in configurations]) if layout.flat else None
+    if shared is None:
+        losses = []
+        for c in configurations:
+            c.install(model)
+            with c.random_stream(device):
+                losses.append(tail_loss(model, batch, layout))
+        return losses
+    codes = []
+    for c in configurations:
+        with c.random_stream(device):
+            codes.append(c.adapters.codes(batch.features.taps))
+    return factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
 
 
 @dataclass

@@ -5,11 +5,13 @@ from dataclasses import asdict
 import litgpt
 import pytest
 import torch
+import torch.nn.functional as F
 from litgpt.generate.base import generate
 
-from litgpt_skip2lora import GPT, Adapters, Config
+from litgpt_skip2lora import GPT, Adapters, Config, head
 from litgpt_skip2lora.adapters import Features
-from litgpt_skip2lora.model import factoring_pays, mark_trainable, save_model_config, trainable_state
+from litgpt_skip2lora.head import factoring_pays
+from litgpt_skip2lora.model import mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
 
 FAMILIES = {
@@ -222,21 +224,33 @@ def test_bad_config_is_refused_with_a_clear_message(kwargs: dict, message: str) 
         tiny(**kwargs)
 
 
-def test_factored_head_gives_the_same_logits_and_gradients() -> None:
-    """With few ranks and many rows training uses ``W h + (W B) u``; it must equal ``W (h + B u)``."""
-    model = with_random_adapters(GPT(tiny(lora_r=1, lora_alpha=2)))
-    mark_trainable(model)
-    flat = model.backbone(torch.randint(0, 96, (4, 16)))
-    (head,) = model.factored_heads(flat, [model.skip2lora])
-    results = []
-    for factored in (head, None):
-        model.zero_grad()
-        logits = model.tail(flat, head=factored)
-        logits.logsumexp(-1).sum().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in (model.skip2lora.A, model.skip2lora.B)]))
-    (factored, factored_grads), (plain, plain_grads) = results
-    torch.testing.assert_close(factored, plain)
-    for g1, g2 in zip(factored_grads, plain_grads):
+def test_the_factored_loss_equals_the_plain_head_for_every_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two configurations' losses from ``head(stream)`` and their ``W B``, the vocabulary walked in chunks, equal
+    the cross-entropy of ``head(stream + z_c)``, with the same gradients; a row without a target counts for none."""
+    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * 64 * 40)  # a 96-word vocabulary in three chunks of 40 or fewer
+    model = GPT(tiny(lora_r=1, lora_alpha=2))
+    features = model.backbone(torch.randint(0, 96, (4, 16)))
+    flat = Features(features.taps.flatten(1, 2), features.stream.flatten(0, 1))
+    targets = torch.randint(0, 96, (64,))
+    targets[5] = -100
+    configurations = [with_random_adapters(GPT(tiny(lora_r=r, lora_alpha=2))).skip2lora for r in (1, 2)]
+    for adapters in configurations:
+        adapters.requires_grad_(True)
+    shared = model.shared_head(flat, configurations)
+    codes = [a.codes(flat.taps) for a in configurations]
+    factored = head.factored_cross_entropy(shared.stream_logits, targets, codes, shared.products)
+    torch.stack(factored).sum().backward()
+    ours = [p.grad.clone() for a in configurations for p in a.parameters()]
+    model.zero_grad(set_to_none=True)
+    for a in configurations:
+        a.zero_grad(set_to_none=True)
+    plain = []
+    for adapters in configurations:
+        model.skip2lora = adapters
+        plain.append(F.cross_entropy(model.tail(flat), targets))
+    torch.stack(plain).sum().backward()
+    torch.testing.assert_close(torch.stack(factored), torch.stack(plain))
+    for g1, g2 in zip(ours, [p.grad for a in configurations for p in a.parameters()]):
         torch.testing.assert_close(g1, g2)
 
 
