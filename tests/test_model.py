@@ -228,7 +228,7 @@ def test_the_factored_loss_equals_the_plain_head_for_every_configuration(monkeyp
     """Two configurations' losses from ``head(stream)`` and their ``W B``, the vocabulary walked in chunks, equal
     the cross-entropy of ``head(stream + z_c)``, with the same gradients; a row without a target counts for none."""
     monkeypatch.setattr(head, "CHUNK_BYTES", 4 * 64 * 40)  # a 96-word vocabulary in three chunks of 40 or fewer
-    model = GPT(tiny(lora_r=1, lora_alpha=2))
+    model = GPT(tiny(lora_r=1, lora_alpha=2)).requires_grad_(False)  # the head frozen, as in training
     features = model.backbone(torch.randint(0, 96, (4, 16)))
     flat = Features(features.taps.flatten(1, 2), features.stream.flatten(0, 1))
     targets = torch.randint(0, 96, (64,))
