@@ -236,8 +236,19 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor()
 
 
+LABELS = {"lora": "LoRA", "lora-lr1e-3": "LoRA, lr 1e-3", "skip2lora-4blocks": "faithful", "tail4": "4-block tail"}
+"""The documents' names of the shipped variants, for the plots; another variant keeps its own name."""
+
+
+def replot(results_dir: Path) -> None:
+    """Draw a finished comparison's plots again from its ``comparison_results.json``."""
+    results = json.loads((Path(results_dir) / "comparison_results.json").read_text())
+    plot(results["runs"], results["title"], Path(results_dir))
+
+
 def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
-    """``val_loss_vs_step.png``, ``val_loss_vs_time.png`` and ``time_and_memory.png`` in ``out_dir``."""
+    """``val_loss_vs_step.png``, ``val_loss_vs_time.png`` and ``time_and_memory.png`` in ``out_dir``, each
+    variant under its documents' name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +261,7 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
         for i, (name, run) in enumerate(ok.items()):
             xs, losses = zip(*[(p[x], p["val_loss"]) for p in run["val_curve"]])
             style = dict(marker="osD^v<>"[i % 7], color=colors[i % len(colors)], linewidth=3 if i == 0 else 1.5)
-            ax.plot(xs, losses, label=name, **style)
+            ax.plot(xs, losses, label=LABELS.get(name, name), **style)
         ax.set(xlabel=label, ylabel="validation loss")
         ax.set_title(f"Validation loss: {title}", wrap=True, fontsize=10)
         ax.grid(alpha=0.3)
@@ -264,11 +275,13 @@ def plot(runs: dict[str, dict], title: str, out_dir: Path) -> None:
     for epoch in range(max(len(run["epoch_train_time_s"]) for run in ok.values())):
         times = [ok[name]["epoch_train_time_s"] for name in names]
         heights = [t[epoch] if epoch < len(t) else 0.0 for t in times]
-        bars = ax_time.bar(names, heights, bottom=bottom, label=f"epoch {epoch + 1}")
+        labels = [LABELS.get(name, name) for name in names]
+        bars = ax_time.bar(labels, heights, bottom=bottom, label=f"epoch {epoch + 1}")
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax_time.bar_label(bars, labels=[f"{total:.1f} s" for total in bottom])
     ax_time.set(ylabel="training time (s, sum of iter_time)", title="Training time")
-    bars = ax_mem.bar(names, [ok[name]["peak_rss_mib"] for name in names], color="tab:gray", label="peak RSS")
+    peaks = [ok[name]["peak_rss_mib"] for name in names]
+    bars = ax_mem.bar([LABELS.get(name, name) for name in names], peaks, color="tab:gray", label="peak RSS")
     ax_mem.bar_label(bars, fmt="%.0f MiB")
     ax_mem.set(ylabel="peak resident memory of the process (MiB)", title="Peak memory")
     for ax in (ax_time, ax_mem):
@@ -308,4 +321,4 @@ def markdown_table(runs: dict[str, dict], baseline: str) -> str:
 
 
 if __name__ == "__main__":
-    CLI(compare)
+    CLI([compare, replot]) if sys.argv[1:2] == ["replot"] else CLI(compare)
