@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=300, help="with --random-model: words per sample")
     parser.add_argument("--work", type=Path, default=REPO / "out/end_to_end", help="runs' folders (replaced)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw this results file's plot again")
+    parser.add_argument("--task", help="with --replot: the task's name, for files that do not record it")
     return parser.parse_args(argv)
 
 
@@ -243,7 +245,8 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
     ax.set_xticks(range(len(rows)), [f"{label(r)}\n{r['epochs']} ep" for r in rows], fontsize=8)
     ax.set_ylabel("wall time, process start to final/ (s)")
     ax.set_ylim(0, 1.2 * max(r["wall_s"] for r in rows))
-    ax.set_title(f"{task}: {rows[0]['samples']} training samples, {rows[0]['model']}, {rows[0]['device']}", fontsize=9)
+    setting = f"{rows[0]['samples']} training samples, {Path(rows[0]['model']).name}, {rows[0]['device']}"
+    ax.set_title(f"{task}\n{setting}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -266,16 +269,21 @@ def task_name(config: Path, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.replot:
+        rows = json.loads(args.replot.read_text())
+        plot(rows, rows[0].get("task") or args.task or "task not recorded", args.replot.with_suffix(".png"))
+        return args.replot
     args.work.mkdir(parents=True, exist_ok=True)
     configs = method_configs(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     model = args.random_model or yaml.safe_load(configs[args.methods[0]].read_text())["checkpoint_dir"]
-    rows = []
+    rows, task = [], task_name(configs[args.methods[0]], args)
     for epochs in args.epochs:
         for run, (method, options) in enumerate(runs(args, configs, epochs)):
             base = method.removesuffix("-sweep")
             out_dir = args.work / f"{method}-{epochs}ep-{run}"
             row = {"method": method, "run": run, "epochs": epochs, "samples": train_samples(configs[base])}
+            row["task"] = task
             row.update(timed_run(METHODS[base][0], configs[base], epochs, out_dir, options), device=device, model=model)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"end_to_end-{stamp}.json"
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, task_name(configs[args.methods[0]], args), path.with_suffix(".png"))
+    plot(rows, task, path.with_suffix(".png"))
     for row in rows:
         keys = ("wall_vs_lora", "train_vs_lora", "epoch1_vs_lora", "wall_vs_solo", "wall_vs_solo_runs")
         ratios = " ".join(f"{k}={row[k]}" for k in keys if k in row)

@@ -213,6 +213,7 @@ DDP_OPTIONS = (
     " --data.val_split_fraction 0.25 --train.epochs 3 --train.micro_batch_size 2 --train.global_batch_size 4"
     " --train.lr_warmup_steps 1 --train.save_interval 2 --eval.interval 1000 --eval.max_new_tokens 2"
 ).split()
+DDP_SWEEP = ("--sweep.lr", "[0.001,0.003]")
 STOP_AT_STEP = """
 import os, signal
 from litgpt_skip2lora.__main__ import main
@@ -244,13 +245,16 @@ def ddp_run(checkpoint: Path, data_file: Path, out_dir: Path, *options: str, sto
 
 @pytest.fixture(scope="module")
 def ddp_reference(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Uninterrupted 2-process runs, one per placement, each run once for the module."""
+    """Uninterrupted 2-process runs, one per placement, each run once for the module. The ``device`` run (on the
+    CPU the same store as ``memory``) is a sweep of two learning rates, one of them the others' (AdamW's 0.001)."""
     runs: dict[str, pd.DataFrame] = {}
 
     def run_for(placement: str) -> pd.DataFrame:
         if placement not in runs:
             out_dir = tmp_path_factory.mktemp(f"ddp-{placement}") / "ddp"
-            runs[placement] = ddp_run(tiny_checkpoint, alpaca_file, out_dir, "--cache.placement", placement)
+            sweep = DDP_SWEEP if placement == "device" else ()
+            runs[placement] = ddp_run(tiny_checkpoint, alpaca_file, out_dir, "--cache.placement", placement, *sweep)
+            runs[placement].attrs["out_dir"] = out_dir
         return runs[placement]
 
     return run_for
@@ -266,6 +270,16 @@ def test_ddp_ranks_keep_their_samples_cached(ddp_reference, placement: str) -> N
     # from the cache: every training sample in epochs 2 and 3, every validation sample after training
     assert [last["cache_hits_rank0"], last["cache_hits_rank1"]] == [(2 * n_train + n_val) // 2] * 2
     assert last["iter"] == 15 and "wall_total" in metrics  # 5 micro-batches per rank and epoch, 3 epochs
+
+
+def test_a_ddp_sweep_trains_each_configuration_as_its_ddp_run(ddp_reference) -> None:
+    """Gradients averaged over the ranks per configuration, as DDP averages a run's: the sweep's lr=0.001 equals
+    the 2-process run at AdamW's default learning rate, 0.001."""
+    swept, alone = ddp_reference("device"), ddp_reference("memory").dropna(subset=["loss"])
+    torch.testing.assert_close(torch.tensor(swept["loss/lr=0.001"].dropna().values, dtype=torch.float32), losses(alone))
+    table = pd.read_csv(swept.attrs["out_dir"] / "sweep.csv")
+    assert list(table["name"]) == ["lr=0.001", "lr=0.003"] and table["chosen"].sum() == 1
+    assert table.loc[0, "val_loss"] == pytest.approx(ddp_reference("memory")["val_loss"].dropna().iloc[-1], rel=1e-5)
 
 
 def test_ddp_cached_losses_equal_uncached(
