@@ -117,6 +117,16 @@ def test_final_checkpoint_holds_the_trained_model(reference: Path) -> None:
     assert model.skip2lora.B.abs().sum() > 0
 
 
+def test_epoch_times_are_the_breakdowns_epochs(reference: Path) -> None:
+    """One clock: the epochs' logged times add up to the wall-clock breakdown's epoch phases."""
+    metrics = pd.read_csv(sorted(reference.glob("logs/csv/version_*/metrics.csv"))[-1])
+    epochs = metrics["epoch_time"].dropna().tolist()
+    wall = metrics.filter(like="wall_").ffill().iloc[-1]
+    assert len(epochs) == 2
+    assert epochs[0] == pytest.approx(wall["wall_epoch_1"], abs=1e-6)
+    assert epochs[1] == pytest.approx(wall["wall_later_epochs"], abs=1e-6)
+
+
 def test_cache_is_reused_and_damage_is_detected(
     tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, block_calls_per_step: list[int]
 ) -> None:
