@@ -195,6 +195,26 @@ class Sweep:
         """The selected configuration among those that trained to the end."""
         return min(self.alive, key=self.rank_key)
 
+    def describe_losses(self) -> str:
+        """The validation loss, or for a sweep the best one and how many configurations train."""
+        if not self.is_sweep:
+            return f"{self.configurations[0].val_loss:.4f}"
+        best = self.chosen()
+        return f"best {best.val_loss:.4f} ({best.name}), {len(self.alive)} configurations training"
+
+    def progress(self) -> dict[str, str]:
+        """For a sweep's progress bar: the configurations still training, and the best validation loss so far."""
+        if not self.is_sweep:
+            return {}
+        known = [c.val_loss for c in self.alive if not math.isnan(c.val_loss)]
+        best = f"{min(known):.3f}" if known else "n/a"
+        return {"alive": f"{len(self.alive)}/{len(self.configurations)}", "best_val": best}
+
+    def set_training(self, mode: bool) -> None:
+        """Dropout on in the parts that train (every configuration's adapters, the tail's blocks), off elsewhere."""
+        for module in [*(c.adapters for c in self.configurations), *self.model.tail_modules]:
+            module.train(mode)
+
     def state_dict(self) -> dict[str, Any]:
         return {c.name: c.state_dict() for c in self.configurations}
 

@@ -101,7 +101,8 @@ class Trainer:
         with checkpoints.stop_on_signals() as stop:
             for epoch in range(train.epochs):
                 phase = "epoch_1" if epoch == 0 else "later_epochs"
-                epoch_before, (backbone_before, hits_before) = self.clock.seconds[phase], self.backbone_counts()
+                epoch_before, backbone_before = self.clock.seconds[phase], self.backbone.backbone_samples
+                hits_before = self.backbone.cache_hits
                 batches = iter(train_loader)
                 skipped = replay.skip(batches, len(train_loader))
                 description = f"Epoch {epoch + 1}/{train.epochs} [{where}]"
@@ -132,8 +133,8 @@ class Trainer:
                     summary.append(self.end_epoch(epoch, seconds, iters, backbone_before))
         if self.eval.final_validation:
             self.validate(val_loader, len(val_loader))
-            summary.append(f"Validation loss after training: {self.describe_losses()}")
-        fabric.log_dict(self.rank_counts(), step=state["iter_num"])
+            summary.append(f"Validation loss after training: {self.sweep.describe_losses()}")
+        fabric.log_dict(rank_counts(self.fabric, self.backbone), step=state["iter_num"])
         fabric.print("\n".join(["", "Summary", *summary]))
         return True
 
@@ -147,7 +148,7 @@ class Trainer:
         self.fabric.backward(torch.stack(losses).sum() / self.accum)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
-                self.average_gradients(c)
+                average_gradients(self.fabric, c)
                 if self.train.max_norm:
                     torch.nn.utils.clip_grad_norm_(c.parameters(), self.train.max_norm)
                 c.optimizer.step()
@@ -157,23 +158,13 @@ class Trainer:
             state["step_count"] += 1
         return [loss.item() for loss in losses]
 
-    def average_gradients(self, c: Configuration) -> None:
-        """Under DDP, each configuration's gradients averaged over the ranks, as DDP averages them: the loop calls
-        the model itself, so that a configuration dropped by halving needs no more collective than it takes."""
-        if self.fabric.world_size == 1:
-            return
-        grads = [p.grad for p in c.parameters()]
-        flat = self.fabric.all_reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-
     def first_validation(self, val_loader: DataLoader, resumed_at: int | None) -> str:
         """The whole validation set with ``eval.initial_validation`` (or at resume); otherwise a quiet check of the
         settings on a few batches, as LitGPT's LoRA does."""
         if self.eval.initial_validation or resumed_at is not None:
             self.validate(val_loader, len(val_loader))
             when = f"at resume (step {resumed_at})" if resumed_at is not None else "before training"
-            line = f"Validation loss {when}: {self.describe_losses()}"
+            line = f"Validation loss {when}: {self.sweep.describe_losses()}"
             self.fabric.print(line)
             return line
         self.validate(val_loader, SETTINGS_CHECK_BATCHES, record=False)
@@ -186,22 +177,15 @@ class Trainer:
             self.validate(val_loader, self.eval.max_iters)
             dropped = self.sweep.halve() if self.sweep.is_sweep else []
             after = f"; dropped {', '.join(c.name for c in dropped)}" if dropped else ""
-            tqdm.write(f"step {step}: val loss {self.describe_losses()}{after}")
+            tqdm.write(f"step {step}: val loss {self.sweep.describe_losses()}{after}")
         if self.train.save_interval and step % self.train.save_interval == 0:
             self.save_checkpoint()
-
-    def describe_losses(self) -> str:
-        """The validation loss, or for a sweep the best one and how many configurations train."""
-        if not self.sweep.is_sweep:
-            return f"{self.sweep.configurations[0].val_loss:.4f}"
-        best = self.sweep.chosen()
-        return f"best {best.val_loss:.4f} ({best.name}), {len(self.sweep.alive)} configurations training"
 
     def end_epoch(self, epoch: int, seconds: float, iters: int, backbone_before: int) -> str:
         """Log the epoch's time and per-rank counts, checkpoint, and say what the epoch ran."""
         ran = self.backbone.backbone_samples - backbone_before
         how = f"{ran} samples through the backbone" if ran else "tail only, every sample from the Skip-Cache"
-        metrics = {"epoch_time": seconds, "epoch": epoch + 1, **self.rank_counts()}
+        metrics = {"epoch_time": seconds, "epoch": epoch + 1, **rank_counts(self.fabric, self.backbone)}
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
         self.save_checkpoint()
         self.backbone.warn_if_reads_are_slow()
@@ -219,10 +203,10 @@ class Trainer:
         ``validate`` averages them; recorded in the configurations and the logs."""
         alive = self.sweep.alive
         with self.clock.phase("validation"):
-            self.set_tail_training(False)
+            self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
             losses = [torch.stack(tail_losses(self.model, b, self.layout, alive)) for b in batches]
-            self.set_tail_training(True)
+            self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if not record:
             return
@@ -233,25 +217,10 @@ class Trainer:
         metrics.update({tagged("val_ppl", c): math.exp(c.val_loss) for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
-    def set_tail_training(self, mode: bool) -> None:
-        """Dropout on in the parts that train (every configuration's adapters, the tail's blocks), off elsewhere."""
-        for module in [*(c.adapters for c in self.sweep.configurations), *self.model.tail_modules]:
-            module.train(mode)
-
-    def backbone_counts(self) -> tuple[int, int]:
-        return self.backbone.backbone_samples, self.backbone.cache_hits
-
-    def rank_counts(self) -> dict[str, int]:
-        """Each rank's samples through the backbone and cache hits so far (every rank takes part in the gather)."""
-        counts = torch.tensor(self.backbone_counts(), device=self.fabric.device)
-        gathered = self.fabric.all_gather(counts).reshape(-1, 2).tolist()
-        names = ("backbone_samples", "cache_hits")
-        return {f"{name}_rank{rank}": row[i] for rank, row in enumerate(gathered) for i, name in enumerate(names)}
-
     def log(self, losses: list[float], iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
         """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
         samples read from the Skip-Cache."""
-        cache, alive = self.backbone.cache, self.sweep.alive
+        alive = self.sweep.alive
         metrics = {
             "iter": self.state["iter_num"],
             "step": self.state["step_count"],
@@ -260,17 +229,32 @@ class Trainer:
             "feature_wait": batch.wait,
             "tokens_per_sec": batch.tokens / iter_time,
             "cache_hits": self.backbone.cache_hits,
-            "cache_bytes": cache.bytes if cache else 0,
+            "cache_bytes": self.backbone.cache.bytes if self.backbone.cache else 0,
             "backbone_samples": self.backbone.backbone_samples,
         }
         metrics.update({tagged("loss", c): loss for c, loss in zip(alive, losses)})
         metrics.update({tagged("learning_rate", c): c.scheduler.get_last_lr()[0] for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
-        postfix = {"loss": f"{min(losses):.3f}", "ms": f"{iter_time * 1000:.0f}", "hits": hits}
-        if self.sweep.is_sweep:
-            best = min((c.val_loss for c in self.sweep.alive), default=math.nan)
-            postfix.update(alive=f"{len(alive)}/{len(self.sweep.configurations)}", best_val=f"{best:.3f}")
-        bar.set_postfix(postfix)
+        bar.set_postfix(loss=f"{min(losses):.3f}", ms=f"{iter_time * 1000:.0f}", hits=hits, **self.sweep.progress())
+
+
+def rank_counts(fabric: L.Fabric, backbone: CachedBackbone) -> dict[str, int]:
+    """Each rank's samples through the backbone and cache hits so far (every rank takes part in the gather)."""
+    counts = torch.tensor([backbone.backbone_samples, backbone.cache_hits], device=fabric.device)
+    gathered = fabric.all_gather(counts).reshape(-1, 2).tolist()
+    names = ("backbone_samples", "cache_hits")
+    return {f"{name}_rank{rank}": row[i] for rank, row in enumerate(gathered) for i, name in enumerate(names)}
+
+
+def average_gradients(fabric: L.Fabric, c: Configuration) -> None:
+    """Under DDP, a configuration's gradients averaged over the ranks, as DDP averages them: the loop calls the
+    model itself, so that a configuration dropped by halving needs no more collective than it takes."""
+    if fabric.world_size == 1:
+        return
+    grads = [p.grad for p in c.parameters()]
+    flat = fabric.all_reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def tagged(metric: str, c: Configuration) -> str:
