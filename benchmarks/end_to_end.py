@@ -11,9 +11,10 @@ of epochs, in the same invocation.
 ``--sweep KEY=LIST`` adds, for each Skip2-LoRA method, a ``<method>-sweep`` row: the same YAML with that sweep, every
 configuration trained in one process. Its ``wall_vs_solo`` is its wall time over the solo run's of the same method
 and epochs, and ``wall_vs_solo_runs`` over ``configurations`` times that solo run: the configurations' solo runs one
-after another. ``--lora-lrs`` runs LoRA once per learning rate of a grid, as a LoRA user sweeps.
+after another. ``--lora-lrs`` runs LoRA once per learning rate of a grid, as a LoRA user sweeps; a sweep row then
+holds ``lora_grid_wall_s`` (the LoRA runs one after another), their best validation loss and ``wall_vs_lora_grid``.
 
-Writes ``<out>/end_to_end-<UTC timestamp>.json`` (a list of rows) and a plot of wall time against epochs::
+Writes ``<out>/end_to_end-<UTC timestamp>.json`` (a list of rows) and a bar plot of the wall times::
 
     # CPU, the real SmolLM2-135M-Instruct and WordNet, the demo's setting
     python -m benchmarks.end_to_end --methods lora faithful --epochs 3 \\
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=300, help="with --random-model: words per sample")
     parser.add_argument("--work", type=Path, default=REPO / "out/end_to_end", help="runs' folders (replaced)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw this results file's plot again")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only derive a file's ratios, plot again")
     parser.add_argument("--task", help="with --replot: the task's name, for files that do not record it")
     return parser.parse_args(argv)
 
@@ -215,6 +216,10 @@ def add_ratios(rows: list[dict]) -> None:
         if row["method"].endswith("-sweep") and solo:
             row["wall_vs_solo"] = round(row["wall_s"] / solo[0]["wall_s"], 4)
             row["wall_vs_solo_runs"] = round(row["wall_s"] / (row["configurations"] * solo[0]["wall_s"]), 4)
+        if row["method"].endswith("-sweep") and len(lora) > 1:  # LoRA's grid, its runs one after another
+            row["lora_grid_wall_s"] = round(sum(r["wall_s"] for r in lora), 1)
+            row["lora_grid_best_val_loss"] = min(r["val_loss"] for r in lora)
+            row["wall_vs_lora_grid"] = round(row["wall_s"] / row["lora_grid_wall_s"], 4)
 
 
 def label(row: dict) -> str:
@@ -269,8 +274,10 @@ def task_name(config: Path, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    if args.replot:
+    if args.replot:  # the ratios derived anew from the runs' raw times, and the plot
         rows = json.loads(args.replot.read_text())
+        add_ratios(rows)
+        args.replot.write_text(json.dumps(rows, indent=1) + "\n")
         plot(rows, rows[0].get("task") or args.task or "task not recorded", args.replot.with_suffix(".png"))
         return args.replot
     args.work.mkdir(parents=True, exist_ok=True)

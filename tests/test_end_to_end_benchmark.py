@@ -40,6 +40,8 @@ def test_end_to_end_benchmark_times_whole_runs(tmp_path: Path) -> None:
     assert sweep["wall_vs_solo"] == pytest.approx(sweep["wall_s"] / rows[2]["wall_s"], abs=1e-4)
     assert sweep["wall_vs_solo_runs"] == pytest.approx(sweep["wall_vs_solo"] / 2, abs=1e-4)
     assert sweep["val_loss"] == min(c["val_loss"] for c in sweep["sweep"])
+    assert sweep["lora_grid_wall_s"] == pytest.approx(rows[0]["wall_s"] + rows[1]["wall_s"], abs=0.06)
+    assert sweep["lora_grid_best_val_loss"] == min(rows[0]["val_loss"], rows[1]["val_loss"])
 
 
 @pytest.mark.parametrize("script", ["benchmarks/gpu/setup.sh", "benchmarks/gpu/end_to_end.sh"])
