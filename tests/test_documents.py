@@ -22,7 +22,9 @@ COUNT = re.compile(r"(?<![\w./])(\d[\d,]*)/(\d[\d,]*)(?![\w./])")
 
 
 def sections(text: str) -> list[tuple[str, str]]:
-    """(heading, body) pairs, the text before the first heading under ``""``."""
+    """(heading, body) pairs, the text before the first heading under ``""``; a shell comment in a code block is no
+    heading."""
+    text = re.sub(r"```.*?```", lambda block: re.sub(r"^#", " #", block[0], flags=re.MULTILINE), text, flags=re.DOTALL)
     parts = re.split(r"^(#+ .*)$", text, flags=re.MULTILINE)
     return [("", parts[0]), *zip(parts[1::2], parts[2::2])]
 
