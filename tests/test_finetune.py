@@ -33,10 +33,10 @@ N_LAYER = 4
 def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the backbone block forwards of each training step, its features' computation included."""
     calls, fetched, per_step = [0], [0], []
-    block_forward, resolve, tail_loss = (
+    block_forward, resolve, tail_losses = (
         litgpt_skip2lora.model.Block.forward,
         CachedBackbone._resolve,
-        litgpt_skip2lora.training.tail_loss,
+        litgpt_skip2lora.training.tail_losses,
     )
 
     def counting_forward(self, *args, **kwargs):
@@ -51,14 +51,14 @@ def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def counting_loss(*args):
         before = calls[0]
-        result = tail_loss(*args)
+        result = tail_losses(*args)
         if torch.is_grad_enabled():  # a training step, not validation
             per_step.append(fetched[0] + calls[0] - before)
         return result
 
     monkeypatch.setattr(litgpt_skip2lora.model.Block, "forward", counting_forward)
     monkeypatch.setattr(CachedBackbone, "_resolve", counting_resolve)
-    monkeypatch.setattr(litgpt_skip2lora.training, "tail_loss", counting_loss)
+    monkeypatch.setattr(litgpt_skip2lora.training, "tail_losses", counting_loss)
     return per_step
 
 

@@ -2,6 +2,7 @@
 weaker ones, an interrupted sweep resumes exactly, and a sweep typed on the command line leaves what it promises."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import yaml
 from conftest import losses, run, trained
 from litgpt.args import EvalArgs, TrainArgs
 
+import litgpt_skip2lora.__main__
+import litgpt_skip2lora.finetune
 from litgpt_skip2lora.sweep import SweepArgs
 from litgpt_skip2lora.training import Trainer
 
@@ -160,3 +163,35 @@ def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, t
     for model in (tmp_path / "final", exported):
         generate = [*command, "generate", str(model), "--prompt", "the cat", "--max_new_tokens", "3"]
         assert subprocess.run(generate, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_selection_by_label_accuracy(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Answers from a closed set of two labels: every configuration is scored on the validation items by label
+    likelihood, and the most accurate is chosen."""
+    items = [
+        {"instruction": f"what is the colour of item {i} ?", "input": "", "output": "red" if i % 3 else "blue"}
+        for i in range(40)
+    ]
+    data_file = tmp_path / "labels.json"
+    data_file.write_text(json.dumps(items))
+    sweep = SweepArgs(lr=[0.01, 0.05], select="label_accuracy")
+    run(tiny_checkpoint, data_file, tmp_path / "out", epochs=1, sweep=sweep)
+    rows = table(tmp_path / "out")
+    accuracy = {name: float(r["accuracy"]) for name, r in rows.items()}
+    assert all(a * 10 == round(a * 10) for a in accuracy.values())  # a count of the 10 validation items
+    (chosen,) = [name for name, r in rows.items() if r["chosen"] == "1"]
+    assert accuracy[chosen] == max(accuracy.values())
+
+
+def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(litgpt_skip2lora.finetune, "free_memory", lambda device: 1_000)
+    monkeypatch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(tiny_checkpoint)])
+    args = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--precision", "32-true", "--out_dir"]
+    args += [str(tmp_path / "out"), "--sweep.lr", "[0.01,0.02,0.03]", "--skip2lora_block_indices", "[0,2]"]
+    sys.argv += args
+    with pytest.raises(SystemExit) as refused:
+        litgpt_skip2lora.__main__.main()
+    assert refused.value.code.startswith("error: The sweep's 3 configurations need about")
+    assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
