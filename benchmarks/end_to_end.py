@@ -155,8 +155,8 @@ def train_samples(config_path: Path) -> int:
     return total - int(total * data["val_split_fraction"])
 
 
-def runs(args: argparse.Namespace, configs: dict[str, Path], epochs: int) -> list[tuple[str, list[str]]]:
-    """Each run of one epoch count: its row's method name and the options it adds to its YAML's."""
+def runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The runs of each epoch count: each row's method name and the options it adds to its YAML's."""
     planned = []
     for method in args.methods:
         if method == "lora":
@@ -165,9 +165,8 @@ def runs(args: argparse.Namespace, configs: dict[str, Path], epochs: int) -> lis
             continue
         planned.append((method, []))
         if args.sweep:
-            options = [
-                part for item in args.sweep for part in (f"--sweep.{item.split('=', 1)[0]}", item.split("=", 1)[1])
-            ]
+            keys_and_lists = [item.partition("=") for item in args.sweep]
+            options = [part for key, _, values in keys_and_lists for part in (f"--sweep.{key}", values)]
             planned.append((f"{method}-sweep", options))
     return planned
 
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = args.random_model or yaml.safe_load(configs[args.methods[0]].read_text())["checkpoint_dir"]
     rows, task = [], task_name(configs[args.methods[0]], args)
     for epochs in args.epochs:
-        for run, (method, options) in enumerate(runs(args, configs, epochs)):
+        for run, (method, options) in enumerate(runs(args)):
             base = method.removesuffix("-sweep")
             out_dir = args.work / f"{method}-{epochs}ep-{run}"
             row = {"method": method, "run": run, "epochs": epochs, "samples": train_samples(configs[base])}

@@ -32,7 +32,7 @@ class Adapters(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.factor_head = True
-        """Let the head be computed factored where that is cheaper (``GPT.factored_heads``)."""
+        """Let the head be computed factored where that is cheaper (``GPT.shared_head``)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -64,12 +64,6 @@ def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
             raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
 
 
-def check_validation(sweep, train: TrainArgs, eval: EvalArgs) -> None:
-    """A sweep chooses by validation: it needs one after training."""
-    if len(sweep.grid()) > 1 and not eval.final_validation:
-        raise ValueError("A sweep chooses its best configuration by validation: leave --eval.final_validation true.")
-
-
 def check_out_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and write in it once, so that a path that cannot hold the run fails before the model loads
     (a permission check alone passes for root in places like ``/proc``)."""

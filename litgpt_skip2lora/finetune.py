@@ -48,7 +48,6 @@ from litgpt_skip2lora.checks import (
     check_out_dir,
     check_quantize,
     check_train_args,
-    check_validation,
     download_hint,
     optimizer_spec,
     user_errors,
@@ -192,8 +191,8 @@ def setup(
     with user_errors():
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
-        check_sweep(sweep, trains_lora=any((lora_query, lora_key, lora_value, lora_projection, lora_mlp, lora_head)))
-        check_validation(sweep, train, eval)
+        trains_lora = any((lora_query, lora_key, lora_value, lora_projection, lora_mlp, lora_head))
+        check_sweep(sweep, trains_lora, eval.final_validation)
         check_quantize(quantize, precision)
         config = Config.from_file(
             checkpoint_dir / "model_config.yaml",
@@ -403,7 +402,8 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
             save_model_config(chosen.model_config, partial_dir)
             save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
             hyperparameters = partial_dir / "hyperparameters.yaml"
-            hyperparameters.write_text(yaml.safe_dump(recorded(hyperparameters, chosen, run), sort_keys=False))
+            saved = yaml.safe_load(hyperparameters.read_text(encoding="utf-8"))
+            hyperparameters.write_text(yaml.safe_dump(recorded(saved, chosen, run), sort_keys=False))
             save_prompt_style(run.data.prompt_style, partial_dir)
     return final_dir
 
@@ -412,21 +412,21 @@ def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, history: l
     """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
     with checkpoints.atomic_directory(fabric, run.out_dir / "sweep") as partial_dir:
         if fabric.global_rank == 0:
+            saved = yaml.safe_load((final / "hyperparameters.yaml").read_text(encoding="utf-8"))
             for c in sweep.alive:
                 c.install(sweep.model)
-                hyperparameters = recorded(final / "hyperparameters.yaml", c, run)
-                save_configuration(c, trainable_state(sweep.model), hyperparameters, partial_dir / c.name)
+                save_configuration(c, trainable_state(sweep.model), recorded(saved, c, run), partial_dir / c.name)
             write_table(sweep, chosen, run.out_dir / "sweep.csv")
             plot(history, sweep, chosen, run.out_dir / "sweep.png")
     chosen.install(sweep.model)
     fabric.print(f"Chose {chosen.name}; every configuration: {str(run.out_dir / 'sweep.csv')!r}")
 
 
-def recorded(hyperparameters: Path, c: Configuration, run: Run) -> dict:
-    """The hyper-parameters that train ``c`` alone, in the YAMLs' form: its swept values in place of the sweep, the
-    optimizer as :func:`optimizer_spec` wrote it, and the precision it trained in (generation uses it)."""
-    saved = yaml.safe_load(hyperparameters.read_text(encoding="utf-8"))
-    saved.pop("sweep", None)
+def recorded(saved: dict, c: Configuration, run: Run) -> dict:
+    """The hyper-parameters that train ``c`` alone, in the YAMLs' form: ``saved`` (the command line's) with its
+    swept values in place of the sweep, the optimizer as :func:`optimizer_spec` wrote it, and the precision it
+    trained in (generation uses it)."""
+    saved = {k: v for k, v in saved.items() if k != "sweep"}
     optimizer = run.optimizer | {"init_args": {**run.optimizer["init_args"], **optimizer_values(c)}}
     adapters = {k: getattr(c.model_config, k) for k in ADAPTER_OPTIONS}
     return {

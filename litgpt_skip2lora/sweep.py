@@ -63,7 +63,7 @@ class SweepArgs:
         return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
 
 
-def check_sweep(args: SweepArgs, trains_lora: bool) -> None:
+def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool) -> None:
     """Refuse a sweep that cannot run, in one line, before the model loads."""
     for name, values in args.swept().items():
         if not values:
@@ -76,6 +76,8 @@ def check_sweep(args: SweepArgs, trains_lora: bool) -> None:
         raise ValueError(f"--sweep.keep must be in (0, 1], got {args.keep}.")
     if any(r <= 0 for r in args.lora_r or ()):
         raise ValueError(f"--sweep.lora_r values must be positive: {args.lora_r}.")
+    if len(args.grid()) > 1 and not final_validation:
+        raise ValueError("A sweep chooses its best configuration by validation: leave --eval.final_validation true.")
 
 
 def configuration_name(values: dict[str, Any]) -> str:
@@ -224,9 +226,10 @@ class Sweep:
 
 
 def configuration_bytes(c: Configuration, rows: int, vocab: int) -> int:
-    """What one configuration adds to a step's memory: its parameters, their gradients and AdamW's two moments, and
-    its logits over ``rows`` rows with their softmax and gradient in float32 (each configuration's graph is alive
-    until the step's one backward)."""
+    """What one configuration adds to a step's memory at most: its parameters, their gradients and AdamW's two
+    moments, and its logits over ``rows`` rows with their softmax and gradient in float32 (each configuration's graph
+    is alive until the step's one backward). The factored head's loss (:mod:`litgpt_skip2lora.head`) never stores
+    the logits whole, so there this overstates the cost."""
     parameters = sum(p.numel() * p.element_size() for p in c.parameters())
     return 4 * parameters + 3 * rows * vocab * 4
 

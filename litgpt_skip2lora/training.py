@@ -138,14 +138,14 @@ class Trainer:
         fabric.print("\n".join(["", "Summary", *summary]))
         return True
 
-    def step(self, batch: Batch) -> list[float]:
+    def step(self, batch: Batch) -> torch.Tensor:
         """One micro-batch for every live configuration, and their optimizer steps when the step is complete;
-        returns the losses."""
+        returns the losses, still on the device (reading them waits for the step's queued work)."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
         with self.fabric.autocast():
-            losses = tail_losses(self.model, batch, self.layout, alive)
-        self.fabric.backward(torch.stack(losses).sum() / self.accum)
+            losses = torch.stack(tail_losses(self.model, batch, self.layout, alive))
+        self.fabric.backward(losses.sum() / self.accum)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
                 average_gradients(self.fabric, c)
@@ -156,7 +156,7 @@ class Trainer:
                 c.scheduler.step()
                 c.steps += 1
             state["step_count"] += 1
-        return [loss.item() for loss in losses]
+        return losses.detach()
 
     def first_validation(self, val_loader: DataLoader, resumed_at: int | None) -> str:
         """The whole validation set with ``eval.initial_validation`` (or at resume); otherwise a quiet check of the
@@ -217,10 +217,10 @@ class Trainer:
         metrics.update({tagged("val_ppl", c): math.exp(c.val_loss) for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
-    def log(self, losses: list[float], iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
+    def log(self, losses: torch.Tensor, iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
         """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
         samples read from the Skip-Cache."""
-        alive = self.sweep.alive
+        alive, losses = self.sweep.alive, losses.tolist()
         metrics = {
             "iter": self.state["iter_num"],
             "step": self.state["step_count"],
