@@ -132,16 +132,39 @@ def download_hint(data: DataModule) -> Iterator[None]:
 def optimizer_spec(optimizer: str | dict) -> dict:
     """The optimizer as the YAMLs write it, ``{"class_path": ..., "init_args": {...}}``, from any form a user types.
 
-    jsonargparse hands ``--optimizer.lr 0.003`` over as ``{"lr": "0.003"}`` and ``--optimizer.init_args.lr 0.003``
-    as a top-level ``lr`` beside the YAML's ``init_args`` (LitGPT's issue #1905): such keys are the command line's
-    overrides, so they win over ``init_args``, and their text is read as a number where it is one.
+    jsonargparse hands ``--optimizer.lr 0.003`` (and ``--optimizer.init_args.lr 0.003``) over as a top-level ``lr``
+    beside the YAML's ``init_args``, and the CLI passes a typed class as the key ``class`` (:func:`typed_optimizer`).
+    Typed keys are the command line's overrides, so they win over the YAML's; their text is read as a number where
+    it is one. A typed class other than the YAML's starts from its own defaults, as a class change does in jsonargparse.
     """
     if isinstance(optimizer, str):
-        optimizer = {"class_path": optimizer}
-    overrides = {k: number(v) for k, v in optimizer.items() if k not in ("class_path", "init_args")}
-    class_path = optimizer.get("class_path", "AdamW")
-    class_path = class_path if "." in class_path else f"torch.optim.{class_path}"
-    return {"class_path": class_path, "init_args": {**(optimizer.get("init_args") or {}), **overrides}}
+        optimizer = {"class": optimizer}
+    typed = {k: number(v) for k, v in optimizer.items() if k not in ("class_path", "init_args", "class")}
+    yaml_class = full_class_path(optimizer.get("class_path", "AdamW"))
+    class_path = full_class_path(optimizer.get("class", yaml_class))
+    init_args = (optimizer.get("init_args") or {}) if class_path == yaml_class else {}
+    return {"class_path": class_path, "init_args": {**init_args, **typed}}
+
+
+def typed_optimizer(args: list[str]) -> list[str]:
+    """``args`` with a typed optimizer class, ``--optimizer SGD`` or ``--optimizer.class_path torch.optim.SGD``, as
+    ``--optimizer.class SGD``: jsonargparse keeps that key beside the YAML's optimizer and the ``--optimizer.lr``
+    keys, for :func:`optimizer_spec` to merge. Passed as itself, a class drops the keys typed before it, and
+    ``--optimizer.class_path`` crashes the parser when a YAML sets the optimizer (LitGPT's issue #1905)."""
+    out, rest = [], list(args)
+    while rest:
+        option, equals, value = rest.pop(0).partition("=")
+        if option in ("--optimizer", "--optimizer.class_path") and (equals or rest):
+            value = value if equals else rest.pop(0)
+            out += [option, value] if value.lstrip().startswith("{") else ["--optimizer.class", value]
+        else:
+            out.append(option + equals + value)
+    return out
+
+
+def full_class_path(name: str) -> str:
+    """``AdamW`` as ``torch.optim.AdamW``; a dotted path as it is."""
+    return name if "." in name else f"torch.optim.{name}"
 
 
 def number(value):

@@ -3,13 +3,16 @@
 import ast
 import dataclasses
 import inspect
+import sys
 from pathlib import Path
 
 import litgpt.finetune.lora as litgpt_lora
 import pytest
+import yaml
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import select_sft_generate_example
 
+from litgpt_skip2lora.__main__ import main
 from litgpt_skip2lora.cache import CacheArgs
 from litgpt_skip2lora.checks import check_train_args, optimizer_spec
 from litgpt_skip2lora.finetune import setup
@@ -67,15 +70,36 @@ def test_every_argument_of_setup_is_read() -> None:
     assert not unread, f"finetune_skip2lora arguments never read: {unread}"
 
 
-@pytest.mark.parametrize(
-    "given",
-    [
-        {"lr": "0.003"},  # --optimizer.lr 0.003, and --optimizer AdamW --optimizer.lr 0.003
-        {"class_path": "torch.optim.AdamW", "lr": "0.003"},  # --optimizer.class_path ... --optimizer.init_args.lr
-        {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "weight_decay": 0.02}, "lr": "0.003"},  # YAML
-    ],
-)
-def test_the_learning_rate_in_every_form_jsonargparse_hands_over(given: dict) -> None:
-    spec = optimizer_spec(given)
-    assert spec["class_path"] == "torch.optim.AdamW" and spec["init_args"]["lr"] == 0.003
-    assert spec["init_args"].get("weight_decay", 0.02) == 0.02  # what the YAML sets and the command line does not
+LR_FORMS = [
+    ["--optimizer.lr", "0.003"],
+    ["--optimizer", "AdamW", "--optimizer.lr", "0.003"],
+    ["--optimizer.class_path", "torch.optim.AdamW", "--optimizer.init_args.lr", "0.003"],
+    ["--optimizer.init_args.lr=0.003", "--optimizer=torch.optim.AdamW"],
+]
+YAML = Path(__file__).parents[1] / "config_hub/finetune/SmolLM2-135M-Instruct/skip2lora.yaml"
+
+
+def parsed_optimizer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> dict:
+    """The optimizer ``litgpt-skip2lora finetune ARGS`` trains with: the real parser, in this process."""
+    monkeypatch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune", *args, "--print_config"])
+    with pytest.raises(SystemExit):
+        main()
+    return optimizer_spec(yaml.safe_load(capsys.readouterr().out)["optimizer"])
+
+
+@pytest.mark.parametrize("form", LR_FORMS, ids=" ".join)
+def test_the_learning_rate_in_every_form(form, monkeypatch, capsys) -> None:
+    """Each form LitGPT's own CLI fails on (its issue #1905) sets the learning rate; with ``--config`` it wins over
+    the YAML's, and what the YAML sets and the command line does not stays."""
+    alone = parsed_optimizer(monkeypatch, capsys, "checkpoints/any", *form)
+    assert alone == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}}
+    over_yaml = parsed_optimizer(monkeypatch, capsys, "--config", str(YAML), *form)
+    assert over_yaml == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003, "weight_decay": 0.0}}
+
+
+def test_another_optimizer_class_starts_from_its_own_defaults(monkeypatch, capsys) -> None:
+    typed = ["--optimizer.class_path", "torch.optim.SGD", "--optimizer.lr", "0.1"]
+    assert parsed_optimizer(monkeypatch, capsys, "--config", str(YAML), *typed) == {
+        "class_path": "torch.optim.SGD",
+        "init_args": {"lr": 0.1},
+    }
