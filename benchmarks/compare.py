@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import CLI
+
+from benchmarks.runs import logged_metrics, run_logged
 
 # The training commands a variant can name: the module run with ``python -m``, and what to add to its ``epoch``
 # column to count epochs from 1: LitGPT logs ``CycleIterator.epoch``, which is 0 during the first pass;
@@ -104,11 +105,9 @@ def run_variant(name: str, variant: dict, common: list[str], run_dir: Path, reru
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale Skip-Cache or CSV logger version would skew the run
     run_dir.mkdir(parents=True)
     print(f"{name}: {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    with open(run_dir / "run.log", "w") as log:
-        child = [sys.executable, "-c", CHILD, module, str(run_dir / "peak_rss.json"), *argv]  # runs ``command``
-        returncode = subprocess.run(child, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall_time = time.perf_counter() - t0
+    child = [sys.executable, "-c", CHILD, module, str(run_dir / "peak_rss.json"), *argv]  # runs ``command``
+    finished = run_logged(child, run_dir / "run.log")
+    returncode, wall_time = finished.returncode, finished.seconds
     text = (run_dir / "run.log").read_text()
     trainable = re.search(r"Number of trainable parameters: ([\d,]+)", text)
     rss_file = run_dir / "peak_rss.json"
@@ -130,10 +129,7 @@ def run_variant(name: str, variant: dict, common: list[str], run_dir: Path, reru
 
 def summarize(run_dir: Path, result: dict) -> dict:
     """The figures of one run, read back from its ``metrics.csv`` and ``final/hyperparameters.yaml``."""
-    import pandas as pd  # here, so that the CLI does not need pandas for its other commands
-
-    metrics_file = run_dir / "logs" / "csv" / "version_0" / "metrics.csv"
-    df = pd.read_csv(metrics_file) if metrics_file.exists() else None
+    df = logged_metrics(run_dir)
     if result["returncode"] or df is None or "val_loss" not in df:
         status = f"failed (exit code {result['returncode']})" if result["returncode"] else "no val_loss logged"
         return {"status": status, "setup": None, "val_curve": [], "epoch_train_time_s": []}

@@ -31,9 +31,7 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 import yaml
 
 from benchmarks.random_checkpoint import model_config, write_checkpoint, write_sentences
+from benchmarks.runs import logged_metrics, run_logged
 from litgpt_skip2lora.model import default_blocks, default_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,14 +176,11 @@ def timed_run(command: str, config: Path, epochs: int, out_dir: Path, options: l
     out_dir.mkdir(parents=True)
     args = [sys.executable, "-m", "litgpt_skip2lora", command, "--config", str(config), *options]
     args += ["--train.epochs", str(epochs), "--train.log_interval", "1", "--out_dir", str(out_dir)]
-    start = time.time()
-    with open(out_dir / "output.log", "w") as log:
-        done = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    exit_s = time.time() - start
+    done = run_logged(args, out_dir / "output.log", cwd=REPO)
     if done.returncode:
         raise SystemExit(f"{' '.join(args)} failed (exit {done.returncode}); see {out_dir / 'output.log'}")
-    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
-    row = {"wall_s": (out_dir / "final" / "lit_model.pth").stat().st_mtime - start, "exit_s": exit_s}
+    metrics = logged_metrics(out_dir)
+    row = {"wall_s": (out_dir / "final" / "lit_model.pth").stat().st_mtime - done.started, "exit_s": done.seconds}
     row["val_loss"] = float(metrics.filter(regex="^val_loss").ffill().iloc[-1].min())
     if (out_dir / "sweep.csv").is_file():
         table = pd.read_csv(out_dir / "sweep.csv")
@@ -215,7 +211,8 @@ def add_ratios(rows: list[dict]) -> None:
         if row["method"].endswith("-sweep") and solo:
             row["wall_vs_solo"] = round(row["wall_s"] / solo[0]["wall_s"], 4)
             row["wall_vs_solo_runs"] = round(row["wall_s"] / (row["configurations"] * solo[0]["wall_s"]), 4)
-        if row["method"].endswith("-sweep") and len(lora) > 1:  # LoRA's grid, its runs one after another
+        grid = len({json.dumps(r["lr"], sort_keys=True) for r in lora}) == len(lora) > 0  # a run per learning rate
+        if row["method"].endswith("-sweep") and grid:  # LoRA's grid, its runs one after another
             row["lora_grid_wall_s"] = round(sum(r["wall_s"] for r in lora), 1)
             row["lora_grid_best_val_loss"] = min(r["val_loss"] for r in lora)
             row["wall_vs_lora_grid"] = round(row["wall_s"] / row["lora_grid_wall_s"], 4)

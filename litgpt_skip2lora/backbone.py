@@ -103,6 +103,11 @@ class CachedBackbone:
         while ahead:
             yield self._resolve(*ahead.popleft())
 
+    def counters(self) -> dict[str, int]:
+        """This rank's samples through the backbone and from the cache so far, and the cache's size."""
+        size = self.cache.bytes if self.cache else 0
+        return {"cache_hits": self.cache_hits, "cache_bytes": size, "backbone_samples": self.backbone_samples}
+
     def close(self) -> None:
         self.pool.shutdown()
         if self.cache is not None:

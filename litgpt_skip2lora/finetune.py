@@ -295,7 +295,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         chosen = select(fabric, sweep, run, tokenizer)
         final_dir = save_final(fabric, model, chosen, run)
         if sweep.is_sweep:
-            save_sweep(fabric, sweep, chosen, trainer.history, run, final_dir)
+            save_sweep(fabric, sweep, chosen, run, final_dir)
     report_wall_clock(fabric, clock, state["iter_num"])
     if fabric.global_rank == 0:
         fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
@@ -408,7 +408,7 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
     return final_dir
 
 
-def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, history: list[dict], run: Run, final: Path):
+def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, run: Run, final: Path):
     """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
     with checkpoints.atomic_directory(fabric, run.out_dir / "sweep") as partial_dir:
         if fabric.global_rank == 0:
@@ -417,7 +417,7 @@ def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, history: l
                 c.install(sweep.model)
                 save_configuration(c, trainable_state(sweep.model), recorded(saved, c, run), partial_dir / c.name)
             write_table(sweep, chosen, run.out_dir / "sweep.csv")
-            plot(history, sweep, chosen, run.out_dir / "sweep.png")
+            plot(sweep, chosen, run.out_dir / "sweep.png")
     chosen.install(sweep.model)
     fabric.print(f"Chose {chosen.name}; every configuration: {str(run.out_dir / 'sweep.csv')!r}")
 

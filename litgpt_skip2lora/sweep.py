@@ -129,6 +129,16 @@ class Configuration:
             self.rng = rng_state(device)
             set_rng_state(saved, device)
 
+    def optimizer_step(self, fabric: L.Fabric, max_norm: float | None) -> None:
+        """Its gradients averaged over the ranks, clipped to ``max_norm`` and applied; its schedule advances."""
+        average_gradients(fabric, self.parameters())
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+        self.steps += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "adapters": self.adapters.state_dict(),
@@ -152,6 +162,17 @@ class Configuration:
         self.val_loss, self.accuracy = state["val_loss"], state["accuracy"]
 
 
+def average_gradients(fabric: L.Fabric, parameters: list[nn.Parameter]) -> None:
+    """Under DDP, the gradients averaged over the ranks, as DDP averages them: the loop calls the model itself, so
+    that a configuration dropped by halving needs no more collective than it takes."""
+    if fabric.world_size == 1:
+        return
+    grads = [p.grad for p in parameters]
+    flat = fabric.all_reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -170,6 +191,8 @@ class Sweep:
 
     def __init__(self, model: GPT, configurations: list[Configuration], args: SweepArgs) -> None:
         self.model, self.configurations, self.args = model, configurations, args
+        self.history: list[dict] = []
+        """Every validation: its step and each live configuration's loss, for the sweep's plot."""
 
     @property
     def alive(self) -> list[Configuration]:
@@ -178,6 +201,12 @@ class Sweep:
     @property
     def is_sweep(self) -> bool:
         return len(self.configurations) > 1
+
+    def record(self, losses: list[float], step: int) -> None:
+        """The live configurations' validation losses at ``step``."""
+        for c, loss in zip(self.alive, losses):
+            c.val_loss = loss
+        self.history.append({"step": step, **{c.name: c.val_loss for c in self.alive}})
 
     def halve(self) -> list[Configuration]:
         """Keep the best ``keep`` fraction of the live configurations (at least one); return the dropped ones."""
@@ -218,11 +247,12 @@ class Sweep:
             module.train(mode)
 
     def state_dict(self) -> dict[str, Any]:
-        return {c.name: c.state_dict() for c in self.configurations}
+        return {"configurations": {c.name: c.state_dict() for c in self.configurations}, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for c in self.configurations:
-            c.load_state_dict(state[c.name])
+            c.load_state_dict(state["configurations"][c.name])
+        self.history = state["history"]
 
 
 def configuration_bytes(c: Configuration, rows: int, vocab: int) -> int:

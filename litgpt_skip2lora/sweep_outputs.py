@@ -35,7 +35,7 @@ def write_table(sweep: Sweep, chosen: Configuration, path: Path) -> None:
             writer.writerow([c.name, *(c.values[k] for k in swept), *scores, c.steps, int(c is chosen)])
 
 
-def plot(history: list[dict], sweep: Sweep, chosen: Configuration, path: Path) -> None:
+def plot(sweep: Sweep, chosen: Configuration, path: Path) -> None:
     """Validation loss against optimizer steps, a line per configuration, the chosen one drawn thick and named."""
     try:
         import matplotlib
@@ -47,7 +47,7 @@ def plot(history: list[dict], sweep: Sweep, chosen: Configuration, path: Path) -
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for c in sweep.configurations:
-        points = [(row["step"], row[c.name]) for row in history if not math.isnan(row.get(c.name, math.nan))]
+        points = [(row["step"], row[c.name]) for row in sweep.history if not math.isnan(row.get(c.name, math.nan))]
         steps, losses = zip(*points) if points else ((), ())
         is_chosen = c is chosen
         label = f"{c.name} (chosen)" if is_chosen else c.name

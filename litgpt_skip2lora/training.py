@@ -8,7 +8,7 @@ of the sweep still training (:mod:`litgpt_skip2lora.sweep`; a run without a swee
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -74,21 +74,11 @@ class Trainer:
     max_steps: float
     out_dir: Path
     clock: WallClock
-    history: list[dict] = field(default_factory=list)
-    """Every validation: step and each configuration's loss, for the sweep's plot."""
 
-    @property
-    def model(self) -> GPT:
-        return self.sweep.model
-
-    @property
-    def accum(self) -> int:
-        """Micro-batches per optimizer step."""
-        return self.train.gradient_accumulation_iters(self.fabric.world_size, 1)
-
-    @property
-    def layout(self) -> RowLayout:
-        return RowLayout.of(self.model.config)
+    def __post_init__(self) -> None:
+        self.model: GPT = self.sweep.model
+        self.accum = self.train.gradient_accumulation_iters(self.fabric.world_size, 1)  # micro-batches per step
+        self.layout = RowLayout.of(self.model.config)
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
@@ -148,13 +138,7 @@ class Trainer:
         self.fabric.backward(losses.sum() / self.accum)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
-                average_gradients(self.fabric, c)
-                if self.train.max_norm:
-                    torch.nn.utils.clip_grad_norm_(c.parameters(), self.train.max_norm)
-                c.optimizer.step()
-                c.optimizer.zero_grad()
-                c.scheduler.step()
-                c.steps += 1
+                c.optimizer_step(self.fabric, self.train.max_norm)
             state["step_count"] += 1
         return losses.detach()
 
@@ -210,9 +194,7 @@ class Trainer:
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if not record:
             return
-        for c, loss in zip(alive, means):
-            c.val_loss = loss
-        self.history.append({"step": self.state["step_count"], **{c.name: c.val_loss for c in alive}})
+        self.sweep.record(means, self.state["step_count"])
         metrics = {tagged("val_loss", c): c.val_loss for c in alive}
         metrics.update({tagged("val_ppl", c): math.exp(c.val_loss) for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
@@ -221,17 +203,9 @@ class Trainer:
         """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
         samples read from the Skip-Cache."""
         alive, losses = self.sweep.alive, losses.tolist()
-        metrics = {
-            "iter": self.state["iter_num"],
-            "step": self.state["step_count"],
-            "epoch": epoch + 1,
-            "iter_time": iter_time,
-            "feature_wait": batch.wait,
-            "tokens_per_sec": batch.tokens / iter_time,
-            "cache_hits": self.backbone.cache_hits,
-            "cache_bytes": self.backbone.cache.bytes if self.backbone.cache else 0,
-            "backbone_samples": self.backbone.backbone_samples,
-        }
+        metrics = {"iter": self.state["iter_num"], "step": self.state["step_count"], "epoch": epoch + 1}
+        metrics.update(iter_time=iter_time, feature_wait=batch.wait, tokens_per_sec=batch.tokens / iter_time)
+        metrics.update(self.backbone.counters())
         metrics.update({tagged("loss", c): loss for c, loss in zip(alive, losses)})
         metrics.update({tagged("learning_rate", c): c.scheduler.get_last_lr()[0] for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
@@ -244,17 +218,6 @@ def rank_counts(fabric: L.Fabric, backbone: CachedBackbone) -> dict[str, int]:
     gathered = fabric.all_gather(counts).reshape(-1, 2).tolist()
     names = ("backbone_samples", "cache_hits")
     return {f"{name}_rank{rank}": row[i] for rank, row in enumerate(gathered) for i, name in enumerate(names)}
-
-
-def average_gradients(fabric: L.Fabric, c: Configuration) -> None:
-    """Under DDP, a configuration's gradients averaged over the ranks, as DDP averages them: the loop calls the
-    model itself, so that a configuration dropped by halving needs no more collective than it takes."""
-    if fabric.world_size == 1:
-        return
-    grads = [p.grad for p in c.parameters()]
-    flat = fabric.all_reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
 
 
 def tagged(metric: str, c: Configuration) -> str:

@@ -14,6 +14,7 @@ from litgpt.data import JSON
 
 from benchmarks.random_checkpoint import SPECIAL, model_config
 from benchmarks.random_checkpoint import write_checkpoint as write_random_checkpoint
+from litgpt_skip2lora.__main__ import main
 from litgpt_skip2lora.finetune import setup
 
 WORDS = (
@@ -82,6 +83,13 @@ def checkpoint_writer():
     return write_checkpoint
 
 
+def in_process(*args: str) -> None:
+    """``litgpt-skip2lora ARGS`` in this process, as the command line runs it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["litgpt-skip2lora", *args])
+        main()
+
+
 def run(checkpoint: Path, data_file: Path, out_dir: Path, epochs: int = 3, **kwargs) -> pd.DataFrame:
     """One fine-tune in this process; returns the per-iteration rows of its metrics.csv."""
     args = dict(
@@ -110,5 +118,5 @@ def losses(metrics: pd.DataFrame) -> torch.Tensor:
 
 def trained(state: dict, name: str = "run") -> dict[str, torch.Tensor]:
     """A step checkpoint's trained parameters of configuration ``name``, by their names in the model."""
-    configuration = state["sweep"][name]
+    configuration = state["sweep"]["configurations"][name]
     return {**{f"skip2lora.{k}": v for k, v in configuration["adapters"].items()}, **configuration["lora"]}

@@ -10,8 +10,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import litgpt.deploy.serve
 import pytest
 import torch
+from conftest import in_process, run
 
 from litgpt_skip2lora import LLM
 from litgpt_skip2lora.api import trained_precision
@@ -19,9 +21,9 @@ from litgpt_skip2lora.model import default_precision
 
 PROMPT = "what is the colour of the cat ?"
 VARIANTS = {
-    "adapters": [],
-    "tail": ["--skip2lora_output_layer", "block.3", "--lora_query", "true", "--lora_value", "true"],
-    "nf4": ["--quantize", "bnb.nf4"],  # bitsandbytes needs a CUDA GPU
+    "adapters": {},
+    "tail": dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True),
+    "nf4": dict(quantize="bnb.nf4"),  # bitsandbytes needs a CUDA GPU
 }
 
 
@@ -32,44 +34,45 @@ def command(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def final(request: pytest.FixtureRequest, tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory) -> Path:
-    """A ``final/`` trained for one epoch in the default precision of the machine (32-true on the CPU)."""
-    if request.param == "nf4" and not torch.cuda.is_available():
-        pytest.skip("--quantize needs a CUDA GPU")
-    out_dir = tmp_path_factory.mktemp(request.param)
-    args = ["finetune_skip2lora", str(tiny_checkpoint), "--data", "JSON", "--data.json_path", str(alpaca_file)]
-    args += ["--data.val_split_fraction", "0.25", "--train.epochs", "1", "--train.micro_batch_size", "4"]
-    args += [
-        "--train.global_batch_size",
-        "4",
-        "--train.lr_warmup_steps",
-        "1",
-        "--lora_r",
-        "4",
-        "--eval.max_new_tokens",
-        "2",
-    ]
-    args += ["--skip2lora_block_indices", "[0,2]", "--out_dir", str(out_dir), *VARIANTS[request.param]]
-    done = command(*args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out_dir / "final"
+@pytest.fixture(scope="module")
+def finals(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``final/`` of a variant, trained once for the module for one epoch in the machine's default precision (32-true
+    on the CPU)."""
+    trained: dict[str, Path] = {}
+
+    def final_of(variant: str) -> Path:
+        if variant == "nf4" and not torch.cuda.is_available():
+            pytest.skip("--quantize needs a CUDA GPU")
+        if variant not in trained:
+            out_dir = tmp_path_factory.mktemp(variant)
+            run(tiny_checkpoint, alpaca_file, out_dir, epochs=1, precision=None, **VARIANTS[variant])
+            trained[variant] = out_dir / "final"
+        return trained[variant]
+
+    return final_of
 
 
-def test_llm_load_generates_what_the_generate_command_does(final: Path) -> None:
+@pytest.fixture(params=list(VARIANTS))
+def final(request: pytest.FixtureRequest, finals) -> Path:
+    return finals(request.param)
+
+
+def test_llm_load_generates_what_the_generate_command_does(final: Path, capsys: pytest.CaptureFixture) -> None:
     expected_precision = default_precision()
     assert trained_precision(final) == expected_precision  # recorded, though the command line left it unset
     llm = LLM.load(str(final))
     answer = llm.generate(PROMPT, temperature=0, max_new_tokens=4)
     assert llm.model.transformer.wte.weight.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    done = command("generate", str(final), "--prompt", PROMPT, "--temperature", "0", "--max_new_tokens", "4")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert answer.strip() and done.stdout.strip().endswith(answer.strip())
-    assert "checkpoint_dir" not in done.stdout and " with {" not in done.stderr  # no dump of arguments or config
+    capsys.readouterr()
+    in_process("generate", str(final), "--prompt", PROMPT, "--temperature", "0", "--max_new_tokens", "4")
+    printed = capsys.readouterr()
+    assert answer.strip() and printed.out.strip().endswith(answer.strip())
+    assert "checkpoint_dir" not in printed.out and " with {" not in printed.err  # no dump of arguments or config
 
 
-def test_chat_ends_cleanly_at_the_end_of_its_input(final: Path) -> None:
-    done = command("chat", str(final), "--max_new_tokens", "3", input=f"{PROMPT}\n")
+def test_chat_ends_cleanly_at_the_end_of_its_input(finals) -> None:
+    """As a user's process, its input a pipe that ends."""
+    done = command("chat", str(finals("adapters")), "--max_new_tokens", "3", input=f"{PROMPT}\n")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert ">> Reply:" in done.stdout
 
@@ -93,8 +96,9 @@ def group_alive(pgid: int, within: float) -> bool:
         time.sleep(0.2)
 
 
-def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
+def test_a_served_model_answers_as_the_llm_does(finals) -> None:
     pytest.importorskip("litserve")
+    final = finals("adapters")
     port = free_port()
     args = [sys.executable, "-m", "litgpt_skip2lora", "serve", str(final), "--port", str(port)]
     args += ["--temperature", "0", "--max_new_tokens", "4", "--accelerator", "cpu"]
@@ -129,14 +133,9 @@ def test_a_served_model_answers_as_the_llm_does(final: Path) -> None:
     assert reply == {"output": llm.generate(PROMPT, temperature=0, max_new_tokens=4)}
 
 
-def test_serve_without_litserve_is_one_line(final: Path, tmp_path: Path) -> None:
-    hide = tmp_path / "sitecustomize.py"  # litserve absent, as LitGPT sees it, for this process only
-    lines = ["import sys, litgpt.constants", "sys.modules['litserve'] = None"]
-    lines.append("litgpt.constants._LITSERVE_AVAILABLE = False")
-    hide.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, "-m", "litgpt_skip2lora", "serve", str(final)], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "error: serve needs LitServe: pip install 'litgpt-skip2lora[serve]'"
+def test_serve_without_litserve_is_one_line(finals, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "litserve", None)  # absent, as LitGPT sees it
+    monkeypatch.setattr(litgpt.deploy.serve, "_LITSERVE_AVAILABLE", False)
+    with pytest.raises(SystemExit) as refused:
+        in_process("serve", str(finals("adapters")))
+    assert refused.value.code == "error: serve needs LitServe: pip install 'litgpt-skip2lora[serve]'"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import step
+
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
 EXPECTED = [
     "lora",
@@ -21,9 +23,22 @@ EXPECTED = [
 ENVIRONMENT = "date python torch litgpt device device_name threads precision batch_size seq_len rank".split()
 
 
-def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
-    args = ["--model", "pythia-14m", "--n-layer", "2", "--device", "cpu", "--blocks", "2", "--batch-size", "2"]
-    args += ["--seq-len", "16", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+ARGS = ["--model", "pythia-14m", "--n-layer", "2", "--device", "cpu", "--blocks", "2", "--batch-size", "2"]
+ARGS += ["--seq-len", "16", "--repeats", "1", "--warmup", "0"]
+RUN = ["lora", "skip2-2-cached", "skip2-2-disk-cold"]  # a process each: the baseline, the RAM and the disk cache
+
+
+def test_the_benchmark_plans_every_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["benchmark_skip2lora.py", *ARGS])
+    specs = step.configurations(step.parse_args())
+    assert list(specs) == EXPECTED
+    assert specs["skip2-4-cached-quarter"].labelled == 0.25
+    assert specs["skip2-2-cached-plain-head"].factored_head is False
+    assert specs["skip2-2"].placement is None and specs["skip2-2-disk-cold"].cold
+
+
+def test_benchmark_measures_the_configurations_it_runs(tmp_path: Path) -> None:
+    args = [*ARGS, "--configs", ",".join(RUN), "--out", str(tmp_path)]
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "overridden to n_layer=2" in done.stdout
@@ -32,7 +47,7 @@ def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
 
     assert all(report["environment"][key] is not None for key in ENVIRONMENT)
     results = report["configurations"]
-    assert list(results) == EXPECTED
+    assert list(results) == RUN
     base = results["lora"]
     for name, result in results.items():
         assert name in done.stdout
@@ -45,11 +60,10 @@ def test_benchmark_writes_every_configuration(tmp_path: Path) -> None:
             result["peak_memory_mib"] / base["peak_memory_mib"]
         )
         assert 0 < result["trainable_params"] < result["total_params"]
-    assert results["skip2-4-cached-quarter"]["labelled_fraction"] == 0.25
-    assert results["skip2-2-cached"]["placement"] == "memory" and results["skip2-2"]["placement"] is None
+    assert results["skip2-2-cached"]["placement"] == "memory" and results["lora"]["placement"] is None
     assert results["skip2-2-disk-cold"]["placement"] == "disk" and results["skip2-2-disk-cold"]["cold"]
     # a sample of 16 tokens keeps its 15 supervised rows: two taps (blocks 0 and 1) and the stream of pythia-14m's
     # 128 float32 channels each, and 15 int64 targets stored in 128 bytes (each tensor padded to 64 bytes)
     assert results["skip2-2-cached"]["cache_bytes_per_token"] == ((2 + 1) * 15 * 128 * 4 + 128) / 16
-    assert results["skip2-2"]["cache_bytes_per_token"] is None
+    assert results["lora"]["cache_bytes_per_token"] is None
     assert list(tmp_path.iterdir()) == [path]  # the disk configurations' caches are cleaned up

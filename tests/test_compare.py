@@ -17,11 +17,6 @@ VARIANTS = {
         "config": str(HUB / "skip2lora.yaml"),
         "args": ["--skip2lora_block_indices", "[0,2]"],
     },
-    "skip2lora-lnf": {
-        "command": "finetune_skip2lora",
-        "config": str(HUB / "skip2lora.yaml"),
-        "args": ["--skip2lora_block_indices", "[0,1,2,3]", "--skip2lora_output_layer", "ln_f"],
-    },
     "bad": {
         "command": "finetune_skip2lora",
         "config": str(HUB / "skip2lora.yaml"),
@@ -29,12 +24,12 @@ VARIANTS = {
         "description": "fails while parsing its arguments",
     },
 }
-GOOD = ["lora", "skip2lora", "skip2lora-lnf"]
+GOOD = ["lora", "skip2lora"]
 
 
 @pytest.fixture(scope="module")
 def compared(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """One comparison for the whole module: four fresh processes are most of this file's time."""
+    """One comparison for the whole module: three fresh processes are most of this file's time."""
     tmp = tmp_path_factory.mktemp("compare")
     variants = tmp / "variants.yaml"
     variants.write_text(yaml.safe_dump({"common_args": ["--train.epochs", "2"], "variants": VARIANTS}, sort_keys=False))

@@ -44,19 +44,19 @@ def test_split_groups_keeps_groups_whole() -> None:
 
 @needs_wordnet
 def test_wordnet_is_deterministic(tmp_path: Path) -> None:
-    first, second = (WordNetInstruct(num_train=60, num_val=20, download_dir=tmp_path / d) for d in ("a", "b"))
+    first, second = (WordNetInstruct(num_train=60, num_val=20, splits_dir=tmp_path / d) for d in ("a", "b"))
     first.prepare_data()
     second.prepare_data()
     for name in ("train.json", "val.json"):
         assert (first.split_dir / name).read_bytes() == (second.split_dir / name).read_bytes()
-    other_seed = WordNetInstruct(num_train=60, num_val=20, seed=1, download_dir=tmp_path / "a")
+    other_seed = WordNetInstruct(num_train=60, num_val=20, seed=1, splits_dir=tmp_path / "a")
     other_seed.prepare_data()
     assert read_splits(other_seed.split_dir) != read_splits(first.split_dir)
 
 
 @needs_wordnet
 def test_wordnet_holds_out_whole_words(tmp_path: Path) -> None:
-    data = WordNetInstruct(download_dir=tmp_path)
+    data = WordNetInstruct(splits_dir=tmp_path)
     data.prepare_data()
     train, val = read_splits(data.split_dir)
     assert (len(train), len(val)) == (1200, 200)
@@ -67,7 +67,7 @@ def test_wordnet_holds_out_whole_words(tmp_path: Path) -> None:
 
 @needs_wordnet
 def test_wordnet_batches(tmp_path: Path, tokenizer: Tokenizer) -> None:
-    data = WordNetInstruct(num_train=8, num_val=4, num_workers=0, download_dir=tmp_path)
+    data = WordNetInstruct(num_train=8, num_val=4, num_workers=0, splits_dir=tmp_path)
     data.connect(tokenizer, batch_size=4, max_seq_length=200)
     data.prepare_data()
     data.setup()
@@ -79,19 +79,19 @@ def test_wordnet_batches(tmp_path: Path, tokenizer: Tokenizer) -> None:
 
 
 def test_wordnet_missing_source(tmp_path: Path) -> None:
-    data = WordNetInstruct(download_dir=tmp_path / "cache", wordnet_dir=tmp_path / "missing")
+    data = WordNetInstruct(splits_dir=tmp_path / "cache", wordnet_dir=tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="apt-get install -y wordnet-base"):
         data.prepare_data()
 
 
 @needs_wordnet
 def test_wordnet_supersense_labels_held_out_words(tmp_path: Path) -> None:
-    data = WordNetInstruct(task="supersense", num_train=300, num_val=60, download_dir=tmp_path)
+    data = WordNetInstruct(task="supersense", num_train=300, num_val=60, splits_dir=tmp_path)
     data.prepare_data()
     train, val = read_splits(data.split_dir)
     assert not {s["word"] for s in train} & {s["word"] for s in val}
     assert all(s["output"] in SUPERSENSES and s["instruction"].startswith("Which category") for s in train + val)
     assert len({s["output"] for s in train}) > 20  # many of the 45 labels, not one
-    assert data.split_dir != WordNetInstruct(num_train=300, num_val=60, download_dir=tmp_path).split_dir
+    assert data.split_dir != WordNetInstruct(num_train=300, num_val=60, splits_dir=tmp_path).split_dir
     (pos, offset), *_ = common_senses(data.wordnet_dir)["dog"]
     assert read_synset(data.wordnet_dir, pos, offset).supersense == "noun.animal"  # its most frequent sense

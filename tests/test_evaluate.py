@@ -24,7 +24,7 @@ def write_split(directory: Path, train: list[dict], val: list[dict]) -> Path:
 
 def test_json_data_scores_what_wordnet_scores(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """The same validation items through LitGPT's JSON module and through WordNetInstruct: the same answers."""
-    wordnet = WordNetInstruct(num_train=30, num_val=6, download_dir=tmp_path / "wordnet", num_workers=0)
+    wordnet = WordNetInstruct(num_train=30, num_val=6, splits_dir=tmp_path / "wordnet", num_workers=0)
     wordnet.prepare_data()
     as_json = JSON(wordnet.split_dir, prompt_style=wordnet.prompt_style, num_workers=0)
     first = evaluate_accuracy(tiny_checkpoint, wordnet, max_new_tokens=3, out_file=tmp_path / "wordnet.json")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import losses, run, trained
+from conftest import in_process, losses, run, trained
 from litgpt.args import EvalArgs, TrainArgs
 
 import litgpt_skip2lora.__main__
@@ -143,7 +143,7 @@ def test_an_interrupted_sweep_resumes_exactly(
     assert trained(last, "lr=0.05,seed=8").keys() == saved(tmp_path / "sweep" / "lr=0.05,seed=8").keys()
 
 
-def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path) -> None:
+def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, capsys) -> None:
     """The issue's command on a tiny model: four rows, one chosen; ``final/`` and an exported configuration
     generate."""
     command = [sys.executable, "-m", "litgpt_skip2lora"]
@@ -151,8 +151,7 @@ def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, t
     options = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--data.val_split_fraction", "0.25"]
     options += ["--precision", "32-true", "--train.epochs", "1", "--train.micro_batch_size", "4"]
     options += ["--sweep.lr", "[0.001,0.003]", "--sweep.lora_r", "[4,8]", "--out_dir", str(tmp_path)]
-    finetune = [*command, "finetune_skip2lora", str(tiny_checkpoint), *options, "--skip2lora_block_indices", "[0,2]"]
-    subprocess.run(finetune, env=env, check=True, capture_output=True)
+    in_process("finetune_skip2lora", str(tiny_checkpoint), *options, "--skip2lora_block_indices", "[0,2]")
     rows = table(tmp_path)
     assert len(rows) == 4 and sum(r["chosen"] == "1" for r in rows.values()) == 1
     other = next(name for name, r in rows.items() if r["chosen"] == "0")
@@ -160,9 +159,12 @@ def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, t
     subprocess.run(export, env=env, check=True, capture_output=True)
     exported = tmp_path / f"final-{other}"
     assert yaml.safe_load((exported / "model_config.yaml").read_text())["lora_r"] == int(rows[other]["lora_r"])
-    for model in (tmp_path / "final", exported):
-        generate = [*command, "generate", str(model), "--prompt", "the cat", "--max_new_tokens", "3"]
-        assert subprocess.run(generate, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    generate = ["generate", "--prompt", "the cat", "--max_new_tokens", "3"]
+    done = subprocess.run([*command, *generate, str(tmp_path / "final")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip()
+    capsys.readouterr()
+    in_process(*generate, str(exported))
+    assert capsys.readouterr().out.strip()
 
 
 def test_selection_by_label_accuracy(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -75,8 +75,8 @@ class InstructData(DataModule):
     """The index to use for elements to be ignored in the label."""
     num_workers: int = 4
     """How many DataLoader processes to use for loading."""
-    download_dir: Path = Path("data")
-    """Where the built splits (and any downloaded source) are cached."""
+    splits_dir: Path = Path("data")
+    """Where the built splits are kept, each in a folder named by its parameters."""
 
     tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
     batch_size: int = field(default=1, init=False, repr=False)
@@ -91,7 +91,7 @@ class InstructData(DataModule):
     @property
     def split_dir(self) -> Path:
         """The cache folder of this split: changing its parameters never reuses a stale one."""
-        return self.download_dir / f"train{self.num_train}-val{self.num_val}-seed{self.seed}"
+        return self.splits_dir / f"train{self.num_train}-val{self.num_val}-seed{self.seed}"
 
     def groups(self) -> Iterator[list[dict[str, str]]]:
         """Alpaca-format samples, grouped by what must not straddle train and val, in seeded order."""
@@ -173,14 +173,14 @@ class WordNetInstruct(InstructData):
 
     task: Literal["words", "supersense"] = "words"
     """Free-text answers about words, or a label per word and part of speech."""
-    download_dir: Path = Path("data/wordnet")
-    """Where the built splits are cached."""
+    splits_dir: Path = Path("data/wordnet")
+    """Where the built splits are kept, a folder per task."""
     wordnet_dir: Path = Path("/usr/share/wordnet")
     """The WordNet database (`index.noun`, `data.noun`, ...)."""
 
     @property
     def split_dir(self) -> Path:
-        return self.download_dir / self.task / super().split_dir.name
+        return self.splits_dir / self.task / super().split_dir.name
 
     def groups(self) -> Iterator[list[dict[str, str]]]:
         senses = common_senses(self.wordnet_dir)
