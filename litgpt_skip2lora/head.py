@@ -10,7 +10,6 @@ chunks small enough to stay in cache, keeps a running log-sum-exp per row, and r
 """
 
 import torch
-import torch.nn.functional as F
 
 from litgpt_skip2lora.rows import IGNORE_INDEX
 
@@ -35,12 +34,8 @@ def factored_cross_entropy(
     stream_logits: torch.Tensor, targets: torch.Tensor, codes: list[torch.Tensor], products: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Each configuration's mean cross-entropy of ``stream_logits + codes_c @ products_c^T`` at ``targets``
-    (``IGNORE_INDEX`` rows left out), as ``F.cross_entropy`` gives it, at float32 rounding. The configurations are
-    stacked, their ranks padded with zeros to the largest, so that each chunk is one batched matmul for all."""
-    k = max(c.size(-1) for c in codes)
-    codes = torch.stack([F.pad(c, (0, k - c.size(-1))) for c in codes])
-    products = torch.stack([F.pad(p, (0, k - p.size(-1))) for p in products])
-    return list(FactoredCrossEntropy.apply(stream_logits, targets, codes, products).unbind())
+    (``IGNORE_INDEX`` rows left out), as ``F.cross_entropy`` gives it, at float32 rounding."""
+    return list(FactoredCrossEntropy.apply(stream_logits, targets, *codes, *products).unbind())
 
 
 def _chunks(vocab: int, rows: int) -> list[slice]:
@@ -49,59 +44,58 @@ def _chunks(vocab: int, rows: int) -> list[slice]:
 
 
 class FactoredCrossEntropy(torch.autograd.Function):
-    """``factored_cross_entropy``'s forward and backward, chunk by chunk over the vocabulary (module docstring), for
-    ``codes`` ``(C, rows, k)`` and ``products`` ``(C, vocabulary, k)``."""
+    """``factored_cross_entropy``'s forward and backward, chunk by chunk over the vocabulary (module docstring)."""
 
     @staticmethod
-    def forward(
-        ctx, stream_logits: torch.Tensor, targets: torch.Tensor, codes: torch.Tensor, products: torch.Tensor
-    ) -> torch.Tensor:
-        n, rows = codes.size(0), targets.numel()
+    def forward(ctx, stream_logits: torch.Tensor, targets: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        n = len(tensors) // 2
+        codes, products = tensors[:n], tensors[n:]
+        rows = targets.numel()
         safe = targets.clamp(min=0)
         running_max = stream_logits.new_full((n, rows), -torch.inf, dtype=torch.float32)
         running_sum = stream_logits.new_zeros((n, rows), dtype=torch.float32)
         picked = stream_logits.new_zeros((n, rows), dtype=torch.float32)
-        for chunk in _chunks(stream_logits.size(-1), n * rows):
-            logits = _logits(stream_logits, codes, products, chunk)
-            here, local = _targets_in(safe, chunk, n)
-            new_max = torch.maximum(running_max, logits.amax(-1))
-            scaled = (logits - new_max[..., None]).exp_().sum(-1)
-            running_sum = running_sum * (running_max - new_max).exp() + scaled
-            running_max = new_max
-            picked += torch.where(here, logits.gather(2, local)[..., 0], 0.0)
+        for chunk in _chunks(stream_logits.size(-1), rows):
+            shared = stream_logits[:, chunk]
+            here, local = _targets_in(safe, chunk)
+            for c in range(n):
+                logits = torch.addmm(shared, codes[c], products[c][chunk].T).float()
+                new_max = torch.maximum(running_max[c], logits.amax(-1))
+                scaled = (logits - new_max[:, None]).exp_().sum(-1)
+                running_sum[c] = running_sum[c] * (running_max[c] - new_max).exp() + scaled
+                running_max[c] = new_max
+                picked[c] += torch.where(here, logits.gather(1, local[:, None])[:, 0], 0.0)
         lse = running_max + running_sum.log()
         valid = targets != IGNORE_INDEX
-        ctx.save_for_backward(stream_logits, targets, lse, codes, products)
-        return ((lse - picked) * valid).sum(-1) / valid.sum().clamp(min=1)
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(stream_logits, targets, lse, *tensors)
+        return ((lse - picked) * valid).sum(-1) / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        stream_logits, targets, lse, codes, products = ctx.saved_tensors
-        n = codes.size(0)
+        stream_logits, targets, lse, *tensors = ctx.saved_tensors
+        n = len(tensors) // 2
+        codes, products = tensors[:n], tensors[n:]
         valid = targets != IGNORE_INDEX
         scale = valid[None] * (grad[:, None] / valid.sum().clamp(min=1))  # d loss_c / d logit, per row
         safe = targets.clamp(min=0)
-        d_codes = torch.zeros_like(codes, dtype=torch.float32)
-        d_products = torch.empty_like(products)
-        for chunk in _chunks(stream_logits.size(-1), n * targets.numel()):
-            logits = _logits(stream_logits, codes, products, chunk)
-            here, local = _targets_in(safe, chunk, n)
-            g = (logits - lse[..., None]).exp_()  # softmax
-            g.scatter_add_(2, local, -here[..., None].float())  # minus the one-hot target
-            g *= scale[..., None]
-            d_codes += torch.bmm(g, products[:, chunk].float())
-            d_products[:, chunk] = torch.bmm(g.transpose(1, 2).to(codes.dtype), codes)
-        return None, None, d_codes.to(codes.dtype), d_products
+        d_codes = [torch.zeros_like(c, dtype=torch.float32) for c in codes]
+        d_products = [torch.empty_like(p) for p in products]
+        for chunk in _chunks(stream_logits.size(-1), targets.numel()):
+            shared = stream_logits[:, chunk]
+            here, local = _targets_in(safe, chunk)
+            for c in range(n):
+                logits = torch.addmm(shared, codes[c], products[c][chunk].T).float()
+                g = (logits - lse[c, :, None]).exp_()  # softmax
+                g.scatter_add_(1, local[:, None], -here[:, None].float())  # minus the one-hot target
+                g = (g * scale[c, :, None]).to(codes[c].dtype)
+                d_codes[c] += g.float() @ products[c][chunk].float()
+                d_products[c][chunk] = g.T @ codes[c]
+        d_codes = [d.to(c.dtype) for d, c in zip(d_codes, codes)]
+        return None, None, *d_codes, *d_products
 
 
-def _logits(stream_logits: torch.Tensor, codes: torch.Tensor, products: torch.Tensor, chunk: slice) -> torch.Tensor:
-    """Every configuration's logits over the vocabulary ``chunk``, in float32: ``(C, rows, chunk)``."""
-    return torch.baddbmm(stream_logits[:, chunk], codes, products[:, chunk].transpose(1, 2)).float()
-
-
-def _targets_in(targets: torch.Tensor, chunk: slice, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which rows' targets fall in ``chunk``, and their place in it (0 where they do not), shaped for ``n``
-    configurations: ``(n, rows)`` and ``(n, rows, 1)``."""
+def _targets_in(targets: torch.Tensor, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows' targets fall in ``chunk``, and their place in it (0 where they do not)."""
     here = (targets >= chunk.start) & (targets < chunk.stop)
-    local = torch.where(here, targets - chunk.start, 0)
-    return here.expand(n, -1), local[None, :, None].expand(n, -1, 1)
+    return here, torch.where(here, targets - chunk.start, 0)
