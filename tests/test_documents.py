@@ -1,20 +1,24 @@
-"""Every figure in the documents comes from a committed results file named in the same section.
+"""Every figure in the documents is the value of a committed results file named in the same section.
 
 A figure is a number with a decimal point (``0.17x``, ``3.8384``, ``5.45 GiB``) or a count ``N/M`` in prose or a
 table; settings and commands are written in code spans, which are not figures. Each section (from one heading to
-the next) names the JSON or CSV files its figures come from, and every figure must equal, at its rounding, a value
-one of those files holds.
+the next) names the JSON or CSV files its figures come from, and ``figure_sources.yaml`` ties each figure to its
+value: the file and the key (a JSON path, or a CSV row and column). The figure must read as that value at its
+rounding, so a changed digit fails.
 """
 
 import csv
+import fnmatch
 import json
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).parent.parent
 DOCUMENTS = ["README.md", "SKIP2LORA_README.md", "EVALUATION_GUIDE.md"]
+SOURCES = REPO / "tests" / "figure_sources.yaml"
 RESULTS_FILE = re.compile(r"(?:benchmark_results|docs)/[\w.*/-]+\.(?:json|csv)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`|\]\([^)]*\)", re.DOTALL)  # code blocks, code spans, link targets
 DECIMAL = re.compile(r"(?<![\w.])\d[\d,]*\.\d+(?![\w.]*\d)")
@@ -29,33 +33,26 @@ def sections(text: str) -> list[tuple[str, str]]:
     return [("", parts[0]), *zip(parts[1::2], parts[2::2])]
 
 
-def values(path: Path) -> set[float]:
-    """Every number a JSON or CSV file holds, at any depth."""
+def source_value(path: Path, keys: list) -> float:
+    """The number at ``keys`` in a results file: a JSON path, or a CSV row number and column."""
     if path.suffix == ".csv":
+        row, column = keys
         with open(path, newline="") as f:
-            cells = [cell for row in csv.reader(f) for cell in row]
-        return {float(c) for c in cells if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c)}
-    found, stack = set(), [json.loads(path.read_text())]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, (int, float)) and not isinstance(item, bool):
-            found.add(float(item))
-    return found
+            return float(list(csv.DictReader(f))[row][column])
+    value = json.loads(path.read_text())
+    for key in keys:
+        value = value[key]
+    return float(value)
 
 
-def held(figure: str, numbers: set[float]) -> bool:
+def held(figure: str, value: float) -> bool:
+    """Whether ``value`` reads as ``figure`` at the figure's rounding (a sign aside)."""
     decimals = len(figure.split(".")[1]) if "." in figure else 0
-    target = float(figure.replace(",", ""))
-    return any(round(v, decimals) == target or round(-v, decimals) == target for v in numbers)
+    return float(figure.replace(",", "")) in (round(value, decimals), round(-value, decimals))
 
 
-def figures_and_files(document: str) -> list[tuple[str, list[str], list[str]]]:
+def figures_and_files(text: str) -> list[tuple[str, list[str], list[str]]]:
     """Per section: its heading, its figures and the results files it names."""
-    text = (REPO / document).read_text(encoding="utf-8")
     found = []
     for heading, body in sections(text):
         files = RESULTS_FILE.findall(body)
@@ -65,21 +62,49 @@ def figures_and_files(document: str) -> list[tuple[str, list[str], list[str]]]:
     return found
 
 
+def problems(text: str, sources: dict[str, dict[str, list]], root: Path = REPO) -> list[str]:
+    """What is wrong with a document's figures: each must have a source in ``sources`` (section, figure: the file
+    and the key of its value), the section must name that file, and the value must read as the figure."""
+    found = []
+    for heading, figures, files in figures_and_files(text):
+        named = sources.get(heading, {})
+        for figure in dict.fromkeys(figures):
+            if figure not in named:
+                found.append(f"{heading!r}: {figure} has no source in {SOURCES.name}")
+                continue
+            file, *keys = named[figure]
+            if not any(fnmatch.fnmatch(file, pattern) for pattern in files):
+                found.append(f"{heading!r}: {figure}'s source {file} is not named in the section")
+            elif not held(figure, value := source_value(root / file, keys)):
+                found.append(f"{heading!r}: {figure}, but {file} {keys} holds {value}")
+        found += [
+            f"{heading!r}: {SOURCES.name} names {f}, which the section no longer has" for f in set(named) - set(figures)
+        ]
+    return found
+
+
 @pytest.mark.parametrize("document", DOCUMENTS)
-def test_every_figure_is_in_a_results_file_named_beside_it(document: str) -> None:
-    missing = []
-    for heading, figures, files in figures_and_files(document):
-        paths = [p for pattern in files for p in sorted(REPO.glob(pattern))]
-        assert len(paths) >= len(set(files)), f"{document} {heading!r} names a file that is not committed: {files}"
-        numbers = set().union(*(values(p) for p in paths)) if paths else set()
-        missing += [f"{heading!r}: {figure}" for figure in figures if not held(figure, numbers)]
-    assert not missing, f"{document}: figures no named results file holds:\n" + "\n".join(missing)
+def test_every_figure_is_the_value_its_source_names(document: str) -> None:
+    sources = yaml.safe_load(SOURCES.read_text(encoding="utf-8"))
+    text = (REPO / document).read_text(encoding="utf-8")
+    assert set(sources[document]) <= {heading for heading, _ in sections(text)}, "a section was renamed"
+    found = problems(text, sources[document])
+    assert not found, f"{document}:\n" + "\n".join(found)
 
 
-def test_the_check_catches_a_figure_without_a_source(tmp_path: Path) -> None:
-    results = tmp_path / "r.json"
-    results.write_text(json.dumps({"ratio": 0.1734, "count": 400, "right": [235]}))
-    assert held("0.17", values(results)) and held("235", values(results)) and held("0.173", values(results))
-    assert not held("0.18", values(results)) and not held("236", values(results))
-    prose = CODE.sub(" ", "took 0.17x (`--lr 0.5`), 235/400 right, torch `2.13.0`, LitGPT 0.5.13 and 3 epochs")
-    assert DECIMAL.findall(prose) == ["0.17"] and COUNT.findall(prose) == [("235", "400")]
+def test_a_changed_digit_fails(tmp_path: Path) -> None:
+    """A figure is checked against the one value its source names, not against any number the file holds."""
+    results = tmp_path / "benchmark_results" / "r.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({"ratio": 0.1734, "other": 0.18, "counts": {"right": 235, "all": 400}}))
+    text = "# Results\nIt took 0.17x of LoRA's time, with 235/400 right (`--lr 0.5`; benchmark_results/r.json).\n"
+    file = "benchmark_results/r.json"
+    sources = {"# Results": {"0.17": [file, "ratio"], "235": [file, "counts", "right"], "400": [file, "counts", "all"]}}
+    assert problems(text, sources, tmp_path) == []
+    changed = text.replace("0.17x", "0.18x")  # the file holds 0.18, under another key
+    assert problems(changed, sources, tmp_path) == [
+        "'# Results': 0.18 has no source in figure_sources.yaml",
+        "'# Results': figure_sources.yaml names 0.17, which the section no longer has",
+    ]
+    sources["# Results"]["0.17"] = [file, "other"]
+    assert problems(text, sources, tmp_path) == ["'# Results': 0.17, but benchmark_results/r.json ['other'] holds 0.18"]
