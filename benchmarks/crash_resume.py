@@ -101,14 +101,14 @@ def adapters(out_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)["model"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=160, help="training and validation samples")
     parser.add_argument("--work", type=Path, default=Path("out/crash_resume"))
     parser.add_argument("--out", type=Path, help="default: benchmark_results/crash_resume-<UTC>.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = args.out or Path("benchmark_results") / f"crash_resume-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     rng = random.Random(args.seed)
     checkpoint, data = args.work / "checkpoint", args.work / "data.json"

@@ -1,7 +1,6 @@
 """The benchmark script end to end on a tiny model: every configuration measured, ratios consistent, none judged."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,11 +36,12 @@ def test_the_benchmark_plans_every_configuration(monkeypatch: pytest.MonkeyPatch
     assert specs["skip2-2"].placement is None and specs["skip2-2-disk-cold"].cold
 
 
-def test_benchmark_measures_the_configurations_it_runs(tmp_path: Path) -> None:
-    args = [*ARGS, "--configs", ",".join(RUN), "--out", str(tmp_path)]
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "overridden to n_layer=2" in done.stdout
+def test_benchmark_measures_the_configurations_it_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The benchmark in this process; each configuration in a process of its own, as it measures them."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *ARGS, "--configs", ",".join(RUN), "--out", str(tmp_path)])
+    step.main()
+    stdout = capsys.readouterr().out
+    assert "overridden to n_layer=2" in stdout
     (path,) = tmp_path.glob("benchmark-*.json")
     report = json.loads(path.read_text())
 
@@ -50,7 +50,7 @@ def test_benchmark_measures_the_configurations_it_runs(tmp_path: Path) -> None:
     assert list(results) == RUN
     base = results["lora"]
     for name, result in results.items():
-        assert name in done.stdout
+        assert name in stdout
         for figure, times in result["times_ms"].items():
             assert len(times) == 1 and times[0] > 0
             assert result["median_ms"][figure] == times[0]

@@ -1,19 +1,15 @@
 """The crash check on a tiny run: one SIGKILL, resumed to the end, must give the reference's exact adapters."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).parent.parent
+from benchmarks import crash_resume
 
 
 def test_a_killed_run_resumes_to_the_references_exact_adapters(tmp_path: Path) -> None:
+    """The benchmark in this process; each of its training runs is a process of its own, killed or not."""
     out = tmp_path / "outcomes.json"
-    command = [sys.executable, "-m", "benchmarks.crash_resume", "--kills", "1", "--samples", "24"]
-    command += ["--work", str(tmp_path / "work"), "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    crash_resume.main(["--kills", "1", "--samples", "24", "--work", str(tmp_path / "work"), "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["summary"] == {"kills": 1, "exact": 1, "samples": 24, "seed": 0}
     (outcome,) = report["outcomes"]
