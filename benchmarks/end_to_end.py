@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", nargs="+", type=int, default=[1, 3, 10], help="epoch counts, each a set of runs")
     parser.add_argument("--lora-runs", type=int, default=2, help="LoRA runs per epoch count, to show its spread")
     parser.add_argument(
-        "--lora-lrs", nargs="+", type=float, help="LoRA's learning rates, one run each (default: the YAML's)"
+        "--lora-lrs", nargs="+", type=float, help="LoRA's learning rates, one run each; unset: the YAML's"
     )
     parser.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=LIST", help="a Skip2-LoRA sweep row, e.g. lr=[0.001,0.003]"
