@@ -14,6 +14,7 @@ from litgpt.data import JSON
 
 from benchmarks.random_checkpoint import SPECIAL, model_config
 from benchmarks.random_checkpoint import write_checkpoint as write_random_checkpoint
+from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.__main__ import main
 from litgpt_skip2lora.finetune import setup
 
@@ -107,7 +108,7 @@ def run(checkpoint: Path, data_file: Path, out_dir: Path, epochs: int = 3, **kwa
     with pytest.MonkeyPatch.context() as patch:  # LitGPT's save_hyperparameters re-parses the command line
         patch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(checkpoint)])
         setup(checkpoint, out_dir=out_dir, **args)
-    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+    metrics = logged_metrics(out_dir)
     return metrics.dropna(subset=["iter"]).reset_index(drop=True)
 
 

@@ -20,6 +20,7 @@ from litgpt.data import JSON
 import litgpt_skip2lora.__main__
 import litgpt_skip2lora.model
 import litgpt_skip2lora.training
+from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.backbone import CachedBackbone
 from litgpt_skip2lora.cache import CacheArgs
 from litgpt_skip2lora.rows import RowLayout
@@ -78,7 +79,7 @@ def reference(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest
 
 
 def reference_losses(reference: Path) -> torch.Tensor:
-    metrics = pd.read_csv(sorted(reference.glob("logs/csv/version_*/metrics.csv"))[-1])
+    metrics = logged_metrics(reference)
     return losses(metrics.dropna(subset=["loss"]))
 
 
@@ -119,7 +120,7 @@ def test_final_checkpoint_holds_the_trained_model(reference: Path) -> None:
 
 def test_epoch_times_are_the_breakdowns_epochs(reference: Path) -> None:
     """One clock: the epochs' logged times add up to the wall-clock breakdown's epoch phases."""
-    metrics = pd.read_csv(sorted(reference.glob("logs/csv/version_*/metrics.csv"))[-1])
+    metrics = logged_metrics(reference)
     epochs = metrics["epoch_time"].dropna().tolist()
     wall = metrics.filter(like="wall_").ffill().iloc[-1]
     assert len(epochs) == 2
@@ -201,10 +202,15 @@ def test_finetune_command_follows_the_yaml(
         "eval": {"interval": 1000, "max_new_tokens": 2},
     }
     skip2lora = {"skip2lora_enabled": True, "skip2lora_block_indices": [0, 1], "lora_query": False, "lora_value": False}
+    skip2lora["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001, "weight_decay": 0.02}}
     for name, extra in {"skip2lora": skip2lora, "lora": {}}.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**common, **extra, "out_dir": str(tmp_path / name)}))
-    result = cli("finetune", "--config", str(tmp_path / "skip2lora.yaml"), cwd=tmp_path)
+    # a class typed over the YAML's optimizer: LitGPT's re-parse of the command line, when saving, used to crash
+    typed = ["--optimizer.class_path", "torch.optim.SGD", "--optimizer.init_args.lr", "0.003"]
+    result = cli("finetune", "--config", str(tmp_path / "skip2lora.yaml"), *typed, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    saved = yaml.safe_load((tmp_path / "skip2lora" / "final" / "hyperparameters.yaml").read_text())
+    assert saved["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.003}}
     skip2lora_config = yaml.safe_load((tmp_path / "skip2lora" / "final" / "model_config.yaml").read_text())
     assert skip2lora_config["skip2lora_block_indices"] == [0, 1]
     fast = "device" if torch.cuda.is_available() else "memory"  # a tiny cache fits there: no disk cache is written
@@ -247,7 +253,7 @@ def ddp_run(checkpoint: Path, data_file: Path, out_dir: Path, *options: str, sto
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", "STOP_AT_STEP": str(stop_at)}
     result = subprocess.run([sys.executable, *args], cwd=out_dir.parent, env=env, capture_output=True, text=True)
     assert result.returncode == (1 if stop_at else 0), result.stderr[-3000:]
-    return pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+    return logged_metrics(out_dir)
 
 
 DDP_RUNS = {  # the device store is the memory store on the CPU; that run is a sweep whose lr=0.001 is the others'
@@ -418,9 +424,8 @@ def test_a_users_error_is_one_line_without_traceback(
     common = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--precision", "32-true"]
     options = [*common, "--out_dir", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in args]]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", checkpoint, *options])
     with pytest.raises(SystemExit) as refused:
-        litgpt_skip2lora.__main__.main()
+        in_process("finetune_skip2lora", checkpoint, *options)
     assert isinstance(refused.value.code, str) and refused.value.code.startswith("error: ")
     assert message in refused.value.code and "\n" not in refused.value.code
     assert not (tmp_path / "out").exists()

@@ -3,16 +3,15 @@
 import ast
 import dataclasses
 import inspect
-import sys
 from pathlib import Path
 
 import litgpt.finetune.lora as litgpt_lora
 import pytest
 import yaml
+from conftest import in_process
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.utils import select_sft_generate_example
 
-from litgpt_skip2lora.__main__ import main
 from litgpt_skip2lora.cache import CacheArgs
 from litgpt_skip2lora.checks import check_train_args, optimizer_spec
 from litgpt_skip2lora.finetune import setup
@@ -79,27 +78,26 @@ LR_FORMS = [
 YAML = Path(__file__).parents[1] / "config_hub/finetune/SmolLM2-135M-Instruct/skip2lora.yaml"
 
 
-def parsed_optimizer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> dict:
+def parsed_optimizer(capsys: pytest.CaptureFixture, *args: str) -> dict:
     """The optimizer ``litgpt-skip2lora finetune ARGS`` trains with: the real parser, in this process."""
-    monkeypatch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune", *args, "--print_config"])
     with pytest.raises(SystemExit):
-        main()
+        in_process("finetune", *args, "--print_config")
     return optimizer_spec(yaml.safe_load(capsys.readouterr().out)["optimizer"])
 
 
 @pytest.mark.parametrize("form", LR_FORMS, ids=" ".join)
-def test_the_learning_rate_in_every_form(form, monkeypatch, capsys) -> None:
+def test_the_learning_rate_in_every_form(form, capsys) -> None:
     """Each form LitGPT's own CLI fails on (its issue #1905) sets the learning rate; with ``--config`` it wins over
     the YAML's, and what the YAML sets and the command line does not stays."""
-    alone = parsed_optimizer(monkeypatch, capsys, "checkpoints/any", *form)
+    alone = parsed_optimizer(capsys, "checkpoints/any", *form)
     assert alone == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}}
-    over_yaml = parsed_optimizer(monkeypatch, capsys, "--config", str(YAML), *form)
+    over_yaml = parsed_optimizer(capsys, "--config", str(YAML), *form)
     assert over_yaml == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003, "weight_decay": 0.0}}
 
 
-def test_another_optimizer_class_starts_from_its_own_defaults(monkeypatch, capsys) -> None:
+def test_another_optimizer_class_starts_from_its_own_defaults(capsys) -> None:
     typed = ["--optimizer.class_path", "torch.optim.SGD", "--optimizer.lr", "0.1"]
-    assert parsed_optimizer(monkeypatch, capsys, "--config", str(YAML), *typed) == {
+    assert parsed_optimizer(capsys, "--config", str(YAML), *typed) == {
         "class_path": "torch.optim.SGD",
         "init_args": {"lr": 0.1},
     }

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -18,6 +17,7 @@ from litgpt.args import EvalArgs, TrainArgs
 
 import litgpt_skip2lora.__main__
 import litgpt_skip2lora.finetune
+from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.sweep import SweepArgs
 from litgpt_skip2lora.training import Trainer
 
@@ -46,7 +46,7 @@ def assert_same_parameters(ours: dict[str, torch.Tensor], theirs: dict[str, torc
 
 
 def last_val_loss(out_dir: Path) -> float:
-    metrics = pd.read_csv(sorted(out_dir.glob("logs/csv/version_*/metrics.csv"))[-1])
+    metrics = logged_metrics(out_dir)
     return float(metrics["val_loss"].dropna().iloc[-1])
 
 
@@ -74,7 +74,7 @@ def test_a_configuration_trains_exactly_as_its_solo_run(
     lr = float(name.split(",")[0].removeprefix("lr="))
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}
     alone = run(tiny_checkpoint, alpaca_file, tmp_path, train=TrainArgs(epochs=2, **TRAIN), optimizer=optimizer, **solo)
-    swept = pd.read_csv(sorted(sweeps[variant].glob("logs/csv/version_*/metrics.csv"))[-1]).dropna(subset=["iter"])
+    swept = logged_metrics(sweeps[variant]).dropna(subset=["iter"])
     torch.testing.assert_close(losses(alone), torch.tensor(swept[f"loss/{name}"].values, dtype=torch.float32))
     assert float(table(sweeps[variant])[name]["val_loss"]) == pytest.approx(last_val_loss(tmp_path), rel=1e-6)
     assert_same_parameters(saved(sweeps[variant] / "sweep" / name), saved(tmp_path / "final"))
@@ -189,11 +189,9 @@ def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
     tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(litgpt_skip2lora.finetune, "free_memory", lambda device: 1_000)
-    monkeypatch.setattr(sys, "argv", ["litgpt-skip2lora", "finetune_skip2lora", str(tiny_checkpoint)])
     args = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--precision", "32-true", "--out_dir"]
     args += [str(tmp_path / "out"), "--sweep.lr", "[0.01,0.02,0.03]", "--skip2lora_block_indices", "[0,2]"]
-    sys.argv += args
     with pytest.raises(SystemExit) as refused:
-        litgpt_skip2lora.__main__.main()
+        in_process("finetune_skip2lora", str(tiny_checkpoint), *args)
     assert refused.value.code.startswith("error: The sweep's 3 configurations need about")
     assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
