@@ -18,16 +18,19 @@ CHUNK_BYTES = 2**21
 
 
 def factoring_pays(rows: int, d: int, ranks: list[int], training: bool) -> bool:
-    """Whether the factored head costs fewer multiply-adds per vocabulary entry than ``head(stream + z)`` for each
-    of the configurations, of ranks ``k`` (``n r``).
+    """Whether the factored head costs fewer multiply-adds per vocabulary entry than ``head(stream + z)`` for the
+    configurations of ranks ``k`` (``n r``) together.
 
-    Training, backward multiplies by the vocabulary-sized ``W`` once per step (for ``W B``) instead of once per row,
-    which pays for each configuration when ``rows d > 2 d k + 3 rows k``. Without gradients, one configuration
-    never gains, but ``C`` configurations share ``head(stream)``: ``C rows d > rows d + sum(d k + rows k)``.
+    The plain head costs ``rows d`` a configuration, twice when training (the gradient of ``z``). The factored one
+    costs ``rows d`` once, for the ``head(stream)`` every configuration shares, and per configuration ``d k`` for
+    ``W B`` and ``rows k`` for its logits; training doubles ``W B`` (its gradient) and quadruples the logits'
+    (recomputed in backward, then both gradients). So one configuration pays only for many rows of a small rank, and
+    a sweep pays far sooner: the shared ``head(stream)`` is its largest term.
     """
-    if training:
-        return all(rows * (d - 3 * k) > 2 * d * k for k in ranks)
-    return (len(ranks) - 1) * rows * d > sum(ranks) * (d + rows)
+    passes = 2 if training else 1
+    plain = passes * len(ranks) * rows * d
+    factored = rows * d + sum(passes * d * k + passes**2 * rows * k for k in ranks)
+    return factored < plain
 
 
 def factored_cross_entropy(

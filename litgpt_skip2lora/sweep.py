@@ -108,6 +108,10 @@ class Configuration:
     accuracy: float = math.nan
     """Its label accuracy, with ``--sweep.select label_accuracy``."""
 
+    def tagged(self, metric: str) -> str:
+        """Its metric's name in the logs: ``loss`` in a run, ``loss/lr=0.003`` in a sweep."""
+        return metric if self.name == "run" else f"{metric}/{self.name}"
+
     def parameters(self) -> list[nn.Parameter]:
         return [*self.adapters.parameters(), *self.lora.values()]
 
@@ -202,11 +206,13 @@ class Sweep:
     def is_sweep(self) -> bool:
         return len(self.configurations) > 1
 
-    def record(self, losses: list[float], step: int) -> None:
-        """The live configurations' validation losses at ``step``."""
+    def record(self, losses: list[float], step: int) -> dict[str, float]:
+        """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged."""
         for c, loss in zip(self.alive, losses):
             c.val_loss = loss
         self.history.append({"step": step, **{c.name: c.val_loss for c in self.alive}})
+        named = (("val_loss", float), ("val_ppl", math.exp))
+        return {c.tagged(metric): f(c.val_loss) for c in self.alive for metric, f in named}
 
     def halve(self) -> list[Configuration]:
         """Keep the best ``keep`` fraction of the live configurations (at least one); return the dropped ones."""

@@ -146,12 +146,12 @@ class Trainer:
         """The whole validation set with ``eval.initial_validation`` (or at resume); otherwise a quiet check of the
         settings on a few batches, as LitGPT's LoRA does."""
         if self.eval.initial_validation or resumed_at is not None:
-            self.validate(val_loader, len(val_loader))
+            self.validate(val_loader, len(val_loader), untrained=resumed_at is None)
             when = f"at resume (step {resumed_at})" if resumed_at is not None else "before training"
             line = f"Validation loss {when}: {self.sweep.describe_losses()}"
             self.fabric.print(line)
             return line
-        self.validate(val_loader, SETTINGS_CHECK_BATCHES, record=False)
+        self.validate(val_loader, SETTINGS_CHECK_BATCHES, record=False, untrained=True)
         return "Validation loss before training: n/a (eval.initial_validation is off)"
 
     def validate_and_save(self, val_loader: DataLoader) -> None:
@@ -182,22 +182,21 @@ class Trainer:
             checkpoints.save(self.fabric, self.out_dir, self.state)
 
     @torch.no_grad()
-    def validate(self, val_loader: DataLoader, max_batches: int, record: bool = True) -> None:
+    def validate(self, val_loader: DataLoader, max_batches: int, record: bool = True, untrained: bool = False) -> None:
         """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
-        ``validate`` averages them; recorded in the configurations and the logs."""
+        ``validate`` averages them, recorded. ``untrained``: before the first step every configuration is the base
+        model (each trained change starts at zero), so the first one's losses are every one's."""
         alive = self.sweep.alive
         with self.clock.phase("validation"):
             self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
-            losses = [torch.stack(tail_losses(self.model, b, self.layout, alive)) for b in batches]
+            computed = alive[:1] if untrained else alive
+            losses = [torch.stack(tail_losses(self.model, b, self.layout, computed)) for b in batches]
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
-        if not record:
-            return
-        self.sweep.record(means, self.state["step_count"])
-        metrics = {tagged("val_loss", c): c.val_loss for c in alive}
-        metrics.update({tagged("val_ppl", c): math.exp(c.val_loss) for c in alive})
-        self.fabric.log_dict(metrics, step=self.state["iter_num"])
+        if record:
+            metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"])
+            self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
     def log(self, losses: torch.Tensor, iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
         """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
@@ -206,8 +205,8 @@ class Trainer:
         metrics = {"iter": self.state["iter_num"], "step": self.state["step_count"], "epoch": epoch + 1}
         metrics.update(iter_time=iter_time, feature_wait=batch.wait, tokens_per_sec=batch.tokens / iter_time)
         metrics.update(self.backbone.counters())
-        metrics.update({tagged("loss", c): loss for c, loss in zip(alive, losses)})
-        metrics.update({tagged("learning_rate", c): c.scheduler.get_last_lr()[0] for c in alive})
+        metrics.update({c.tagged("loss"): loss for c, loss in zip(alive, losses)})
+        metrics.update({c.tagged("learning_rate"): c.scheduler.get_last_lr()[0] for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
         bar.set_postfix(loss=f"{min(losses):.3f}", ms=f"{iter_time * 1000:.0f}", hits=hits, **self.sweep.progress())
 
@@ -218,8 +217,3 @@ def rank_counts(fabric: L.Fabric, backbone: CachedBackbone) -> dict[str, int]:
     gathered = fabric.all_gather(counts).reshape(-1, 2).tolist()
     names = ("backbone_samples", "cache_hits")
     return {f"{name}_rank{rank}": row[i] for rank, row in enumerate(gathered) for i, name in enumerate(names)}
-
-
-def tagged(metric: str, c: Configuration) -> str:
-    """A configuration's metric name in the logs: ``loss`` in a run, ``loss/lr=0.003`` in a sweep."""
-    return metric if c.name == "run" else f"{metric}/{c.name}"

@@ -254,11 +254,15 @@ def test_the_factored_loss_equals_the_plain_head_for_every_configuration(monkeyp
         torch.testing.assert_close(g1, g2)
 
 
-def test_factoring_pays_in_validation_only_when_configurations_share_the_head() -> None:
+def test_factoring_pays_when_configurations_share_the_head() -> None:
     assert factoring_pays(rows=64, d=32, ranks=[2], training=True)
     assert not factoring_pays(rows=64, d=32, ranks=[2], training=False)  # one configuration: the plain head
     assert factoring_pays(rows=64, d=32, ranks=[2, 2, 2], training=False)
     assert not factoring_pays(rows=4, d=32, ranks=[16], training=True)
+    # the demo's batches (73 rows on average, SmolLM2's d, 4 blocks of rank 8): a run keeps the plain head, its sweep
+    # of ranks 4 and 8 shares head(stream) and factors it
+    assert not factoring_pays(rows=73, d=576, ranks=[32], training=True)
+    assert factoring_pays(rows=73, d=576, ranks=[16] * 4 + [32] * 4, training=True)
 
 
 @pytest.mark.parametrize(
