@@ -117,6 +117,32 @@ class Block(litgpt.lora.Block):
         frozen = config.skip2lora_enabled and block_idx < config.skip2lora_tail_start < config.n_layer
         super().__init__(replace(config, **{flag: False for flag in LORA_FLAGS}) if frozen else config, block_idx)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LitGPT's block; with ``rows``, a ``(B, T)`` mask, only those rows come out. Attention still reads every
+        position, but the MLP, most of a block's cost, runs on the kept rows alone: in the tail's last block they
+        are the rows the loss reads."""
+        if rows is None:
+            return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)
+        x_normed = self.norm_1(x)
+        attention_output = self.post_attention_norm(self.attn(x_normed, cos, sin, mask, input_pos, input_pos_maxp1))
+        attention_output, x = attention_output[rows], x[rows]
+        if self.config.parallel_residual:
+            x_normed = x_normed[rows] if self.config.shared_attention_norm else self.norm_2(x)
+            x = attention_output + x
+        else:
+            x = attention_output + x
+            x_normed = self.norm_2(x)
+        return self.post_mlp_norm(self.mlp(x_normed)) + x
+
 
 class GPT(litgpt.lora.GPT):
     """LitGPT's LoRA GPT whose forward adds ``z = self.skip2lora(taps)`` at the output place.
@@ -176,9 +202,10 @@ class GPT(litgpt.lora.GPT):
         x = features.stream + self.skip2lora(features.taps)
         if start < n_layer:
             rope = rope or self._rope_and_mask(x.size(-2), None, None)
-            for i in range(start, n_layer):
+            for i in range(start, n_layer - 1):
                 x = self._block(i, x, rope)
-        if supervised is not None:
+            x = self._block(n_layer - 1, x, rope, supervised)  # keeps the supervised rows only, if given
+        elif supervised is not None:
             x = x[supervised]
         if not self.config.skip2lora_after_ln_f:
             x = self.transformer.ln_f(x)
@@ -235,13 +262,13 @@ class GPT(litgpt.lora.GPT):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else do_softcapping(logits, cap)
 
-    def _block(self, i: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """Block ``i`` with the RoPE tables of its place."""
+    def _block(self, i: int, x: torch.Tensor, rope: Rope, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``i`` with the RoPE tables of its place; with ``rows``, only those rows of its output."""
         cos, sin = rope.cos, rope.sin
         if self.config.rope_indices is not None:
             which = self.config.rope_indices[i]
             cos, sin = cos[..., which], sin[..., which]
-        return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1)
+        return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1, rows)
 
     def _rope_and_mask(self, T: int, input_pos: torch.Tensor | None, input_pos_maxp1: int | None) -> Rope:
         """RoPE tables and attention mask for T tokens, as LitGPT 0.5.13's forward makes them; with ``input_pos``

@@ -61,8 +61,7 @@ def tail_losses(model: GPT, batch: Batch, layout: RowLayout, configurations: lis
 
 @dataclass
 class Trainer:
-    """One run's training: ``fit`` trains every configuration every epoch, validating and saving step checkpoints
-    on the way."""
+    """One run's training: ``fit`` trains every configuration every epoch, validating and checkpointing."""
 
     fabric: L.Fabric
     sweep: Sweep
@@ -79,6 +78,7 @@ class Trainer:
         self.model: GPT = self.sweep.model
         self.accum = self.train.gradient_accumulation_iters(self.fabric.world_size, 1)  # micro-batches per step
         self.layout = RowLayout.of(self.model.config)
+        self.validated: tuple[int, int] | None = None  # the last recorded validation's step and batch count
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> bool:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
@@ -129,8 +129,7 @@ class Trainer:
         return True
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """One micro-batch for every live configuration, and their optimizer steps when the step is complete;
-        returns the losses, still on the device (reading them waits for the step's queued work)."""
+        """One micro-batch for every live configuration, and their optimizer steps at a step's end; the losses."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
         with self.fabric.autocast():
@@ -143,8 +142,7 @@ class Trainer:
         return losses.detach()
 
     def first_validation(self, val_loader: DataLoader, resumed_at: int | None) -> str:
-        """The whole validation set with ``eval.initial_validation`` (or at resume); otherwise a quiet check of the
-        settings on a few batches, as LitGPT's LoRA does."""
+        """All validation batches with ``eval.initial_validation`` or at resume, else LitGPT LoRA's settings check."""
         if self.eval.initial_validation or resumed_at is not None:
             self.validate(val_loader, len(val_loader), untrained=resumed_at is None)
             when = f"at resume (step {resumed_at})" if resumed_at is not None else "before training"
@@ -186,7 +184,9 @@ class Trainer:
         """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
         ``validate`` averages them, recorded. ``untrained``: before the first step every configuration is the base
         model (each trained change starts at zero), so the first one's losses are every one's."""
-        alive = self.sweep.alive
+        alive, done = self.sweep.alive, (self.state["step_count"], min(max_batches, len(val_loader)))
+        if record and done == self.validated:
+            return  # the same as the last one (the final validation after a due one): its losses stand
         with self.clock.phase("validation"):
             self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
@@ -195,6 +195,7 @@ class Trainer:
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
+            self.validated = done
             metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"])
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
 

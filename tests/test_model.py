@@ -152,6 +152,15 @@ def test_tail_from_features_equals_full_forward(place: str) -> None:
         )
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_last_blocks_supervised_rows_equal_the_full_forwards(family: str) -> None:
+    # the tail's last block runs its MLP on the supervised rows only: serial and parallel residuals, extra norms
+    model = with_random_adapters(GPT(tiny(family, skip2lora_output_layer="block.1")))
+    idx = torch.randint(0, 96, (2, 9))
+    supervised = torch.rand(2, 9) < 0.5
+    torch.testing.assert_close(model.tail(model.backbone(idx), supervised), model(idx)[supervised])
+
+
 def test_features_run_without_autograd_graph() -> None:
     model = GPT(tiny())
     mark_trainable(model)
