@@ -215,19 +215,13 @@ class GPT(litgpt.lora.GPT):
 
     def shared_head(self, features: Features, adapters: list[Adapters]) -> SharedHead | None:
         """What every configuration's factored head shares (:mod:`litgpt_skip2lora.head`): ``head(stream)``,
-        outside autograd, and every ``W B_c`` from one matmul. None where the head is not a plain frozen float
-        matrix or factoring does not pay (:func:`~litgpt_skip2lora.head.factoring_pays`)."""
-        weight, rows = self.lm_head.linear.weight, features.stream.numel() // self.config.n_embd
-        frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
-        plain = self.lm_head.r == 0 and self.config.skip2lora_after_ln_f and self.config.final_logit_softcapping is None
-        ranks = [a.B.size(1) for a in adapters]
-        if not (plain and frozen_float and all(a.factor_head for a in adapters)):
-            return None
-        if not factoring_pays(rows, self.config.n_embd, ranks, torch.is_grad_enabled()):
+        outside autograd, and every ``W B_c`` from one matmul. None where :func:`factors_head` says no."""
+        rows, ranks = features.stream.numel() // self.config.n_embd, [a.B.size(1) for a in adapters]
+        if not (all(a.factor_head for a in adapters) and factors_head(self, rows, ranks, torch.is_grad_enabled())):
             return None
         with torch.no_grad():
             stream_logits = self.lm_head.linear(features.stream)
-        products = (weight @ torch.cat([a.B for a in adapters], dim=1)).split(ranks, dim=1)
+        products = (self.lm_head.linear.weight @ torch.cat([a.B for a in adapters], dim=1)).split(ranks, dim=1)
         return SharedHead(stream_logits, list(products))
 
     def backbone_requires_grad(self) -> bool:
@@ -292,6 +286,15 @@ class GPT(litgpt.lora.GPT):
                 raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
             mask = mask[..., :input_pos_maxp1]
         return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
+
+
+def factors_head(model: GPT, rows: int, ranks: list[int], training: bool) -> bool:
+    """Whether ``rows`` rows of configurations of ranks ``ranks`` (``n r`` each) get the factored head: where it is a
+    plain frozen float matrix and factoring pays (:func:`~litgpt_skip2lora.head.factoring_pays`)."""
+    config, weight = model.config, model.lm_head.linear.weight
+    plain = model.lm_head.r == 0 and config.skip2lora_after_ln_f and config.final_logit_softcapping is None
+    frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
+    return plain and frozen_float and factoring_pays(rows, config.n_embd, ranks, training)
 
 
 def save_model_config(config: Config, directory: Path) -> None:

@@ -23,7 +23,8 @@ from litgpt.lora import LoRALayer
 from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters
-from litgpt_skip2lora.model import GPT, Config
+from litgpt_skip2lora.model import GPT, Config, factors_head
+from litgpt_skip2lora.rows import RowLayout
 
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
 """Options that shape the Skip2-LoRA adapters; swept only when nothing else trains (no ordinary LoRA)."""
@@ -261,19 +262,21 @@ class Sweep:
         self.history = state["history"]
 
 
-def configuration_bytes(c: Configuration, rows: int, vocab: int) -> int:
+def configuration_bytes(c: Configuration, rows: int, vocab: int, factored: bool) -> int:
     """What one configuration adds to a step's memory at most: its parameters, their gradients and AdamW's two
-    moments, and its logits over ``rows`` rows with their softmax and gradient in float32 (each configuration's graph
-    is alive until the step's one backward). The factored head's loss (:mod:`litgpt_skip2lora.head`) never stores
-    the logits whole, so there this overstates the cost."""
+    moments; with the plain head its logits over ``rows`` rows with their softmax and gradient in float32 (each
+    configuration's graph is alive until the step's one backward); with the factored head, which never stores the
+    logits whole (:mod:`litgpt_skip2lora.head`), its ``W B`` and their gradient instead."""
     parameters = sum(p.numel() * p.element_size() for p in c.parameters())
-    return 4 * parameters + 3 * rows * vocab * 4
+    return 4 * parameters + 4 * (2 * vocab * c.adapters.B.size(1) if factored else 3 * rows * vocab)
 
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
     """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes."""
     vocab = sweep.model.config.padded_vocab_size
-    needed = sum(configuration_bytes(c, rows, vocab) for c in sweep.configurations)
+    ranks = [c.adapters.B.size(1) for c in sweep.configurations]
+    factored = RowLayout.of(sweep.model.config).flat and factors_head(sweep.model, rows, ranks, training=True)
+    needed = sum(configuration_bytes(c, rows, vocab, factored) for c in sweep.configurations)
     if sweep.is_sweep and needed > available:
         count = len(sweep.configurations)
         raise MemoryError(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -18,7 +19,8 @@ from litgpt.args import EvalArgs, TrainArgs
 import litgpt_skip2lora.__main__
 import litgpt_skip2lora.finetune
 from benchmarks.runs import logged_metrics
-from litgpt_skip2lora.sweep import SweepArgs
+from litgpt_skip2lora.model import GPT, Config, factors_head, mark_trainable
+from litgpt_skip2lora.sweep import SweepArgs, build_sweep, check_fits, configuration_bytes
 from litgpt_skip2lora.training import Trainer
 
 TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
@@ -195,3 +197,22 @@ def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
         in_process("finetune_skip2lora", str(tiny_checkpoint), *args)
     assert refused.value.code.startswith("error: The sweep's 3 configurations need about")
     assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
+
+
+def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
+    shape = dict(n_layer=2, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96, lora_r=2, lora_alpha=4)
+    model = GPT(Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1)))
+    mark_trainable(model)
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
+    constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
+    fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=[0.01, 0.02])
+    sweep = build_sweep(fabric, model, grid, optimizer, 1, constant)
+    c = sweep.configurations[0]
+    parameters = 4 * 4 * (2 * 2 * 32 + 32 * 4)  # A and B in float32, with gradients and AdamW's two moments
+    # 64 rows of two configurations of rank n r = 4 get the factored head; 2 rows the plain one
+    assert factors_head(model, 64, [4, 4], training=True) and not factors_head(model, 2, [4, 4], training=True)
+    assert configuration_bytes(c, 64, 96, factored=True) == parameters + 4 * 2 * 96 * 4  # W B and its gradient
+    assert configuration_bytes(c, 64, 96, factored=False) == parameters + 4 * 3 * 64 * 96  # logits, softmax, grad
+    check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4))
+    with pytest.raises(MemoryError, match="2 configurations need about"):
+        check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4) - 1)
