@@ -3,6 +3,7 @@ weaker ones, an interrupted sweep resumes exactly, and a sweep typed on the comm
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import litgpt_skip2lora.__main__
 import litgpt_skip2lora.finetune
 from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.model import GPT, Config, factors_head, mark_trainable
-from litgpt_skip2lora.sweep import SweepArgs, build_sweep, check_fits, configuration_bytes
+from litgpt_skip2lora.sweep import Configuration, Sweep, SweepArgs, build_sweep, check_fits, configuration_bytes
 from litgpt_skip2lora.training import Trainer
 
 TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
@@ -184,7 +185,8 @@ def test_selection_by_label_accuracy(tiny_checkpoint: Path, tmp_path: Path) -> N
     accuracy = {name: float(r["accuracy"]) for name, r in rows.items()}
     assert all(a * 10 == round(a * 10) for a in accuracy.values())  # a count of the 10 validation items
     (chosen,) = [name for name, r in rows.items() if r["chosen"] == "1"]
-    assert accuracy[chosen] == max(accuracy.values())
+    best = [name for name, a in accuracy.items() if a == max(accuracy.values())]
+    assert chosen == min(best, key=lambda name: float(rows[name]["val_loss"]))  # a tie goes to the lower loss
 
 
 def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
@@ -216,3 +218,13 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4))
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4) - 1)
+
+
+def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
+    def scored(name: str, accuracy: float, val_loss: float) -> Configuration:
+        return Configuration(name, {}, None, None, {}, val_loss=val_loss, accuracy=accuracy)
+
+    configurations = [scored("a", 0.5, 2.0), scored("b", 0.7, 3.0), scored("c", 0.7, 2.5), scored("d", 0.9, math.nan)]
+    configurations[3].alive = False  # dropped by halving: never chosen
+    assert Sweep(None, configurations, SweepArgs(select="label_accuracy")).chosen().name == "c"  # tie: lower loss
+    assert Sweep(None, configurations, SweepArgs()).chosen().name == "a"
