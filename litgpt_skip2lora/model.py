@@ -216,11 +216,11 @@ class GPT(litgpt.lora.GPT):
     def shared_head(self, features: Features, adapters: list[Adapters]) -> SharedHead | None:
         """What every configuration's factored head shares (:mod:`litgpt_skip2lora.head`): ``head(stream)``,
         outside autograd, and every ``W B_c`` from one matmul. None where :func:`factors_head` says no."""
-        rows, ranks = features.stream.numel() // self.config.n_embd, [a.B.size(1) for a in adapters]
-        if not (all(a.factor_head for a in adapters) and factors_head(self, rows, ranks, torch.is_grad_enabled())):
+        if not factors_head(self, features.stream.numel() // self.config.n_embd, adapters, torch.is_grad_enabled()):
             return None
         with torch.no_grad():
             stream_logits = self.lm_head.linear(features.stream)
+        ranks = [a.B.size(1) for a in adapters]
         products = (self.lm_head.linear.weight @ torch.cat([a.B for a in adapters], dim=1)).split(ranks, dim=1)
         return SharedHead(stream_logits, list(products))
 
@@ -288,13 +288,15 @@ class GPT(litgpt.lora.GPT):
         return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
 
 
-def factors_head(model: GPT, rows: int, ranks: list[int], training: bool) -> bool:
-    """Whether ``rows`` rows of configurations of ranks ``ranks`` (``n r`` each) get the factored head: where it is a
-    plain frozen float matrix and factoring pays (:func:`~litgpt_skip2lora.head.factoring_pays`)."""
+def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool) -> bool:
+    """Whether ``rows`` rows of the configurations with these ``adapters`` get the factored head: where the adapters
+    allow it, the head is a plain frozen float matrix after ``ln_f`` (so the rows are flat) and factoring pays
+    (:func:`~litgpt_skip2lora.head.factoring_pays`). The one place this is decided, for the step and its memory."""
     config, weight = model.config, model.lm_head.linear.weight
     plain = model.lm_head.r == 0 and config.skip2lora_after_ln_f and config.final_logit_softcapping is None
     frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
-    return plain and frozen_float and factoring_pays(rows, config.n_embd, ranks, training)
+    allowed = plain and frozen_float and all(a.factor_head for a in adapters)
+    return allowed and factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
 
 
 def save_model_config(config: Config, directory: Path) -> None:

@@ -24,7 +24,6 @@ from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters
 from litgpt_skip2lora.model import GPT, Config, factors_head
-from litgpt_skip2lora.rows import RowLayout
 
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
 """Options that shape the Skip2-LoRA adapters; swept only when nothing else trains (no ordinary LoRA)."""
@@ -274,8 +273,7 @@ def configuration_bytes(c: Configuration, rows: int, vocab: int, factored: bool)
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
     """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes."""
     vocab = sweep.model.config.padded_vocab_size
-    ranks = [c.adapters.B.size(1) for c in sweep.configurations]
-    factored = RowLayout.of(sweep.model.config).flat and factors_head(sweep.model, rows, ranks, training=True)
+    factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)
     needed = sum(configuration_bytes(c, rows, vocab, factored) for c in sweep.configurations)
     if sweep.is_sweep and needed > available:
         count = len(sweep.configurations)

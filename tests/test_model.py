@@ -268,7 +268,7 @@ def test_factoring_pays_when_configurations_share_the_head() -> None:
     assert not factoring_pays(rows=64, d=32, ranks=[2], training=False)  # one configuration: the plain head
     assert factoring_pays(rows=64, d=32, ranks=[2, 2, 2], training=False)
     assert not factoring_pays(rows=4, d=32, ranks=[16], training=True)
-    # the demo's batches (73 rows on average, SmolLM2's d, 4 blocks of rank 8): a run keeps the plain head, its sweep
+    # SmolLM2's d, 4 blocks of rank 8, a batch of 73 supervised rows: one configuration keeps the plain head, a sweep
     # of ranks 4 and 8 shares head(stream) and factors it
     assert not factoring_pays(rows=73, d=576, ranks=[32], training=True)
     assert factoring_pays(rows=73, d=576, ranks=[16] * 4 + [32] * 4, training=True)

@@ -209,10 +209,10 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
     fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=[0.01, 0.02])
     sweep = build_sweep(fabric, model, grid, optimizer, 1, constant)
-    c = sweep.configurations[0]
+    c, adapters = sweep.configurations[0], [c.adapters for c in sweep.configurations]
     parameters = 4 * 4 * (2 * 2 * 32 + 32 * 4)  # A and B in float32, with gradients and AdamW's two moments
     # 64 rows of two configurations of rank n r = 4 get the factored head; 2 rows the plain one
-    assert factors_head(model, 64, [4, 4], training=True) and not factors_head(model, 2, [4, 4], training=True)
+    assert factors_head(model, 64, adapters, training=True) and not factors_head(model, 2, adapters, training=True)
     assert configuration_bytes(c, 64, 96, factored=True) == parameters + 4 * 2 * 96 * 4  # W B and its gradient
     assert configuration_bytes(c, 64, 96, factored=False) == parameters + 4 * 3 * 64 * 96  # logits, softmax, grad
     check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4))
