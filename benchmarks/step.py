@@ -42,7 +42,7 @@ from litgpt_skip2lora.finetune import bitsandbytes_plugin
 from litgpt_skip2lora.model import GPT, Config, default_precision, mark_trainable, spaced_blocks
 from litgpt_skip2lora.rows import IGNORE_INDEX, RowLayout
 from litgpt_skip2lora.sweep import Configuration, rng_state
-from litgpt_skip2lora.training import tail_losses
+from litgpt_skip2lora.training import loss_groups
 
 BASELINE = "lora"
 SAME_PARAMS = "lora-same-params"
@@ -213,7 +213,7 @@ def skip2lora_step(
     fabric: L.Fabric, model: GPT, optimizer, spec: Spec, batches: list[dict], clock: Clock, out: Path
 ) -> tuple[Callable[[], None], float | None]:
     """One training step per call, from training's own parts: the batch's features from the ``CachedBackbone``,
-    ``tail_losses`` for the model's one configuration, backward and the optimizer step; and the filled cache's bytes
+    ``loss_groups`` for the model's one configuration, backward and the optimizer step; and the filled cache's bytes
     per token (None uncached).
 
     For a cached configuration the cache is filled first (the first epoch's work, not timed); the forward time
@@ -235,7 +235,7 @@ def skip2lora_step(
     iterator = backbone.batches(batches, "train")
     run = [Configuration("run", {}, model.config, model.skip2lora, {}, rng=rng_state(fabric.device))]
     return timed_step(
-        fabric, optimizer, clock, lambda: tail_losses(model, next(iterator), layout, run)[0]
+        fabric, optimizer, clock, lambda: next(loss_groups(model, next(iterator), layout, run))[0]
     ), bytes_per_token
 
 

@@ -109,13 +109,27 @@ class Config(litgpt.lora.Config):
         return tuple(normalized)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with its mask drawn by ``torch.rand``: the same distribution at half the cost on the CPU, whose
+    ``bernoulli_`` draws two 32-bit numbers an element on one core (the tail's LoRA masks took 18% of its step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p)
+        return x * (keep.div_(1 - self.p) if self.p < 1 else keep).to(x.dtype)
+
+
 class Block(litgpt.lora.Block):
     """LitGPT's LoRA block. Before a ``block.K`` output place it has no ordinary LoRA: the frozen part stays frozen,
-    so it can be cached; ordinary LoRA applies to the tail's blocks only."""
+    so it can be cached; ordinary LoRA applies to the tail's blocks only, with :class:`Dropout`."""
 
     def __init__(self, config: Config, block_idx: int) -> None:
         frozen = config.skip2lora_enabled and block_idx < config.skip2lora_tail_start < config.n_layer
         super().__init__(replace(config, **{flag: False for flag in LORA_FLAGS}) if frozen else config, block_idx)
+        for module in self.modules():
+            if isinstance(getattr(module, "lora_dropout", None), nn.Dropout):
+                module.lora_dropout = Dropout(module.lora_dropout.p)
 
     def forward(
         self,

@@ -261,20 +261,22 @@ class Sweep:
         self.history = state["history"]
 
 
-def configuration_bytes(c: Configuration, rows: int, vocab: int, factored: bool) -> int:
-    """What one configuration adds to a step's memory at most: its parameters, their gradients and AdamW's two
-    moments; with the plain head its logits over ``rows`` rows with their softmax and gradient in float32 (each
-    configuration's graph is alive until the step's one backward); with the factored head, which never stores the
-    logits whole (:mod:`litgpt_skip2lora.head`), its ``W B`` and their gradient instead."""
+def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
+    """What one configuration keeps in memory: its parameters, their gradients and AdamW's two moments; with the
+    factored head (:mod:`litgpt_skip2lora.head`) also its ``W B`` and their gradient."""
     parameters = sum(p.numel() * p.element_size() for p in c.parameters())
-    return 4 * parameters + 4 * (2 * vocab * c.adapters.B.size(1) if factored else 3 * rows * vocab)
+    return 4 * parameters + (4 * 2 * vocab * c.adapters.B.size(1) if factored else 0)
 
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
-    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes."""
+    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head a
+    step also holds one configuration's logits over ``rows`` rows, their softmax and gradient in float32: one at a
+    time, since each configuration is back-propagated before the next one's graph exists
+    (:func:`~litgpt_skip2lora.training.loss_groups`). The factored head never stores the logits whole."""
     vocab = sweep.model.config.padded_vocab_size
     factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)
-    needed = sum(configuration_bytes(c, rows, vocab, factored) for c in sweep.configurations)
+    logits = 0 if factored else 4 * 3 * rows * vocab
+    needed = logits + sum(configuration_bytes(c, vocab, factored) for c in sweep.configurations)
     if sweep.is_sweep and needed > available:
         count = len(sweep.configurations)
         raise MemoryError(

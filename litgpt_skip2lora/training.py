@@ -5,9 +5,12 @@ later epochs read the cache); the step is then the tail, the loss and the optimi
 of the sweep still training (:mod:`litgpt_skip2lora.sweep`; a run without a sweep has one).
 """
 
+import contextlib
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,24 +42,34 @@ def tail_loss(model: GPT, batch: Batch, layout: RowLayout) -> torch.Tensor:
     return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 
 
-def tail_losses(model: GPT, batch: Batch, layout: RowLayout, configurations: list[Configuration]) -> list[torch.Tensor]:
-    """Each configuration's loss on one batch, each with its own dropout stream. The features are shared, and with
-    a factored head also ``head(stream)``, the ``W B`` products and each pass over the vocabulary
-    (:mod:`litgpt_skip2lora.head`)."""
+def loss_groups(
+    model: GPT,
+    batch: Batch,
+    layout: RowLayout,
+    configurations: list[Configuration],
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[list[torch.Tensor]]:
+    """Each configuration's loss on one batch, each with its own dropout stream, computed under ``autocast``, in
+    groups that share no graph: a step back-propagates each group before the next one is computed, so only one
+    configuration's activations are alive at a time. With a factored head the configurations share
+    ``head(stream)``, the ``W B`` products and each pass over the vocabulary (:mod:`litgpt_skip2lora.head`), so
+    they are one group; the features are shared either way."""
     device = batch.targets.device
-    shared = model.shared_head(batch.features, [c.adapters for c in configurations]) if layout.flat else None
+    with autocast():
+        shared = model.shared_head(batch.features, [c.adapters for c in configurations]) if layout.flat else None
     if shared is None:
-        losses = []
         for c in configurations:
             c.install(model)
+            with autocast(), c.random_stream(device):
+                loss = tail_loss(model, batch, layout)
+            yield [loss]
+        return
+    with autocast():
+        codes = []
+        for c in configurations:
             with c.random_stream(device):
-                losses.append(tail_loss(model, batch, layout))
-        return losses
-    codes = []
-    for c in configurations:
-        with c.random_stream(device):
-            codes.append(c.adapters.codes(batch.features.taps))
-    return factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
+                codes.append(c.adapters.codes(batch.features.taps))
+        yield factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
 
 
 @dataclass
@@ -129,17 +142,19 @@ class Trainer:
         return True
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """One micro-batch for every live configuration, and their optimizer steps at a step's end; the losses."""
+        """One micro-batch for every live configuration, each group of them back-propagated as soon as its losses
+        exist, and their optimizer steps at a step's end; the losses."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
-        with self.fabric.autocast():
-            losses = torch.stack(tail_losses(self.model, batch, self.layout, alive))
-        self.fabric.backward(losses.sum() / self.accum)
+        losses = []
+        for group in loss_groups(self.model, batch, self.layout, alive, self.fabric.autocast):
+            self.fabric.backward(torch.stack(group).sum() / self.accum)
+            losses += [loss.detach() for loss in group]
         if state["iter_num"] % self.accum == 0:
             for c in alive:
                 c.optimizer_step(self.fabric, self.train.max_norm)
             state["step_count"] += 1
-        return losses.detach()
+        return torch.stack(losses)
 
     def first_validation(self, val_loader: DataLoader, resumed_at: int | None) -> str:
         """All validation batches with ``eval.initial_validation`` or at resume, else LitGPT LoRA's settings check."""
@@ -191,7 +206,8 @@ class Trainer:
             self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
             computed = alive[:1] if untrained else alive
-            losses = [torch.stack(tail_losses(self.model, b, self.layout, computed)) for b in batches]
+            groups = (loss_groups(self.model, b, self.layout, computed) for b in batches)
+            losses = [torch.stack([*itertools.chain.from_iterable(g)]) for g in groups]
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:

@@ -34,10 +34,10 @@ N_LAYER = 4
 def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the backbone block forwards of each training step, its features' computation included."""
     calls, fetched, per_step = [0], [0], []
-    block_forward, resolve, tail_losses = (
+    block_forward, resolve, loss_groups = (
         litgpt_skip2lora.model.Block.forward,
         CachedBackbone._resolve,
-        litgpt_skip2lora.training.tail_losses,
+        litgpt_skip2lora.training.loss_groups,
     )
 
     def counting_forward(self, *args, **kwargs):
@@ -50,16 +50,15 @@ def block_calls_per_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         fetched[0] = calls[0] - before
         return result
 
-    def counting_loss(*args):
+    def counting_groups(*args):
         before = calls[0]
-        result = tail_losses(*args)
+        yield from loss_groups(*args)
         if torch.is_grad_enabled():  # a training step, not validation
             per_step.append(fetched[0] + calls[0] - before)
-        return result
 
     monkeypatch.setattr(litgpt_skip2lora.model.Block, "forward", counting_forward)
     monkeypatch.setattr(CachedBackbone, "_resolve", counting_resolve)
-    monkeypatch.setattr(litgpt_skip2lora.training, "tail_losses", counting_loss)
+    monkeypatch.setattr(litgpt_skip2lora.training, "loss_groups", counting_groups)
     return per_step
 
 

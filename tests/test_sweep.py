@@ -213,11 +213,15 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     parameters = 4 * 4 * (2 * 2 * 32 + 32 * 4)  # A and B in float32, with gradients and AdamW's two moments
     # 64 rows of two configurations of rank n r = 4 get the factored head; 2 rows the plain one
     assert factors_head(model, 64, adapters, training=True) and not factors_head(model, 2, adapters, training=True)
-    assert configuration_bytes(c, 64, 96, factored=True) == parameters + 4 * 2 * 96 * 4  # W B and its gradient
-    assert configuration_bytes(c, 64, 96, factored=False) == parameters + 4 * 3 * 64 * 96  # logits, softmax, grad
+    assert configuration_bytes(c, 96, factored=True) == parameters + 4 * 2 * 96 * 4  # W B and its gradient
+    assert configuration_bytes(c, 96, factored=False) == parameters
     check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4))
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4) - 1)
+    plain_step = 2 * parameters + 4 * 3 * 2 * 96  # one configuration's logits, softmax and gradient at a time
+    check_fits(sweep, 2, plain_step)
+    with pytest.raises(MemoryError, match="2 configurations need about"):
+        check_fits(sweep, 2, plain_step - 1)
 
 
 def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
