@@ -23,8 +23,6 @@ from litgpt_skip2lora.adapters import Adapters, Features
 from litgpt_skip2lora.head import factoring_pays
 
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
-# field: the one value still built in; checkpoints naming it at that value still load
-RETIRED_FIELDS = {"skip2lora_mix": "none", "skip2lora_input": "raw", "skip2lora_side_width": 0}
 
 
 class SharedHead(NamedTuple):
@@ -72,15 +70,6 @@ class Config(litgpt.lora.Config):
         if self.skip2lora_enabled:
             self.skip2lora_tail_start = self._parsed_output_place()
             self.skip2lora_block_indices = self._checked_indices()
-
-    @classmethod
-    def from_file(cls, path: str | Path, **kwargs: Any) -> Self:
-        """LitGPT's, also for checkpoints that name a retired field at the value that is now the only one."""
-        saved = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        for name, value in RETIRED_FIELDS.items():
-            if saved.pop(name, value) != value:
-                raise ValueError(f"{path}: {name} was retired ({value!r} is built in); use an older version.")
-        return cls(**{**saved, **kwargs})
 
     def _parsed_output_place(self) -> int:
         n, place = self.n_layer, self.skip2lora_output_layer
@@ -257,14 +246,6 @@ class GPT(litgpt.lora.GPT):
                     x = self._block(i, x, rope)
             stream = self.transformer.ln_f(x) if self.config.skip2lora_after_ln_f else x
         return Features(torch.stack(taps), stream)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Checkpoints written before the adapters were one module held ``transformer.h.<i>.skip2lora.lora_A/B``."""
-        old = [f"{prefix}transformer.h.{i}.skip2lora.lora_" for i in self.config.skip2lora_block_indices]
-        if self.config.skip2lora_enabled and f"{old[0]}A" in state_dict:
-            state_dict[f"{prefix}skip2lora.A"] = torch.stack([state_dict.pop(f"{key}A") for key in old])
-            state_dict[f"{prefix}skip2lora.B"] = torch.cat([state_dict.pop(f"{key}B") for key in old], dim=1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping

@@ -10,7 +10,6 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def loss_groups(
     batch: Batch,
     layout: RowLayout,
     configurations: list[Configuration],
-    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Iterator[list[torch.Tensor]]:
     """Each configuration's loss on one batch, each with its own dropout stream, computed under ``autocast``, in
     groups that share no graph: a step back-propagates each group before the next one is computed, so only one
@@ -69,7 +68,8 @@ def loss_groups(
         for c in configurations:
             with c.random_stream(device):
                 codes.append(c.adapters.codes(batch.features.taps))
-        yield factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
+        losses = factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
+    yield losses  # outside autocast, as each group is: the step back-propagates it
 
 
 @dataclass

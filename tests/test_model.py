@@ -197,19 +197,6 @@ def test_adapter_only_checkpoint_roundtrip(tmp_path) -> None:
     assert torch.equal(target(idx), source(idx))
 
 
-def test_a_checkpoint_of_per_block_adapters_loads_into_the_stacked_ones() -> None:
-    """Earlier versions kept adapter j in block i as ``transformer.h.<i>.skip2lora.lora_A/B``."""
-    source = with_random_adapters(GPT(tiny(skip2lora_block_indices=(0, 2))))
-    old = {k: v for k, v in source.state_dict().items() if not k.startswith("skip2lora.")}
-    for j, i in enumerate((0, 2)):
-        old[f"transformer.h.{i}.skip2lora.lora_A"] = source.skip2lora.A[j].clone()
-        old[f"transformer.h.{i}.skip2lora.lora_B"] = source.skip2lora.B[:, 4 * j : 4 * (j + 1)].clone()
-    target = GPT(tiny(skip2lora_block_indices=(0, 2)))
-    target.load_state_dict(old)  # strict: every old key mapped, none missing
-    idx = torch.randint(0, 96, (1, 6))
-    assert torch.equal(target(idx), source(idx))
-
-
 def test_adapters_sum_each_blocks_low_rank_output() -> None:
     adapters = Adapters(n=2, n_embd=16, r=4, alpha=8, dropout=0.0)
     assert adapters.A.shape == (2, 4, 16) and adapters.B.shape == (16, 8) and adapters.scaling == 2.0
@@ -288,19 +275,3 @@ def test_factoring_pays_when_configurations_share_the_head() -> None:
     # of ranks 4 and 8 shares head(stream) and factors it
     assert not factoring_pays(rows=73, d=576, ranks=[32], training=True)
     assert factoring_pays(rows=73, d=576, ranks=[16] * 4 + [32] * 4, training=True)
-
-
-@pytest.mark.parametrize(
-    ("field", "built_in", "other"),
-    [("skip2lora_mix", "none", "attention"), ("skip2lora_input", "raw", "norm_1"), ("skip2lora_side_width", 0, 16)],
-)
-def test_a_checkpoint_naming_a_retired_field_loads_at_its_built_in_value(tmp_path, field, built_in, other) -> None:
-    config = tiny()
-    save_model_config(config, tmp_path)
-    path = tmp_path / "model_config.yaml"
-    saved = path.read_text()
-    path.write_text(saved + f"{field}: {built_in}\n")
-    assert Config.from_checkpoint(tmp_path) == config
-    path.write_text(saved + f"{field}: {other}\n")
-    with pytest.raises(ValueError, match=f"{field} was retired"):
-        Config.from_file(path)

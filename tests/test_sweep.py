@@ -1,6 +1,7 @@
 """Sweeps on a tiny random-weight checkpoint: every configuration trains as its solo run would, halving drops the
 weaker ones, an interrupted sweep resumes exactly, and a sweep typed on the command line leaves what it promises."""
 
+import contextlib
 import csv
 import json
 import math
@@ -8,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -20,9 +22,12 @@ from litgpt.args import EvalArgs, TrainArgs
 import litgpt_skip2lora.__main__
 import litgpt_skip2lora.finetune
 from benchmarks.runs import logged_metrics
+from litgpt_skip2lora.adapters import Features
+from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.model import GPT, Config, factors_head, mark_trainable
+from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep, SweepArgs, build_sweep, check_fits, configuration_bytes
-from litgpt_skip2lora.training import Trainer
+from litgpt_skip2lora.training import Trainer, loss_groups
 
 TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
 ADAPTERS = SweepArgs(lr=[0.01, 0.05], lora_r=[4, 8])
@@ -201,15 +206,20 @@ def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
     assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
 
 
-def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
+def two_learning_rates() -> Sweep:
+    """A sweep of two configurations of adapters from both blocks of a tiny model, rank n r = 4, vocabulary 96."""
     shape = dict(n_layer=2, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96, lora_r=2, lora_alpha=4)
     model = GPT(Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1)))
     mark_trainable(model)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
     constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
     fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=[0.01, 0.02])
-    sweep = build_sweep(fabric, model, grid, optimizer, 1, constant)
-    c, adapters = sweep.configurations[0], [c.adapters for c in sweep.configurations]
+    return build_sweep(fabric, model, grid, optimizer, 1, constant)
+
+
+def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
+    sweep = two_learning_rates()
+    model, c, adapters = sweep.model, sweep.configurations[0], [c.adapters for c in sweep.configurations]
     parameters = 4 * 4 * (2 * 2 * 32 + 32 * 4)  # A and B in float32, with gradients and AdamW's two moments
     # 64 rows of two configurations of rank n r = 4 get the factored head; 2 rows the plain one
     assert factors_head(model, 64, adapters, training=True) and not factors_head(model, 2, adapters, training=True)
@@ -222,6 +232,26 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     check_fits(sweep, 2, plain_step)
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 2, plain_step - 1)
+
+
+@pytest.mark.parametrize(("rows", "groups"), [(64, [2]), (2, [1, 1])])  # the factored head; the plain one
+def test_each_configurations_graph_is_back_propagated_outside_autocast(rows: int, groups: list[int]) -> None:
+    sweep, inside = two_learning_rates(), []
+
+    @contextlib.contextmanager
+    def autocast() -> Iterator[None]:
+        inside.append(True)
+        yield
+        inside.pop()
+
+    batch = Batch(Features(torch.randn(2, rows, 32), torch.randn(rows, 32)), torch.randint(0, 96, (rows,)), rows, 0.0)
+    sizes = []
+    for group in loss_groups(sweep.model, batch, RowLayout.of(sweep.model.config), sweep.configurations, autocast):
+        assert not inside  # where the step runs the group's backward
+        sizes.append(len(group))
+        torch.stack(group).sum().backward()  # the graph is whole: nothing it needs was freed by an earlier group
+    assert sizes == groups
+    assert all(c.adapters.B.grad.abs().sum() > 0 for c in sweep.configurations)
 
 
 def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
