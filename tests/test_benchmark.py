@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import step
+from benchmarks import dropout, step
 
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
 EXPECTED = [
@@ -67,3 +67,13 @@ def test_benchmark_measures_the_configurations_it_runs(tmp_path: Path, monkeypat
     assert results["skip2-2-cached"]["cache_bytes_per_token"] == ((2 + 1) * 15 * 128 * 4 + 128) / 16
     assert results["lora"]["cache_bytes_per_token"] is None
     assert list(tmp_path.iterdir()) == [path]  # the disk configurations' caches are cleaned up
+
+
+def test_the_dropout_benchmark_times_both_variants_alike(tmp_path: Path) -> None:
+    args = dropout.parse_args(["--model", "pythia-14m", "--n-layer", "5", "--tokens", "8", "--batch", "2"])
+    args.warmup, args.steps, args.rounds, args.out = 1, 2, 2, tmp_path
+    result = json.loads(dropout.main(args).read_text())
+    assert result["n_layer"] == 5 and result["dropout_layers"] == 4 * 4  # qkv, proj, fc, proj in blocks 1-4
+    assert {name: len(s) for name, s in result["step_s"].items()} == dict.fromkeys(dropout.VARIANTS, 4)
+    medians = result["median_step_s"]
+    assert result["ratio"] == medians["litgpt_skip2lora Dropout"] / medians["torch.nn.Dropout"]

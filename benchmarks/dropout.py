@@ -1,0 +1,105 @@
+"""The tail's LoRA dropout: ``torch.nn.Dropout`` against ``litgpt_skip2lora.model.Dropout``, which draws its mask
+with ``torch.rand``, in the trainable-tail YAML's step: LoRA on every linear layer of the last four blocks, dropout
+0.2, random weights of the model's shape, a batch of the supersense task's shape.
+
+Each round times ``--steps`` steps (forward, loss, backward) of each variant after ``--warmup`` untimed ones; the
+variants alternate round by round, so that a slower minute of the machine falls on both. Writes
+``<out>/dropout-<UTC timestamp>.json`` with every step's seconds, each variant's median and their ratio::
+
+    python -m benchmarks.dropout
+"""
+
+import argparse
+import json
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from litgpt.lora import LoRALayer
+
+from benchmarks.end_to_end import REPO, block_overrides
+from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Dropout, mark_trainable
+
+VARIANTS = {"torch.nn.Dropout": nn.Dropout, "litgpt_skip2lora Dropout": Dropout}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="a LitGPT config name")
+    parser.add_argument("--n-layer", type=int, help="this many blocks instead of the model's")
+    parser.add_argument("--batch", type=int, default=8, help="sequences a micro-batch")
+    parser.add_argument("--tokens", type=int, default=48, help="tokens a sequence, the last 3 supervised")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each round")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps a round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each variant")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
+    return parser.parse_args(argv)
+
+
+def tail_model(args: argparse.Namespace) -> GPT:
+    n_layer = args.n_layer or Config.from_name(args.model).n_layer
+    lora = dict.fromkeys(LORA_FLAGS, True)
+    tail = block_overrides("tail", n_layer)
+    config = Config.from_name(
+        args.model, n_layer=n_layer, lora_r=8, lora_alpha=16, lora_dropout=0.2, skip2lora_enabled=True, **lora, **tail
+    )
+    model = GPT(config)
+    mark_trainable(model)
+    for module in model.tail_modules:
+        module.train()
+    return model
+
+
+def time_steps(model: GPT, args: argparse.Namespace) -> list[float]:
+    """Seconds of each timed step of the tail from one batch's features."""
+    vocab = model.config.padded_vocab_size
+    with torch.no_grad():
+        features = model.backbone(torch.randint(0, vocab, (args.batch, args.tokens)))
+    supervised = torch.zeros(args.batch, args.tokens, dtype=torch.bool)
+    supervised[:, -3:] = True
+    targets = torch.randint(0, vocab, (int(supervised.sum()),))
+    seconds = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        F.cross_entropy(model.tail(features, supervised), targets).backward()
+        if i >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main(args: argparse.Namespace) -> Path:
+    torch.manual_seed(0)
+    model = tail_model(args)
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer) and hasattr(m, "lora_A")]  # they draw masks
+    seconds = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name, variant in VARIANTS.items():
+            for layer in layers:
+                layer.lora_dropout = variant(layer.lora_dropout.p)
+            seconds[name] += time_steps(model, args)
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    result = {
+        "model": args.model,
+        "n_layer": model.config.n_layer,
+        "batch": [args.batch, args.tokens],
+        "dropout_layers": len(layers),
+        "device": f"cpu ({torch.get_num_threads()} threads)",
+        "median_step_s": medians,
+        "ratio": medians["litgpt_skip2lora Dropout"] / medians["torch.nn.Dropout"],
+        "step_s": seconds,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"dropout-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"median step: {medians}; ratio {result['ratio']:.4f}; wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main(parse_args())
