@@ -142,8 +142,7 @@ class Trainer:
         return True
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """One micro-batch for every live configuration, each group of them back-propagated as soon as its losses
-        exist, and their optimizer steps at a step's end; the losses."""
+        """Every live configuration's loss on a micro-batch, back-propagated by group; optimizer steps when due."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
         losses = []
@@ -197,17 +196,15 @@ class Trainer:
     @torch.no_grad()
     def validate(self, val_loader: DataLoader, max_batches: int, record: bool = True, untrained: bool = False) -> None:
         """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
-        ``validate`` averages them, recorded. ``untrained``: before the first step every configuration is the base
-        model (each trained change starts at zero), so the first one's losses are every one's."""
+        ``validate``, recorded. ``untrained``: all are still the base model (trained changes start at zero)."""
         alive, done = self.sweep.alive, (self.state["step_count"], min(max_batches, len(val_loader)))
         if record and done == self.validated:
             return  # the same as the last one (the final validation after a due one): its losses stand
         with self.clock.phase("validation"):
             self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
-            computed = alive[:1] if untrained else alive
-            groups = (loss_groups(self.model, b, self.layout, computed) for b in batches)
-            losses = [torch.stack([*itertools.chain.from_iterable(g)]) for g in groups]
+            configurations = alive[:1] if untrained else alive
+            losses = [torch.stack(sum(loss_groups(self.model, b, self.layout, configurations), [])) for b in batches]
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
