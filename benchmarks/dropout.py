@@ -1,6 +1,6 @@
 """The tail's LoRA dropout: ``torch.nn.Dropout`` against ``litgpt_skip2lora.model.Dropout``, which draws its mask
-with ``torch.rand``, in the trainable-tail YAML's step: LoRA on every linear layer of the last four blocks, dropout
-0.2, random weights of the model's shape, a batch of the supersense task's shape.
+with ``torch.rand``, in the trainable-tail YAML's step (``skip2lora_tail.yaml``'s LoRA options in the last four
+blocks), random weights of the model's shape, a batch of the supersense task's shape.
 
 Each round times ``--steps`` steps (forward, loss, backward) of each variant after ``--warmup`` untimed ones; the
 variants alternate round by round, so that a slower minute of the machine falls on both. Writes
@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from litgpt.lora import LoRALayer
 
-from benchmarks.end_to_end import REPO, block_overrides
-from litgpt_skip2lora.model import GPT, LORA_FLAGS, Config, Dropout, mark_trainable
+from benchmarks.end_to_end import METHODS, REPO, block_overrides
+from litgpt_skip2lora.model import GPT, Config, Dropout, mark_trainable
 
+TAIL_YAML = REPO / "config_hub/finetune/SmolLM2-135M-Instruct" / METHODS["tail"][1]
 VARIANTS = {"torch.nn.Dropout": nn.Dropout, "litgpt_skip2lora Dropout": Dropout}
 
 
@@ -43,12 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tail_model(args: argparse.Namespace) -> GPT:
+    """The tail YAML's LoRA options and design (:func:`~benchmarks.end_to_end.block_overrides`) on ``args.model``."""
     n_layer = args.n_layer or Config.from_name(args.model).n_layer
-    lora = dict.fromkeys(LORA_FLAGS, True)
+    lora = {k: v for k, v in yaml.safe_load(TAIL_YAML.read_text()).items() if k.startswith("lora_")}
     tail = block_overrides("tail", n_layer)
-    config = Config.from_name(
-        args.model, n_layer=n_layer, lora_r=8, lora_alpha=16, lora_dropout=0.2, skip2lora_enabled=True, **lora, **tail
-    )
+    config = Config.from_name(args.model, n_layer=n_layer, skip2lora_enabled=True, **lora, **tail)
     model = GPT(config)
     mark_trainable(model)
     for module in model.tail_modules:
