@@ -9,10 +9,12 @@ per-iteration ``iter_time`` (taken after ``loss.item()``), for Skip2-LoRA the ep
 of epochs, in the same invocation.
 
 ``--sweep KEY=LIST`` adds, for each Skip2-LoRA method, a ``<method>-sweep`` row: the same YAML with that sweep, every
-configuration trained in one process. Its ``wall_vs_solo`` is its wall time over the solo run's of the same method
-and epochs, and ``wall_vs_solo_runs`` over ``configurations`` times that solo run: the configurations' solo runs one
-after another. ``--lora-lrs`` runs LoRA once per learning rate of a grid, as a LoRA user sweeps; a sweep row then
-holds ``lora_grid_wall_s`` (the LoRA runs one after another), their best validation loss and ``wall_vs_lora_grid``.
+configuration trained in one process; ``--keep`` gives one such row per value of ``--sweep.keep`` (successive
+halving below 1), recorded as the row's ``keep``. A sweep row's ``wall_vs_solo`` is its wall time over the solo
+run's of the same method and epochs, and ``wall_vs_solo_runs`` over ``configurations`` times that solo run: the
+configurations' solo runs one after another. ``--lora-lrs`` runs LoRA once per learning rate of a grid, as a LoRA
+user sweeps; a sweep row then holds ``lora_grid_wall_s`` (the LoRA runs one after another), their best validation
+loss and ``wall_vs_lora_grid``.
 
 Writes ``<out>/end_to_end-<UTC timestamp>.json`` (a list of rows) and a bar plot of the wall times::
 
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=LIST", help="a Skip2-LoRA sweep row, e.g. lr=[0.001,0.003]"
+    )
+    parser.add_argument(
+        "--keep", nargs="+", type=float, default=[1.0], help="a sweep row per value of --sweep.keep (halving below 1)"
     )
     parser.add_argument(
         "--configs", type=Path, default=REPO / "config_hub/finetune/SmolLM2-135M-Instruct", help="the methods' YAMLs"
@@ -154,19 +159,20 @@ def train_samples(config_path: Path) -> int:
     return total - int(total * data["val_split_fraction"])
 
 
-def runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """The runs of each epoch count: each row's method name and the options it adds to its YAML's."""
+def runs(args: argparse.Namespace) -> list[tuple[str, list[str], dict]]:
+    """The runs of each epoch count: each row's method name, the options it adds to its YAML's and what the row
+    records of them."""
     planned = []
     for method in args.methods:
         if method == "lora":
             lrs = [["--optimizer.lr", str(lr)] for lr in args.lora_lrs] if args.lora_lrs else [[]]
-            planned += [("lora", lr) for lr in lrs for _ in range(args.lora_runs)]
+            planned += [("lora", lr, {}) for lr in lrs for _ in range(args.lora_runs)]
             continue
-        planned.append((method, []))
+        planned.append((method, [], {}))
         if args.sweep:
             keys_and_lists = [item.partition("=") for item in args.sweep]
             options = [part for key, _, values in keys_and_lists for part in (f"--sweep.{key}", values)]
-            planned.append((f"{method}-sweep", options))
+            planned += [(f"{method}-sweep", [*options, "--sweep.keep", str(k)], {"keep": k}) for k in args.keep]
     return planned
 
 
@@ -223,7 +229,8 @@ def label(row: dict) -> str:
     names = {"lora": "LoRA", "faithful": "faithful", "tail": "4-block tail"}
     name = names[row["method"].removesuffix("-sweep")]
     if row["method"].endswith("-sweep"):
-        return f"{name} sweep\n({row['configurations']} configurations)"
+        halving = f", keep {row['keep']:g}" if row.get("keep", 1) < 1 else ""
+        return f"{name} sweep\n({row['configurations']} configurations{halving})"
     lr = row.get("lr", {}).get("init_args", {}).get("lr")
     return f"{name}\nlr {lr:g}" if lr else name
 
@@ -282,11 +289,11 @@ def main(argv: list[str] | None = None) -> Path:
     model = args.random_model or yaml.safe_load(configs[args.methods[0]].read_text())["checkpoint_dir"]
     rows, task = [], task_name(configs[args.methods[0]], args)
     for epochs in args.epochs:
-        for run, (method, options) in enumerate(runs(args)):
+        for run, (method, options, recorded) in enumerate(runs(args)):
             base = method.removesuffix("-sweep")
             out_dir = args.work / f"{method}-{epochs}ep-{run}"
             row = {"method": method, "run": run, "epochs": epochs, "samples": train_samples(configs[base])}
-            row["task"] = task
+            row.update(recorded, task=task)
             row.update(timed_run(METHODS[base][0], configs[base], epochs, out_dir, options), device=device, model=model)
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -196,7 +196,13 @@ class GPT(litgpt.lora.GPT):
         rope: Rope | None = None,
         lm_head_chunk_size: int = 0,
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Logits from the backbone's features, running no frozen block.
+        """Logits from the backbone's features, running no frozen block: :meth:`head` of :meth:`tail_rows`."""
+        return self.head(self.tail_rows(features, supervised, rope), lm_head_chunk_size)
+
+    def tail_rows(
+        self, features: Features, supervised: torch.Tensor | None = None, rope: Rope | None = None
+    ) -> torch.Tensor:
+        """What the head reads: ``z`` added at the output place and the tail's blocks run.
 
         ``features`` are ``(B, T)`` sequences, or flat rows for a tail without blocks
         (:class:`~litgpt_skip2lora.rows.RowLayout`); ``supervised``, a ``(B, T)`` mask, keeps only the rows the loss
@@ -208,9 +214,11 @@ class GPT(litgpt.lora.GPT):
             rope = rope or self._rope_and_mask(x.size(-2), None, None)
             for i in range(start, n_layer - 1):
                 x = self._block(i, x, rope)
-            x = self._block(n_layer - 1, x, rope, supervised)  # keeps the supervised rows only, if given
-        elif supervised is not None:
-            x = x[supervised]
+            return self._block(n_layer - 1, x, rope, supervised)  # keeps the supervised rows only, if given
+        return x if supervised is None else x[supervised]
+
+    def head(self, x: torch.Tensor, lm_head_chunk_size: int = 0) -> torch.Tensor | list[torch.Tensor]:
+        """``lm_head`` (after ``ln_f`` unless ``z`` was added after it), with LitGPT's softcapping."""
         if not self.config.skip2lora_after_ln_f:
             x = self.transformer.ln_f(x)
         if lm_head_chunk_size > 0:
@@ -293,6 +301,23 @@ def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool
     frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
     allowed = plain and frozen_float and all(a.factor_head for a in adapters)
     return allowed and factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
+
+
+HEAD_ROWS = 256
+"""Rows that share one pass of a frozen head over the vocabulary. Below about this many rows the pass costs mostly
+the reading of the ``vocabulary x d`` matrix (on an H100 in bfloat16; on a CPU the turn comes sooner), so
+configurations with few supervised rows each, as on a label task, share that read."""
+
+
+def head_group_size(model: GPT, rows: int, count: int, training: bool) -> int:
+    """How many of ``count`` configurations, ``rows`` rows each, share one pass of the plain head: in validation as
+    many as fit in :data:`HEAD_ROWS`. A training step takes one at a time: a group would keep its configurations'
+    graphs alive together, and on the CPU its larger logits, softmax and gradient cost about what the shared read
+    saves. A head with a trained part (``lora_head``) is each configuration's own. The one place this is decided,
+    for the step and its memory."""
+    if training or any(p.requires_grad for p in model.lm_head.parameters()):
+        return 1
+    return max(1, min(count, HEAD_ROWS // max(1, rows)))
 
 
 def save_model_config(config: Config, directory: Path) -> None:

@@ -23,7 +23,7 @@ from litgpt.lora import LoRALayer
 from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters
-from litgpt_skip2lora.model import GPT, Config, factors_head
+from litgpt_skip2lora.model import GPT, Config, factors_head, head_group_size
 
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
 """Options that shape the Skip2-LoRA adapters; swept only when nothing else trains (no ordinary LoRA)."""
@@ -270,15 +270,15 @@ def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
     """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head a
-    step also holds one configuration's logits over ``rows`` rows, their softmax and gradient in float32: one at a
-    time, since each configuration is back-propagated before the next one's graph exists
-    (:func:`~litgpt_skip2lora.training.loss_groups`). The factored head never stores the logits whole."""
-    vocab = sweep.model.config.padded_vocab_size
+    step also holds one configuration's logits over ``rows`` rows, their softmax and gradient in float32, and a
+    validation the logits and log-softmax of a group of configurations
+    (:func:`~litgpt_skip2lora.model.head_group_size`); the factored head never stores the logits whole."""
+    vocab, count = sweep.model.config.padded_vocab_size, len(sweep.configurations)
     factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)
-    logits = 0 if factored else 4 * 3 * rows * vocab
+    validation_rows = rows * head_group_size(sweep.model, rows, count, training=False)
+    logits = 0 if factored else 4 * vocab * max(3 * rows, 2 * validation_rows)
     needed = logits + sum(configuration_bytes(c, vocab, factored) for c in sweep.configurations)
     if sweep.is_sweep and needed > available:
-        count = len(sweep.configurations)
         raise MemoryError(
             f"The sweep's {count} configurations need about {needed / 1e9:.1f} GB for {rows} rows a micro-batch, more"
             f" than the {available / 1e9:.1f} GB free: sweep fewer values or lower --train.micro_batch_size."

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.utils import chunked_cross_entropy
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
 from litgpt_skip2lora.head import factored_cross_entropy
-from litgpt_skip2lora.model import GPT
-from litgpt_skip2lora.rows import RowLayout
+from litgpt_skip2lora.model import GPT, head_group_size
+from litgpt_skip2lora.rows import IGNORE_INDEX, RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep
 from litgpt_skip2lora.wallclock import WallClock
 
@@ -33,12 +33,13 @@ SETTINGS_CHECK_BATCHES = 2
 settings."""
 
 
-def tail_loss(model: GPT, batch: Batch, layout: RowLayout) -> torch.Tensor:
-    """Cross-entropy of the tail's logits at the supervised rows, the only ones the loss reads."""
-    supervised = layout.supervised(batch.targets)
-    logits = model.tail(batch.features, supervised)
-    targets = batch.targets if supervised is None else batch.targets[supervised]
-    return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
+def group_losses(logits: torch.Tensor, targets: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """The mean cross-entropy at ``targets`` of each of ``count`` configurations whose logits for those rows are
+    stacked in ``logits``, as ``chunked_cross_entropy`` gives it. One cross-entropy over the whole group: split into
+    configurations, its backward would zero a copy of the group's logits for each."""
+    per_row = F.cross_entropy(logits, targets.repeat(count), ignore_index=IGNORE_INDEX, reduction="none")
+    valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return list((per_row.view(count, -1).sum(1) / valid).unbind())
 
 
 def loss_groups(
@@ -50,18 +51,15 @@ def loss_groups(
 ) -> Iterator[list[torch.Tensor]]:
     """Each configuration's loss on one batch, each with its own dropout stream, computed under ``autocast``, in
     groups that share no graph: a step back-propagates each group before the next one is computed, so only one
-    configuration's activations are alive at a time. With a factored head the configurations share
-    ``head(stream)``, the ``W B`` products and each pass over the vocabulary (:mod:`litgpt_skip2lora.head`), so
-    they are one group; the features are shared either way."""
+    group's activations are alive at a time. The configurations of a group share the head's pass over the
+    vocabulary: with a factored head all of them (``head(stream)`` and the ``W B`` products,
+    :mod:`litgpt_skip2lora.head`), with the plain one as many as :func:`~litgpt_skip2lora.model.head_group_size`
+    says. The features are shared either way."""
     device = batch.targets.device
     with autocast():
         shared = model.shared_head(batch.features, [c.adapters for c in configurations]) if layout.flat else None
     if shared is None:
-        for c in configurations:
-            c.install(model)
-            with autocast(), c.random_stream(device):
-                loss = tail_loss(model, batch, layout)
-            yield [loss]
+        yield from plain_loss_groups(model, batch, layout, configurations, autocast)
         return
     with autocast():
         codes = []
@@ -70,6 +68,31 @@ def loss_groups(
                 codes.append(c.adapters.codes(batch.features.taps))
         losses = factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
     yield losses  # outside autocast, as each group is: the step back-propagates it
+
+
+def plain_loss_groups(
+    model: GPT,
+    batch: Batch,
+    layout: RowLayout,
+    configurations: list[Configuration],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> Iterator[list[torch.Tensor]]:
+    """``loss_groups`` with the plain head: each group's tails run one configuration after another, then the head
+    runs once over all their supervised rows."""
+    supervised = layout.supervised(batch.targets)
+    targets = batch.targets if supervised is None else batch.targets[supervised]
+    size = head_group_size(model, targets.numel(), len(configurations), torch.is_grad_enabled())
+    for start in range(0, len(configurations), size):
+        group, rows = configurations[start : start + size], []
+        for c in group:
+            c.install(model)
+            with autocast(), c.random_stream(batch.targets.device):
+                rows.append(model.tail_rows(batch.features, supervised))
+        # a head with a trained part, so with dropout, is in a group of its own: the installed configuration's
+        with autocast(), group[-1].random_stream(batch.targets.device):
+            logits = model.head(torch.cat(rows))
+            losses = group_losses(logits, targets, len(group))
+        yield losses
 
 
 @dataclass

@@ -14,11 +14,11 @@ REPO = Path(__file__).parents[1]
 
 def test_end_to_end_benchmark_times_whole_runs(tmp_path: Path) -> None:
     """LoRA at a learning rate given on the command line, a solo Skip2-LoRA run and its sweep of two
-    configurations."""
+    configurations, halved at the first validation."""
     args = ["--random-model", "pythia-14m", "--n-layer", "2", "--vocab", "64", "--samples", "40", "--tokens", "6"]
     args += ["--epochs", "2", "--lora-runs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
     args += ["--set", "train.lr_warmup_steps=1", "--set", "eval.max_new_tokens=2", "--methods", "lora", "faithful"]
-    args += ["--lora-lrs", "0.003", "--sweep", "lr=[0.001,0.003]"]
+    args += ["--lora-lrs", "0.003", "--sweep", "lr=[0.001,0.003]", "--keep", "0.5", "--set", "faithful:eval.interval=1"]
     path = end_to_end.main(args)  # in this process; each run is a process of its own
     assert path.with_suffix(".png").is_file()
     rows = json.loads(path.read_text())
@@ -33,7 +33,9 @@ def test_end_to_end_benchmark_times_whole_runs(tmp_path: Path) -> None:
         assert sum(phases.values()) == pytest.approx(row["breakdown"]["total"], abs=0.01)
         assert row["train_s"] == pytest.approx(phases["epoch_1"] + phases["later_epochs"], abs=0.002)
     sweep = rows[2]
-    assert sweep["configurations"] == 2 and sweep["chosen"] in ("lr=0.001", "lr=0.003")
+    assert sweep["configurations"] == 2 and sweep["chosen"] in ("lr=0.001", "lr=0.003") and sweep["keep"] == 0.5
+    steps = {c["name"]: c["steps"] for c in sweep["sweep"]}
+    assert sorted(steps.values())[0] == 1 and steps[sweep["chosen"]] > 1  # one dropped after step 1
     assert sweep["wall_vs_solo"] == pytest.approx(sweep["wall_s"] / rows[1]["wall_s"], abs=1e-4)
     assert sweep["wall_vs_solo_runs"] == pytest.approx(sweep["wall_vs_solo"] / 2, abs=1e-4)
     assert sweep["val_loss"] == min(c["val_loss"] for c in sweep["sweep"])

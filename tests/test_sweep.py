@@ -21,10 +21,11 @@ from litgpt.args import EvalArgs, TrainArgs
 
 import litgpt_skip2lora.__main__
 import litgpt_skip2lora.finetune
+import litgpt_skip2lora.model
 from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
-from litgpt_skip2lora.model import GPT, Config, factors_head, mark_trainable
+from litgpt_skip2lora.model import GPT, HEAD_ROWS, Config, factors_head, head_group_size, mark_trainable
 from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep, SweepArgs, build_sweep, check_fits, configuration_bytes
 from litgpt_skip2lora.training import Trainer, loss_groups
@@ -228,7 +229,9 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4))
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4) - 1)
-    plain_step = 2 * parameters + 4 * 3 * 2 * 96  # one configuration's logits, softmax and gradient at a time
+    # the larger of a step's logits, softmax and gradient for one configuration's 2 rows, and a validation's logits
+    # and log-softmax for both configurations' 2 rows, which share the head's pass
+    plain_step = 2 * parameters + 4 * 96 * max(3 * 2, 2 * 2 * 2)
     check_fits(sweep, 2, plain_step)
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 2, plain_step - 1)
@@ -252,6 +255,29 @@ def test_each_configurations_graph_is_back_propagated_outside_autocast(rows: int
         torch.stack(group).sum().backward()  # the graph is whole: nothing it needs was freed by an earlier group
     assert sizes == groups
     assert all(c.adapters.B.grad.abs().sum() > 0 for c in sweep.configurations)
+
+
+@torch.no_grad()
+def test_in_validation_configurations_share_the_heads_pass_and_keep_their_own_losses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sweep = two_learning_rates()
+    for c in sweep.configurations:
+        torch.nn.init.normal_(c.adapters.B)  # two different models
+    batch = Batch(Features(torch.randn(2, 3, 32), torch.randn(3, 32)), torch.tensor([5, -100, 7]), 3, 0.0)
+
+    def losses(head_rows: int) -> list[list[float]]:
+        monkeypatch.setattr(litgpt_skip2lora.model, "HEAD_ROWS", head_rows)
+        groups = loss_groups(sweep.model, batch, RowLayout.of(sweep.model.config), sweep.configurations)
+        return [[loss.item() for loss in group] for group in groups]
+
+    shared, own = losses(HEAD_ROWS), losses(3)  # both configurations' 3 rows in one pass; a pass each
+    assert len(shared) == 1 and len(own) == 2
+    assert shared[0] == pytest.approx(sum(own, []), rel=1e-6)
+    assert shared[0][0] != pytest.approx(shared[0][1], rel=1e-3)
+    assert head_group_size(sweep.model, 3, 2, training=True) == 1  # a step keeps one graph at a time
+    sweep.model.lm_head.linear.weight.requires_grad_(True)  # a head with a trained part is each configuration's own
+    assert head_group_size(sweep.model, 3, 2, training=False) == 1
 
 
 def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
