@@ -237,7 +237,8 @@ class Sweep:
         if not self.is_sweep:
             return f"{self.configurations[0].val_loss:.4f}"
         best = self.chosen()
-        return f"best {best.val_loss:.4f} ({best.name}), {len(self.alive)} configurations training"
+        alive = len(self.alive)
+        return f"best {best.val_loss:.4f} ({best.name}), {alive} configuration{'s' * (alive != 1)} training"
 
     def progress(self) -> dict[str, str]:
         """For a sweep's progress bar: the configurations still training, and the best validation loss so far."""

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from litgpt.args import EvalArgs, TrainArgs
+from litgpt.utils import chunked_cross_entropy
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,7 +24,7 @@ from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
 from litgpt_skip2lora.head import factored_cross_entropy
 from litgpt_skip2lora.model import GPT, head_group_size
-from litgpt_skip2lora.rows import IGNORE_INDEX, RowLayout
+from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep
 from litgpt_skip2lora.wallclock import WallClock
 
@@ -33,13 +33,9 @@ SETTINGS_CHECK_BATCHES = 2
 settings."""
 
 
-def group_losses(logits: torch.Tensor, targets: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """The mean cross-entropy at ``targets`` of each of ``count`` configurations whose logits for those rows are
-    stacked in ``logits``, as ``chunked_cross_entropy`` gives it. One cross-entropy over the whole group: split into
-    configurations, its backward would zero a copy of the group's logits for each."""
-    per_row = F.cross_entropy(logits, targets.repeat(count), ignore_index=IGNORE_INDEX, reduction="none")
-    valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return list((per_row.view(count, -1).sum(1) / valid).unbind())
+def rows_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the supervised rows' logits (zero, with a graph, for a batch without any)."""
+    return chunked_cross_entropy(logits, targets, chunk_size=0) if targets.numel() else logits.sum() * 0.0
 
 
 def loss_groups(
@@ -91,7 +87,7 @@ def plain_loss_groups(
         # a head with a trained part, so with dropout, is in a group of its own: the installed configuration's
         with autocast(), group[-1].random_stream(batch.targets.device):
             logits = model.head(torch.cat(rows))
-            losses = group_losses(logits, targets, len(group))
+            losses = [rows_loss(part, targets) for part in logits.tensor_split(len(group))]
         yield losses
 
 

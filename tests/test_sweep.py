@@ -288,3 +288,7 @@ def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
     configurations[3].alive = False  # dropped by halving: never chosen
     assert Sweep(None, configurations, SweepArgs(select="label_accuracy")).chosen().name == "c"  # tie: lower loss
     assert Sweep(None, configurations, SweepArgs()).chosen().name == "a"
+    assert Sweep(None, configurations, SweepArgs()).describe_losses() == "best 2.0000 (a), 3 configurations training"
+    for c in configurations[1:]:
+        c.alive = False
+    assert Sweep(None, configurations, SweepArgs()).describe_losses() == "best 2.0000 (a), 1 configuration training"
