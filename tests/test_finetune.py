@@ -506,6 +506,7 @@ def test_ctrl_c_before_training_is_one_line(tiny_checkpoint: Path, alpaca_file: 
     command += ["--data", "JSON", "--data.json_path", str(alpaca_file), "--out_dir", str(tmp_path / "out")]
     runner = (  # the real CLI, with the checkpoint load replaced by a Ctrl-C
         "import os, runpy, signal, sys, litgpt.utils\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal, even under a background job
         "litgpt.utils.load_checkpoint = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)\n"
         f"sys.argv = {command[2:]!r}\n"
         "runpy.run_module('litgpt_skip2lora', run_name='__main__')\n"
