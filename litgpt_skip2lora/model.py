@@ -304,9 +304,9 @@ def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool
 
 
 HEAD_ROWS = 256
-"""Rows that share one pass of a frozen head over the vocabulary. Below about this many rows the pass costs mostly
-the reading of the ``vocabulary x d`` matrix (on an H100 in bfloat16; on a CPU the turn comes sooner), so
-configurations with few supervised rows each, as on a label task, share that read."""
+"""Rows that share one pass of a frozen head over the vocabulary. On few rows the pass costs mostly the reading of
+the ``vocabulary x d`` matrix, so configurations with few supervised rows each, as on a label task, share that read;
+the bound keeps a group's logits as small as a few hundred rows'."""
 
 
 def head_group_size(model: GPT, rows: int, count: int, training: bool) -> int:
