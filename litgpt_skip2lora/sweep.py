@@ -272,8 +272,9 @@ def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
     """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head a
     step also holds one configuration's logits over ``rows`` rows, their softmax and gradient in float32, and a
-    validation the logits and log-softmax of a group of configurations
-    (:func:`~litgpt_skip2lora.model.head_group_size`); the factored head never stores the logits whole."""
+    validation the logits of a group of configurations (:func:`~litgpt_skip2lora.model.head_group_size`) with one
+    configuration's log-softmax at a time, counted here as the group's; the factored head never stores the logits
+    whole."""
     vocab, count = sweep.model.config.padded_vocab_size, len(sweep.configurations)
     factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)
     validation_rows = rows * head_group_size(sweep.model, rows, count, training=False)

@@ -230,7 +230,7 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4) - 1)
     # the larger of a step's logits, softmax and gradient for one configuration's 2 rows, and a validation's logits
-    # and log-softmax for both configurations' 2 rows, which share the head's pass
+    # for both configurations' 2 rows, which share the head's pass, with as much again bounding its log-softmax
     plain_step = 2 * parameters + 4 * 96 * max(3 * 2, 2 * 2 * 2)
     check_fits(sweep, 2, plain_step)
     with pytest.raises(MemoryError, match="2 configurations need about"):
