@@ -1,4 +1,4 @@
-"""The tail's LoRA dropout: ``torch.nn.Dropout`` against ``litgpt_skip2lora.model.Dropout``, which draws its mask
+"""The tail's LoRA dropout: ``torch.nn.Dropout`` against ``litgpt_skip2lora.dropout.Dropout``, which draws its mask
 with ``torch.rand``, in the trainable-tail YAML's step (``skip2lora_tail.yaml``'s LoRA options in the last four
 blocks), random weights of the model's shape, a batch of the supersense task's shape.
 
@@ -23,16 +23,18 @@ import yaml
 from litgpt.lora import LoRALayer
 
 from benchmarks.end_to_end import METHODS, REPO, block_overrides
-from litgpt_skip2lora.model import GPT, Config, Dropout, mark_trainable
+from litgpt_skip2lora.adapters import Features
+from litgpt_skip2lora.dropout import Dropout
+from litgpt_skip2lora.model import GPT, Config, mark_trainable
+from litgpt_skip2lora.rows import IGNORE_INDEX
 
 TAIL_YAML = REPO / "config_hub/finetune/SmolLM2-135M-Instruct" / METHODS["tail"][1]
 VARIANTS = {"torch.nn.Dropout": nn.Dropout, "litgpt_skip2lora Dropout": Dropout}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def tail_step_parser(description: str) -> argparse.ArgumentParser:
+    """Options of a benchmark that times the trainable tail's steps."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="a LitGPT config name")
     parser.add_argument("--n-layer", type=int, help="this many blocks instead of the model's")
     parser.add_argument("--batch", type=int, default=8, help="sequences a micro-batch")
@@ -41,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps a round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each variant")
     parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return tail_step_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def tail_model(args: argparse.Namespace) -> GPT:
@@ -57,18 +63,24 @@ def tail_model(args: argparse.Namespace) -> GPT:
     return model
 
 
-def time_steps(model: GPT, args: argparse.Namespace) -> list[float]:
-    """Seconds of each timed step of the tail from one batch's features."""
+def tail_batch(model: GPT, args: argparse.Namespace) -> tuple[Features, torch.Tensor]:
+    """Features of ``args.batch`` random sequences of ``args.tokens`` tokens, and their targets: the last 3 rows."""
     vocab = model.config.padded_vocab_size
     with torch.no_grad():
         features = model.backbone(torch.randint(0, vocab, (args.batch, args.tokens)))
-    supervised = torch.zeros(args.batch, args.tokens, dtype=torch.bool)
-    supervised[:, -3:] = True
-    targets = torch.randint(0, vocab, (int(supervised.sum()),))
+    targets = torch.full((args.batch, args.tokens), IGNORE_INDEX)
+    targets[:, -3:] = torch.randint(0, vocab, (args.batch, 3))
+    return features, targets
+
+
+def time_steps(model: GPT, args: argparse.Namespace) -> list[float]:
+    """Seconds of each timed step of the tail from one batch's features."""
+    features, targets = tail_batch(model, args)
+    supervised = targets != IGNORE_INDEX
     seconds = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        F.cross_entropy(model.tail(features, supervised), targets).backward()
+        F.cross_entropy(model.tail(features, supervised), targets[supervised]).backward()
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
     return seconds
@@ -84,19 +96,26 @@ def main(args: argparse.Namespace) -> Path:
             for layer in layers:
                 layer.lora_dropout = variant(layer.lora_dropout.p)
             seconds[name] += time_steps(model, args)
-    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    return write_results(args, model, "dropout", seconds, dropout_layers=len(layers))
+
+
+def write_results(args: argparse.Namespace, model: GPT, name: str, seconds: dict[str, list[float]], **facts) -> Path:
+    """Write ``<out>/<name>-<UTC timestamp>.json``: the setting, every step's seconds, each variant's median and the
+    ratio of the second variant's median to the first's."""
+    medians = {variant: statistics.median(s) for variant, s in seconds.items()}
+    baseline, variant = medians.values()
     result = {
         "model": args.model,
         "n_layer": model.config.n_layer,
         "batch": [args.batch, args.tokens],
-        "dropout_layers": len(layers),
+        **facts,
         "device": f"cpu ({torch.get_num_threads()} threads)",
         "median_step_s": medians,
-        "ratio": medians["litgpt_skip2lora Dropout"] / medians["torch.nn.Dropout"],
+        "ratio": variant / baseline,
         "step_s": seconds,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"dropout-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path = args.out / f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"median step: {medians}; ratio {result['ratio']:.4f}; wrote {path}")
     return path

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from litgpt_skip2lora.dropout import BernoulliDropout
+
 
 @dataclass
 class Features:
@@ -30,7 +32,7 @@ class Adapters(nn.Module):
         self.A = nn.Parameter(torch.empty(n, r, n_embd))
         self.B = nn.Parameter(torch.empty(n_embd, n * r))
         self.scaling = alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = BernoulliDropout(dropout) if dropout > 0 else nn.Identity()
         self.factor_head = True
         """Let the head be computed factored where that is cheaper (``GPT.shared_head``)."""
         self.reset_parameters()

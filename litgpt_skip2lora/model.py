@@ -20,6 +20,7 @@ from litgpt.model import batched_index_select, do_softcapping
 from typing_extensions import Self
 
 from litgpt_skip2lora.adapters import Adapters, Features
+from litgpt_skip2lora.dropout import Dropout
 from litgpt_skip2lora.head import factoring_pays
 
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
@@ -98,28 +99,13 @@ class Config(litgpt.lora.Config):
         return tuple(normalized)
 
 
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with its mask drawn by ``torch.rand``, the same distribution: on the CPU ``nn.Dropout``'s
-    ``bernoulli_`` is the slower draw, and a tail's LoRA layers draw a mask over every position of every block
-    (``python -m benchmarks.dropout`` times a tail step with each)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p)
-        return x * (keep.div_(1 - self.p) if self.p < 1 else keep).to(x.dtype)
-
-
 class Block(litgpt.lora.Block):
     """LitGPT's LoRA block. Before a ``block.K`` output place it has no ordinary LoRA: the frozen part stays frozen,
-    so it can be cached; ordinary LoRA applies to the tail's blocks only, with :class:`Dropout`."""
+    so it can be cached; ordinary LoRA applies to the tail's blocks only."""
 
     def __init__(self, config: Config, block_idx: int) -> None:
         frozen = config.skip2lora_enabled and block_idx < config.skip2lora_tail_start < config.n_layer
         super().__init__(replace(config, **{flag: False for flag in LORA_FLAGS}) if frozen else config, block_idx)
-        for module in self.modules():
-            if isinstance(getattr(module, "lora_dropout", None), nn.Dropout):
-                module.lora_dropout = Dropout(module.lora_dropout.p)
 
     def forward(
         self,
@@ -149,7 +135,8 @@ class Block(litgpt.lora.Block):
 
 
 class GPT(litgpt.lora.GPT):
-    """LitGPT's LoRA GPT whose forward adds ``z = self.skip2lora(taps)`` at the output place.
+    """LitGPT's LoRA GPT whose forward adds ``z = self.skip2lora(taps)`` at the output place. Its LoRA layers drop
+    out with :class:`~litgpt_skip2lora.dropout.Dropout`, from the running configuration's random stream.
 
     ``backbone``/``tail`` follow the steps of LitGPT 0.5.13's ``GPT.forward`` (embedding, scaling, blocks with their
     RoPE tables and mask, ``ln_f``, ``lm_head``, softcapping), split at the output place.
@@ -160,6 +147,9 @@ class GPT(litgpt.lora.GPT):
         super().__init__(replace(config, n_layer=0, skip2lora_enabled=False))
         self.config = config
         self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        for module in self.modules():
+            if isinstance(getattr(module, "lora_dropout", None), nn.Dropout):
+                module.lora_dropout = Dropout(module.lora_dropout.p)
         if config.skip2lora_enabled:
             n = len(config.skip2lora_block_indices)
             self.skip2lora = Adapters(n, config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout)

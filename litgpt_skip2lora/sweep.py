@@ -10,6 +10,7 @@ halving), so they stop costing compute.
 """
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from litgpt.lora import LoRALayer
 from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters
+from litgpt_skip2lora.dropout import drawing_from
+from litgpt_skip2lora.lanes import Lanes, lane_count
 from litgpt_skip2lora.model import GPT, Config, factors_head, head_group_size
 
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
@@ -99,7 +102,7 @@ class Configuration:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Its dropout random stream: the CPU (and CUDA) generator states it continues from."""
+    """Its dropout random stream: the state of its device's generator it continues from."""
     alive: bool = True
     steps: int = 0
     """Optimizer steps trained."""
@@ -124,14 +127,13 @@ class Configuration:
 
     @contextlib.contextmanager
     def random_stream(self, device: torch.device) -> Iterator[None]:
-        """Run the block with this configuration's own dropout stream, leaving the global one as it was."""
-        saved = rng_state(device)
-        set_rng_state(self.rng, device)
-        try:
+        """Draw its dropout masks from its own stream, on whichever thread it runs; torch's global generator is left
+        as it was."""
+        generator = torch.Generator(device)
+        generator.set_state(self.rng[device.type])
+        with drawing_from(generator):
             yield
-        finally:
-            self.rng = rng_state(device)
-            set_rng_state(saved, device)
+        self.rng = {device.type: generator.get_state()}
 
     def optimizer_step(self, fabric: L.Fabric, max_norm: float | None) -> None:
         """Its gradients averaged over the ranks, clipped to ``max_norm`` and applied; its schedule advances."""
@@ -178,25 +180,22 @@ def average_gradients(fabric: L.Fabric, parameters: list[nn.Parameter]) -> None:
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    """The state of torch's global generator for ``device``: where a configuration's dropout stream starts."""
+    return {device.type: torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()}
 
 
 class Sweep:
-    """The configurations of a run, and what they share: the model, whose frozen weights they all read."""
+    """The configurations of a run, and what they share: the model, whose frozen weights they all read, in its
+    lanes (:mod:`litgpt_skip2lora.lanes`)."""
 
     def __init__(self, model: GPT, configurations: list[Configuration], args: SweepArgs) -> None:
         self.model, self.configurations, self.args = model, configurations, args
         self.history: list[dict] = []
         """Every validation: its step and each live configuration's loss, for the sweep's plot."""
+
+    @functools.cached_property
+    def lanes(self) -> Lanes:
+        return Lanes(self.model, lane_count(self.model, len(self.configurations)))
 
     @property
     def alive(self) -> list[Configuration]:
@@ -250,7 +249,8 @@ class Sweep:
 
     def set_training(self, mode: bool) -> None:
         """Dropout on in the parts that train (every configuration's adapters, the tail's blocks), off elsewhere."""
-        for module in [*(c.adapters for c in self.configurations), *self.model.tail_modules]:
+        tails = [module for model in self.lanes.models for module in model.tail_modules]
+        for module in [*(c.adapters for c in self.configurations), *tails]:
             module.train(mode)
 
     def state_dict(self) -> dict[str, Any]:
@@ -270,15 +270,16 @@ def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
 
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
-    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head a
-    step also holds one configuration's logits over ``rows`` rows, their softmax and gradient in float32, and a
-    validation the logits of a group of configurations (:func:`~litgpt_skip2lora.model.head_group_size`) with one
-    configuration's log-softmax at a time, counted here as the group's; the factored head never stores the logits
-    whole."""
+    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head each
+    lane (:func:`~litgpt_skip2lora.lanes.lane_count`) holds, in a step, one configuration's logits over ``rows``
+    rows, their softmax and gradient in float32, and in a validation the logits of a group of its configurations
+    (:func:`~litgpt_skip2lora.model.head_group_size`) with one configuration's log-softmax at a time, counted here
+    as the group's; the factored head never stores the logits whole."""
     vocab, count = sweep.model.config.padded_vocab_size, len(sweep.configurations)
     factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)
-    validation_rows = rows * head_group_size(sweep.model, rows, count, training=False)
-    logits = 0 if factored else 4 * vocab * max(3 * rows, 2 * validation_rows)
+    lanes = lane_count(sweep.model, count)
+    validation_rows = rows * head_group_size(sweep.model, rows, math.ceil(count / lanes), training=False)
+    logits = 0 if factored else lanes * 4 * vocab * max(3 * rows, 2 * validation_rows)
     needed = logits + sum(configuration_bytes(c, vocab, factored) for c in sweep.configurations)
     if sweep.is_sweep and needed > available:
         raise MemoryError(

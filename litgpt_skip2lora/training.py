@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -161,13 +162,11 @@ class Trainer:
         return True
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """Every live configuration's loss on a micro-batch, back-propagated by group; optimizer steps when due."""
+        """Every live configuration's loss on a micro-batch, back-propagated by group in its lane; optimizer steps
+        when due."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
-        losses = []
-        for group in loss_groups(self.model, batch, self.layout, alive, self.fabric.autocast):
-            self.fabric.backward(torch.stack(group).sum() / self.accum)
-            losses += [loss.detach() for loss in group]
+        losses = self.sweep.lanes.map(partial(self.backward, batch), alive)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
                 c.optimizer_step(self.fabric, self.train.max_norm)
@@ -223,13 +222,26 @@ class Trainer:
             self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
             configurations = alive[:1] if untrained else alive
-            losses = [torch.stack(sum(loss_groups(self.model, b, self.layout, configurations), [])) for b in batches]
+            losses = [torch.stack(self.sweep.lanes.map(partial(self.losses, b), configurations)) for b in batches]
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
             self.validated = done
             metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"])
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
+
+    def backward(self, batch: Batch, model: GPT, configurations: list[Configuration]) -> list[torch.Tensor]:
+        """The configurations' losses on a micro-batch, computed by ``model``, each group back-propagated before the
+        next one is computed."""
+        losses = []
+        for group in loss_groups(model, batch, self.layout, configurations, self.fabric.autocast):
+            self.fabric.backward(torch.stack(group).sum() / self.accum)
+            losses += [loss.detach() for loss in group]
+        return losses
+
+    def losses(self, batch: Batch, model: GPT, configurations: list[Configuration]) -> list[torch.Tensor]:
+        """The configurations' losses on a validation batch, computed by ``model``."""
+        return sum(loss_groups(model, batch, self.layout, configurations), [])
 
     def log(self, losses: torch.Tensor, iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
         """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training

@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import dropout, step
+from benchmarks import dropout, lanes, step
 
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
 EXPECTED = [
@@ -77,3 +78,13 @@ def test_the_dropout_benchmark_times_both_variants_alike(tmp_path: Path) -> None
     assert {name: len(s) for name, s in result["step_s"].items()} == dict.fromkeys(dropout.VARIANTS, 4)
     medians = result["median_step_s"]
     assert result["ratio"] == medians["litgpt_skip2lora Dropout"] / medians["torch.nn.Dropout"]
+
+
+def test_the_lanes_benchmark_times_one_lane_against_one_a_thread(tmp_path: Path) -> None:
+    args = lanes.parse_args(["--model", "pythia-14m", "--n-layer", "3", "--tokens", "8", "--batch", "2"])
+    args.warmup, args.steps, args.rounds, args.out, args.configurations = 1, 2, 2, tmp_path, 3
+    result = json.loads(lanes.main(args).read_text())
+    assert result["lanes"] == {"one lane": 1, "one lane a thread": min(3, torch.get_num_threads())}
+    assert {name: len(s) for name, s in result["step_s"].items()} == {"one lane": 4, "one lane a thread": 4}
+    medians = result["median_step_s"]
+    assert result["ratio"] == medians["one lane a thread"] / medians["one lane"]

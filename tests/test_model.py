@@ -11,7 +11,7 @@ from litgpt.generate.base import generate
 from litgpt_skip2lora import GPT, Adapters, Config, head
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.head import factoring_pays
-from litgpt_skip2lora.model import Dropout, mark_trainable, save_model_config, trainable_state
+from litgpt_skip2lora.model import mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
 
 FAMILIES = {
@@ -93,22 +93,6 @@ def test_ordinary_lora_before_a_block_output_place_is_off() -> None:
     assert lora_blocks == {"2"}
     mark_trainable(model)
     assert not model.backbone_requires_grad()
-
-
-def test_the_tails_lora_dropout_keeps_1_minus_p_of_the_inputs_scaled_up() -> None:
-    model = GPT(tiny(lora_query=True, lora_mlp=True, lora_dropout=0.25, skip2lora_output_layer="block.2"))
-    dropouts = [m.lora_dropout for m in model.transformer.h[2].modules() if hasattr(m, "lora_dropout")]
-    assert len(dropouts) == 5 and all(type(d) is Dropout for d in dropouts)  # qkv, proj (r 0), fc_1, fc_2, proj
-    x = torch.ones(1000, 1000)
-    dropout = dropouts[0].train()
-    torch.manual_seed(0)
-    kept = dropout(x)
-    assert torch.equal(kept.unique(), torch.tensor([0.0, 4 / 3]))
-    assert (kept > 0).float().mean().item() == pytest.approx(0.75, abs=0.005)  # 1e6 draws: 0.0004 standard error
-    torch.manual_seed(0)
-    assert torch.equal(dropout(x), kept)  # the global random stream decides it, as nn.Dropout
-    assert torch.equal(dropout.eval()(x), x)
-    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
 
 
 def saved_bytes(n_layer: int) -> int:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import litgpt_skip2lora.model
 from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
+from litgpt_skip2lora.lanes import Lanes, lane_count, replica
 from litgpt_skip2lora.model import GPT, HEAD_ROWS, Config, factors_head, head_group_size, mark_trainable
 from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep, SweepArgs, build_sweep, check_fits, configuration_bytes
@@ -207,14 +209,16 @@ def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
     assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
 
 
-def two_learning_rates() -> Sweep:
-    """A sweep of two configurations of adapters from both blocks of a tiny model, rank n r = 4, vocabulary 96."""
+def two_learning_rates(lrs: tuple[float, ...] = (0.01, 0.02), **options) -> Sweep:
+    """A sweep of configurations of adapters from both blocks of a tiny model, rank n r = 4, vocabulary 96 (by
+    default two configurations, and no other trained part)."""
     shape = dict(n_layer=2, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96, lora_r=2, lora_alpha=4)
-    model = GPT(Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1)))
+    config = Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1), **options)
+    model = GPT(config)
     mark_trainable(model)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
     constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
-    fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=[0.01, 0.02])
+    fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=list(lrs))
     return build_sweep(fabric, model, grid, optimizer, 1, constant)
 
 
@@ -235,6 +239,19 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     check_fits(sweep, 2, plain_step)
     with pytest.raises(MemoryError, match="2 configurations need about"):
         check_fits(sweep, 2, plain_step - 1)
+
+
+@pytest.mark.parametrize(("threads", "logits"), [(1, 4 * 96 * 2 * 6), (2, 2 * 4 * 96 * 2 * 4)])
+def test_each_lane_holds_its_own_logits(threads: int, logits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tail's 3 configurations, 2 rows each, on one lane (a validation shares the head's pass over their 6 rows)
+    or on two (a lane's 2 configurations share it over 4 rows, and both lanes hold theirs at once)."""
+    tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True)
+    sweep = two_learning_rates((0.01, 0.02, 0.03), **tail)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    parameters = sum(configuration_bytes(c, 96, factored=False) for c in sweep.configurations)
+    check_fits(sweep, 2, parameters + logits)
+    with pytest.raises(MemoryError, match="3 configurations need about"):
+        check_fits(sweep, 2, parameters + logits - 1)
 
 
 @pytest.mark.parametrize(("rows", "groups"), [(64, [2]), (2, [1, 1])])  # the factored head; the plain one
@@ -278,6 +295,49 @@ def test_in_validation_configurations_share_the_heads_pass_and_keep_their_own_lo
     assert head_group_size(sweep.model, 3, 2, training=True) == 1  # a step keeps one graph at a time
     sweep.model.lm_head.linear.weight.requires_grad_(True)  # a head with a trained part is each configuration's own
     assert head_group_size(sweep.model, 3, 2, training=False) == 1
+
+
+def test_lanes_compute_each_configuration_as_the_processs_own_thread_does() -> None:
+    """Three configurations of a tail with q/v LoRA and dropout, on one lane and on two: the same dropout draws,
+    and the same losses and gradients up to float32 rounding (one thread sums in another order than two)."""
+    tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True, lora_dropout=0.2)
+    features = Features(torch.randn(2, 3, 10, 32), torch.randn(3, 10, 32))
+    batch = Batch(features, torch.randint(0, 96, (3, 10)), 30, 0.0)
+    threads = set()
+
+    def backward(model: GPT, configurations: list[Configuration]) -> list[torch.Tensor]:
+        threads.add((threading.get_ident(), torch.get_num_threads()))
+        losses = sum(loss_groups(model, batch, RowLayout.of(model.config), configurations), [])
+        torch.stack(losses).sum().backward()
+        return [loss.detach() for loss in losses]
+
+    def stepped(lanes: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
+        torch.manual_seed(0)
+        sweep = two_learning_rates((0.01, 0.02, 0.03), **tail)  # the same weights and configurations
+        sweep.set_training(True)
+        before = [c.rng["cpu"] for c in sweep.configurations]
+        losses = Lanes(sweep.model, lanes).map(backward, sweep.configurations)
+        streams = [c.rng["cpu"] for c in sweep.configurations]  # each moved on by its own draws only
+        assert not any(torch.equal(a, b) for a, b in zip(before, streams, strict=True))
+        return streams, losses, [[p.grad for p in c.parameters()] for c in sweep.configurations]
+
+    one = stepped(1)
+    assert threads == {(threading.get_ident(), torch.get_num_threads())}
+    threads.clear()
+    two = stepped(2)
+    assert len(threads) == 2 and {count for _, count in threads} == {1}  # the process keeps its threads
+    assert all(torch.equal(a, b) for a, b in zip(one[0], two[0], strict=True))
+    torch.testing.assert_close(one[1:], two[1:], rtol=1e-5, atol=1e-7)
+    assert lane_count(two_learning_rates((0.01, 0.02, 0.03), **tail).model, 3) == min(3, torch.get_num_threads())
+    assert lane_count(two_learning_rates((0.01, 0.02, 0.03)).model, 3) == 1  # adapters alone: one lane
+
+
+def test_a_replica_shares_every_tensor_and_has_modules_of_its_own() -> None:
+    model = two_learning_rates().model
+    copy = replica(model)
+    tensors = lambda m: [t.data_ptr() for t in [*m.parameters(), *m.buffers()]]  # noqa: E731
+    assert tensors(copy) == tensors(model)
+    assert not {id(m) for m in copy.modules()} & {id(m) for m in model.modules()}
 
 
 def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
