@@ -195,6 +195,7 @@ class Sweep:
 
     @functools.cached_property
     def lanes(self) -> Lanes:
+        """Where its configurations are computed: made at first use, once the model is where it trains."""
         return Lanes(self.model, lane_count(self.model, len(self.configurations)))
 
     @property
