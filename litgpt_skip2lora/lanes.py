@@ -3,9 +3,10 @@
 With a trainable tail every configuration runs transformer blocks of its own: a few hundred operations on a
 micro-batch, many of them too small to spread well over the cores, or serial (the dropout draws). Configurations
 side by side, one core each, keep every core busy instead (``python -m benchmarks.lanes`` times both ways).
-So a sweep on the CPU splits its live configurations into lanes, one a thread, up to one a configuration: each lane
-computes its share one configuration after another, on a replica of the model that shares every weight. On a GPU,
-and for adapters alone (whose heads are shared, :mod:`litgpt_skip2lora.head`), there is one lane: the process's.
+So a sweep on the CPU splits its live configurations into lanes, as many as the process has threads, up to one a
+configuration: each lane computes its share one configuration after another, on its share of the cores and on a
+replica of the model that shares every weight. On a GPU, and for adapters alone (whose heads are shared,
+:mod:`litgpt_skip2lora.head`), there is one lane: the process's.
 """
 
 import copy
@@ -25,8 +26,9 @@ Result = TypeVar("Result")
 
 
 def lane_count(model: GPT, configurations: int) -> int:
-    """How many lanes a sweep of ``configurations`` uses: on the CPU, when its tail has blocks, one a thread (at most
-    one a configuration); else one. The one place this is decided, for the step and its memory."""
+    """How many lanes a sweep of ``configurations`` uses: on the CPU, when its tail has blocks, as many as the
+    process has threads (at most one a configuration); else one. The one place this is decided, for the step and its
+    memory."""
     on_cpu = model.lm_head.linear.weight.device.type == "cpu"
     if not on_cpu or RowLayout.of(model.config).flat:
         return 1
@@ -41,12 +43,15 @@ def replica(model: GPT) -> GPT:
 
 
 class Lanes:
-    """``count`` replicas of the model (the first is the model itself), each with a thread of one core."""
+    """``count`` replicas of the model (the first is the model itself), each with a thread of its own that computes
+    on an equal share of the process's cores (one each on a CPU with as many cores as lanes)."""
 
     def __init__(self, model: GPT, count: int) -> None:
         self.models = [model, *(replica(model) for _ in range(count - 1))]
-        self.pool = ThreadPoolExecutor(count, initializer=torch.set_num_threads, initargs=(1,)) if count > 1 else None
-        if self.pool is not None:
+        self.pool = None
+        if count > 1:
+            cores = max(1, torch.get_num_threads() // count)
+            self.pool = ThreadPoolExecutor(count, initializer=torch.set_num_threads, initargs=(cores,))
             weakref.finalize(self, self.pool.shutdown, wait=False)
 
     def map(self, work: Callable[[GPT, list[Share]], list[Result]], items: list[Share]) -> list[Result]:

@@ -325,11 +325,22 @@ def test_lanes_compute_each_configuration_as_the_processs_own_thread_does() -> N
     assert threads == {(threading.get_ident(), torch.get_num_threads())}
     threads.clear()
     two = stepped(2)
-    assert len(threads) == 2 and {count for _, count in threads} == {1}  # the process keeps its threads
+    assert len(threads) == 2 and {count for _, count in threads} == {max(1, torch.get_num_threads() // 2)}
     assert all(torch.equal(a, b) for a, b in zip(one[0], two[0], strict=True))
     torch.testing.assert_close(one[1:], two[1:], rtol=1e-5, atol=1e-7)
     assert lane_count(two_learning_rates((0.01, 0.02, 0.03), **tail).model, 3) == min(3, torch.get_num_threads())
     assert lane_count(two_learning_rates((0.01, 0.02, 0.03)).model, 3) == 1  # adapters alone: one lane
+
+
+def test_lanes_share_the_processs_threads() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        lanes = Lanes(two_learning_rates().model, 2)
+        seen = lanes.map(lambda model, share: [(torch.get_num_threads(), item) for item in share], ["a", "b", "c"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(2, "a"), (2, "b"), (2, "c")]  # shares ["a"] and ["b", "c"], results in the items' order
 
 
 def test_a_replica_shares_every_tensor_and_has_modules_of_its_own() -> None:
