@@ -2,7 +2,8 @@
 
 Each batch's features come from :class:`~litgpt_skip2lora.backbone.CachedBackbone` (epoch 1 runs the backbone,
 later epochs read the cache); the step is then the tail, the loss and the optimizer only, for every configuration
-of the sweep still training (:mod:`litgpt_skip2lora.sweep`; a run without a sweep has one).
+of the sweep still training (:mod:`litgpt_skip2lora.sweep`; a run without a sweep has one), computed in the sweep's
+lanes (:mod:`litgpt_skip2lora.lanes`).
 """
 
 import contextlib
