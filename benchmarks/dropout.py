@@ -10,115 +10,41 @@ variants alternate round by round, so that a slower minute of the machine falls 
 """
 
 import argparse
-import json
-import statistics
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from litgpt.lora import LoRALayer
 
-from benchmarks.end_to_end import METHODS, REPO, block_overrides
-from litgpt_skip2lora.adapters import Features
+from benchmarks import tail_steps
 from litgpt_skip2lora.dropout import Dropout
-from litgpt_skip2lora.model import GPT, Config, mark_trainable
 from litgpt_skip2lora.rows import IGNORE_INDEX
 
-TAIL_YAML = REPO / "config_hub/finetune/SmolLM2-135M-Instruct" / METHODS["tail"][1]
 VARIANTS = {"torch.nn.Dropout": nn.Dropout, "litgpt_skip2lora Dropout": Dropout}
 
 
-def tail_step_parser(description: str) -> argparse.ArgumentParser:
-    """Options of a benchmark that times the trainable tail's steps."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="a LitGPT config name")
-    parser.add_argument("--n-layer", type=int, help="this many blocks instead of the model's")
-    parser.add_argument("--batch", type=int, default=8, help="sequences a micro-batch")
-    parser.add_argument("--tokens", type=int, default=48, help="tokens a sequence, the last 3 supervised")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each round")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps a round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each variant")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
-    return parser
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return tail_step_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-
-
-def tail_model(args: argparse.Namespace) -> GPT:
-    """The tail YAML's LoRA options and design (:func:`~benchmarks.end_to_end.block_overrides`) on ``args.model``."""
-    n_layer = args.n_layer or Config.from_name(args.model).n_layer
-    lora = {k: v for k, v in yaml.safe_load(TAIL_YAML.read_text()).items() if k.startswith("lora_")}
-    tail = block_overrides("tail", n_layer)
-    config = Config.from_name(args.model, n_layer=n_layer, skip2lora_enabled=True, **lora, **tail)
-    model = GPT(config)
-    mark_trainable(model)
-    for module in model.tail_modules:
-        module.train()
-    return model
-
-
-def tail_batch(model: GPT, args: argparse.Namespace) -> tuple[Features, torch.Tensor]:
-    """Features of ``args.batch`` random sequences of ``args.tokens`` tokens, and their targets: the last 3 rows."""
-    vocab = model.config.padded_vocab_size
-    with torch.no_grad():
-        features = model.backbone(torch.randint(0, vocab, (args.batch, args.tokens)))
-    targets = torch.full((args.batch, args.tokens), IGNORE_INDEX)
-    targets[:, -3:] = torch.randint(0, vocab, (args.batch, 3))
-    return features, targets
-
-
-def time_steps(model: GPT, args: argparse.Namespace) -> list[float]:
-    """Seconds of each timed step of the tail from one batch's features."""
-    features, targets = tail_batch(model, args)
-    supervised = targets != IGNORE_INDEX
-    seconds = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        F.cross_entropy(model.tail(features, supervised), targets[supervised]).backward()
-        if i >= args.warmup:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+    return tail_steps.parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
-    model = tail_model(args)
+    model = tail_steps.tail_model(args)
+    features, targets = tail_steps.tail_batch(model, args)
+    supervised = targets != IGNORE_INDEX
+
+    def step() -> None:
+        F.cross_entropy(model.tail(features, supervised), targets[supervised]).backward()
+
     layers = [m for m in model.modules() if isinstance(m, LoRALayer) and hasattr(m, "lora_A")]  # they draw masks
     seconds = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, variant in VARIANTS.items():
             for layer in layers:
                 layer.lora_dropout = variant(layer.lora_dropout.p)
-            seconds[name] += time_steps(model, args)
-    return write_results(args, model, "dropout", seconds, dropout_layers=len(layers))
-
-
-def write_results(args: argparse.Namespace, model: GPT, name: str, seconds: dict[str, list[float]], **facts) -> Path:
-    """Write ``<out>/<name>-<UTC timestamp>.json``: the setting, every step's seconds, each variant's median and the
-    ratio of the second variant's median to the first's."""
-    medians = {variant: statistics.median(s) for variant, s in seconds.items()}
-    baseline, variant = medians.values()
-    result = {
-        "model": args.model,
-        "n_layer": model.config.n_layer,
-        "batch": [args.batch, args.tokens],
-        **facts,
-        "device": f"cpu ({torch.get_num_threads()} threads)",
-        "median_step_s": medians,
-        "ratio": variant / baseline,
-        "step_s": seconds,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"median step: {medians}; ratio {result['ratio']:.4f}; wrote {path}")
-    return path
+            seconds[name] += tail_steps.timed(step, args)
+    return tail_steps.write_results(args, model, "dropout", seconds, dropout_layers=len(layers))
 
 
 if __name__ == "__main__":

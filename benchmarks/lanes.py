@@ -12,14 +12,13 @@ seconds, each way's median and their ratio::
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 
-from benchmarks.dropout import tail_batch, tail_model, tail_step_parser, write_results
+from benchmarks import tail_steps
 from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.lanes import Lanes
 from litgpt_skip2lora.sweep import SweepArgs, build_sweep
@@ -28,7 +27,7 @@ from litgpt_skip2lora.wallclock import WallClock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = tail_step_parser(__doc__.split("\n\n")[0])
+    parser = tail_steps.parser(__doc__.split("\n\n")[0])
     parser.add_argument("--configurations", type=int, default=4, help="learning rates swept")
     return parser.parse_args(argv)
 
@@ -36,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sweep_trainer(args: argparse.Namespace) -> Trainer:
     """A trainer of ``args.configurations`` learning rates over the tail model, as ``finetune_skip2lora`` builds it."""
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
-    model = tail_model(args)
+    model = tail_steps.tail_model(args)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
     grid = SweepArgs(lr=[0.001 * (k + 1) for k in range(args.configurations)])
     sweep = build_sweep(fabric, model, grid, optimizer, 1, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1))
@@ -49,20 +48,16 @@ def sweep_trainer(args: argparse.Namespace) -> Trainer:
 def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
     trainer = sweep_trainer(args)
-    features, targets = tail_batch(trainer.model, args)
+    features, targets = tail_steps.tail_batch(trainer.model, args)
     batch = Batch(features, targets, targets.numel(), 0.0)
     ways = {"one lane": Lanes(trainer.model, 1), "one lane a thread": trainer.sweep.lanes}
     seconds = {name: [] for name in ways}
     for _ in range(args.rounds):
         for name, lanes in ways.items():
             trainer.sweep.lanes = lanes
-            for i in range(args.warmup + args.steps):
-                start = time.perf_counter()
-                trainer.step(batch)
-                if i >= args.warmup:
-                    seconds[name].append(time.perf_counter() - start)
-    counts = {name: len(lanes.models) for name, lanes in ways.items()}
-    return write_results(args, trainer.model, "lanes", seconds, configurations=args.configurations, lanes=counts)
+            seconds[name] += tail_steps.timed(lambda: trainer.step(batch), args)
+    facts = {"configurations": args.configurations, "lanes": {name: len(lanes.models) for name, lanes in ways.items()}}
+    return tail_steps.write_results(args, trainer.model, "lanes", seconds, **facts)
 
 
 if __name__ == "__main__":
