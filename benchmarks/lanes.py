@@ -32,12 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sweep_trainer(args: argparse.Namespace) -> Trainer:
-    """A trainer of ``args.configurations`` learning rates over the tail model, as ``finetune_skip2lora`` builds it."""
+def learning_rates(count: int) -> SweepArgs:
+    """A sweep of ``count`` learning rates, 1e-3 apart."""
+    return SweepArgs(lr=[0.001 * (k + 1) for k in range(count)])
+
+
+def sweep_trainer(args: argparse.Namespace, grid: SweepArgs) -> Trainer:
+    """A trainer of the ``grid``'s configurations over the tail model, as ``finetune_skip2lora`` builds it."""
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     model = tail_steps.tail_model(args)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
-    grid = SweepArgs(lr=[0.001 * (k + 1) for k in range(args.configurations)])
     sweep = build_sweep(fabric, model, grid, optimizer, 1, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1))
     sweep.set_training(True)
     train = TrainArgs(global_batch_size=args.batch, micro_batch_size=args.batch)
@@ -47,7 +51,7 @@ def sweep_trainer(args: argparse.Namespace) -> Trainer:
 
 def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
-    trainer = sweep_trainer(args)
+    trainer = sweep_trainer(args, learning_rates(args.configurations))
     features, targets = tail_steps.tail_batch(trainer.model, args)
     batch = Batch(features, targets, targets.numel(), 0.0)
     ways = {"one lane": Lanes(trainer.model, 1), "one lane a thread": trainer.sweep.lanes}

@@ -2,49 +2,115 @@
 
 A sweep trains its configurations side by side, on threads of their own (:mod:`litgpt_skip2lora.lanes`), and each
 must draw the masks its solo run would draw. torch's global generator is one per process, so the layers that train
-(the adapters', the tail's LoRA layers') draw from the generator that :func:`drawing_from` set on their thread,
-and from the global one outside it, as ``torch.nn.Dropout`` does.
+(the adapters', the tail's LoRA layers') draw from the stream that :func:`drawing_from` set on their thread, and from
+the global generator outside it, as ``torch.nn.Dropout`` does.
+
+Configurations whose streams are in the same state draw the same masks: in a sweep whose seed is not swept, all of
+them. So a step's streams can share :class:`SharedMasks`: the first configuration to need a mask draws it, the others
+take it together with the state it left the generator in, and every stream still ends the step where its solo run's
+would (``python -m benchmarks.shared_masks`` times a tail sweep's step with and without them).
 """
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future
 
 import torch
 import torch.nn as nn
 
 _thread = threading.local()
+Draw = Callable[[torch.Generator | None], torch.Tensor]
+
+
+class SharedMasks:
+    """One step's masks, each kept for the streams that reach it from the same state by the same draws."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._drawn: dict[Hashable, Future] = {}
+
+    def get(
+        self, key: Hashable, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask and generator state at ``key``: ``draw()``'s, by whichever stream gets there first. Other keys
+        are drawn meanwhile: only the streams waiting for this one wait."""
+        with self._lock:
+            first = key not in self._drawn
+            drawn = self._drawn.setdefault(key, Future())
+        if first:
+            try:
+                drawn.set_result(draw())
+            except BaseException as error:
+                drawn.set_exception(error)
+        return drawn.result()
+
+    def __len__(self) -> int:
+        """Masks drawn (or being drawn) this step."""
+        return len(self._drawn)
+
+
+class Stream:
+    """A configuration's random stream on the thread that runs it: its generator, and with ``shared`` what it has
+    drawn so far, the key under which streams share a mask."""
+
+    def __init__(self, generator: torch.Generator, shared: SharedMasks | None = None) -> None:
+        self.generator, self.shared = generator, shared
+        self.drawn: Hashable = None if shared is None else bytes(generator.get_state().cpu().numpy())
+        self.after: torch.Tensor | None = None
+        """The generator's state after the stream's last mask, whichever stream drew it: its own generator lags
+        behind when the mask was taken from another."""
+
+    def mask(self, draw: Draw, *signature: Hashable) -> torch.Tensor:
+        """``draw(generator)``, or the same mask drawn by a stream that began in this one's state and drew the same
+        ``signature`` (kind, probability, shape) each time."""
+        if self.shared is None:
+            return draw(self.generator)
+        self.drawn = (self.drawn, signature)
+        mask, self.after = self.shared.get(self.drawn, lambda: self._own(draw))
+        return mask
+
+    def state(self) -> torch.Tensor:
+        """Where the stream stands: the state its solo run's generator would be in."""
+        return self.generator.get_state() if self.after is None else self.after
+
+    def _own(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.after is not None:
+            self.generator.set_state(self.after)
+        mask = draw(self.generator)
+        return mask, self.generator.get_state()
 
 
 @contextlib.contextmanager
-def drawing_from(generator: torch.Generator) -> Iterator[None]:
-    """The dropout layers on this thread draw from ``generator`` while inside."""
-    before = current_generator()
-    _thread.generator = generator
+def drawing_from(generator: torch.Generator, shared: SharedMasks | None = None) -> Iterator[Stream]:
+    """The dropout layers on this thread draw from ``generator`` while inside, sharing masks through ``shared``."""
+    before = getattr(_thread, "stream", None)
+    _thread.stream = stream = Stream(generator, shared)
     try:
-        yield
+        yield stream
     finally:
-        _thread.generator = before
+        _thread.stream = before
 
 
-def current_generator() -> torch.Generator | None:
-    """The generator this thread's dropout draws from; None: torch's global one."""
-    return getattr(_thread, "generator", None)
+def drawn_mask(draw: Draw, *signature: Hashable) -> torch.Tensor:
+    """``draw`` on this thread's stream; outside :func:`drawing_from` on torch's global generator (``draw(None)``)."""
+    stream = getattr(_thread, "stream", None)
+    return draw(None) if stream is None else stream.mask(draw, *signature)
 
 
 class BernoulliDropout(nn.Dropout):
     """``torch.nn.Dropout``'s masks, value for value (the same ``bernoulli_`` draw, then scaled), from this thread's
-    generator. The adapters use it: the faithful method trains as it always has."""
+    stream. The adapters use it: the faithful method trains as it always has."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p == 1:
             return torch.zeros_like(x)
-        return x * self.mask(x)
+        return x * drawn_mask(lambda generator: self.mask(x, generator), type(self), self.p, x.shape, x.dtype, x.device)
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(x).bernoulli_(1 - self.p, generator=current_generator()).div_(1 - self.p)
+    def mask(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.empty_like(x).bernoulli_(1 - self.p, generator=generator).div_(1 - self.p)
 
 
 class Dropout(BernoulliDropout):
@@ -52,6 +118,6 @@ class Dropout(BernoulliDropout):
     a tail's LoRA layers draw a mask over every position of every block (``python -m benchmarks.dropout`` times a tail
     step with each). The LoRA layers use it."""
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        keep = torch.rand(x.shape, device=x.device, generator=current_generator()).ge_(self.p)
+    def mask(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        keep = torch.rand(x.shape, device=x.device, generator=generator).ge_(self.p)
         return keep.div_(1 - self.p).to(x.dtype)

@@ -24,7 +24,7 @@ from litgpt.lora import LoRALayer
 from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters
-from litgpt_skip2lora.dropout import drawing_from
+from litgpt_skip2lora.dropout import SharedMasks, drawing_from
 from litgpt_skip2lora.lanes import Lanes, lane_count
 from litgpt_skip2lora.model import GPT, Config, factors_head, head_group_size
 
@@ -126,14 +126,14 @@ class Configuration:
             setattr(model.get_submodule(module_name), attribute, parameter)
 
     @contextlib.contextmanager
-    def random_stream(self, device: torch.device) -> Iterator[None]:
-        """Draw its dropout masks from its own stream, on whichever thread it runs; torch's global generator is left
-        as it was."""
+    def random_stream(self, device: torch.device, masks: SharedMasks | None = None) -> Iterator[None]:
+        """Draw its dropout masks from its own stream, on whichever thread it runs, sharing the step's ``masks`` with
+        the configurations whose streams draw the same; torch's global generator is left as it was."""
         generator = torch.Generator(device)
         generator.set_state(self.rng[device.type])
-        with drawing_from(generator):
+        with drawing_from(generator, masks) as stream:
             yield
-        self.rng = {device.type: generator.get_state()}
+        self.rng = {device.type: stream.state()}
 
     def optimizer_step(self, fabric: L.Fabric, max_norm: float | None) -> None:
         """Its gradients averaged over the ranks, clipped to ``max_norm`` and applied; its schedule advances."""

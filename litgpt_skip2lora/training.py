@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
+from litgpt_skip2lora.dropout import SharedMasks
 from litgpt_skip2lora.head import factored_cross_entropy
 from litgpt_skip2lora.model import GPT, head_group_size
 from litgpt_skip2lora.rows import RowLayout
@@ -46,10 +47,11 @@ def loss_groups(
     layout: RowLayout,
     configurations: list[Configuration],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    masks: SharedMasks | None = None,
 ) -> Iterator[list[torch.Tensor]]:
-    """Each configuration's loss on one batch, each with its own dropout stream, computed under ``autocast``, in
-    groups that share no graph: a step back-propagates each group before the next one is computed, so only one
-    group's activations are alive at a time. The configurations of a group share the head's pass over the
+    """Each configuration's loss on one batch, each with its own dropout stream (sharing ``masks``), computed under
+    ``autocast``, in groups that share no graph: a step back-propagates each group before the next one is computed,
+    so only one group's activations are alive at a time. The configurations of a group share the head's pass over the
     vocabulary: with a factored head all of them (``head(stream)`` and the ``W B`` products,
     :mod:`litgpt_skip2lora.head`), with the plain one as many as :func:`~litgpt_skip2lora.model.head_group_size`
     says. The features are shared either way."""
@@ -57,12 +59,12 @@ def loss_groups(
     with autocast():
         shared = model.shared_head(batch.features, [c.adapters for c in configurations]) if layout.flat else None
     if shared is None:
-        yield from plain_loss_groups(model, batch, layout, configurations, autocast)
+        yield from plain_loss_groups(model, batch, layout, configurations, autocast, masks)
         return
     with autocast():
         codes = []
         for c in configurations:
-            with c.random_stream(device):
+            with c.random_stream(device, masks):
                 codes.append(c.adapters.codes(batch.features.taps))
         losses = factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
     yield losses  # outside autocast, as each group is: the step back-propagates it
@@ -74,6 +76,7 @@ def plain_loss_groups(
     layout: RowLayout,
     configurations: list[Configuration],
     autocast: Callable[[], contextlib.AbstractContextManager],
+    masks: SharedMasks | None,
 ) -> Iterator[list[torch.Tensor]]:
     """``loss_groups`` with the plain head: each group's tails run one configuration after another, then the head
     runs once over all their supervised rows."""
@@ -84,10 +87,10 @@ def plain_loss_groups(
         group, rows = configurations[start : start + size], []
         for c in group:
             c.install(model)
-            with autocast(), c.random_stream(batch.targets.device):
+            with autocast(), c.random_stream(batch.targets.device, masks):
                 rows.append(model.tail_rows(batch.features, supervised))
         # a head with a trained part, so with dropout, is in a group of its own: the installed configuration's
-        with autocast(), group[-1].random_stream(batch.targets.device):
+        with autocast(), group[-1].random_stream(batch.targets.device, masks):
             logits = model.head(torch.cat(rows))
             losses = [rows_loss(part, targets) for part in logits.tensor_split(len(group))]
         yield losses
@@ -163,11 +166,11 @@ class Trainer:
         return True
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """Every live configuration's loss on a micro-batch, back-propagated by group in its lane; optimizer steps
-        when due."""
+        """Every live configuration's loss on a micro-batch, back-propagated by group in its lane, the configurations
+        sharing the dropout masks they draw alike; optimizer steps when due."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
-        losses = self.sweep.lanes.map(partial(self.backward, batch), alive)
+        losses = self.sweep.lanes.map(partial(self.backward, batch, SharedMasks()), alive)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
                 c.optimizer_step(self.fabric, self.train.max_norm)
@@ -231,11 +234,13 @@ class Trainer:
             metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"])
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
-    def backward(self, batch: Batch, model: GPT, configurations: list[Configuration]) -> list[torch.Tensor]:
+    def backward(
+        self, batch: Batch, masks: SharedMasks, model: GPT, configurations: list[Configuration]
+    ) -> list[torch.Tensor]:
         """The configurations' losses on a micro-batch, computed by ``model``, each group back-propagated before the
         next one is computed."""
         losses = []
-        for group in loss_groups(model, batch, self.layout, configurations, self.fabric.autocast):
+        for group in loss_groups(model, batch, self.layout, configurations, self.fabric.autocast, masks):
             self.fabric.backward(torch.stack(group).sum() / self.accum)
             losses += [loss.detach() for loss in group]
         return losses

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import dropout, lanes, step
+from benchmarks import dropout, lanes, shared_masks, step
 
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
 EXPECTED = [
@@ -88,3 +88,13 @@ def test_the_lanes_benchmark_times_one_lane_against_one_a_thread(tmp_path: Path)
     assert {name: len(s) for name, s in result["step_s"].items()} == {"one lane": 4, "one lane a thread": 4}
     medians = result["median_step_s"]
     assert result["ratio"] == medians["one lane a thread"] / medians["one lane"]
+
+
+def test_the_shared_masks_benchmark_times_a_sweep_of_one_seed_against_a_seed_each(tmp_path: Path) -> None:
+    args = shared_masks.parse_args(["--model", "pythia-14m", "--n-layer", "3", "--tokens", "8", "--batch", "2"])
+    args.warmup, args.steps, args.rounds, args.out, args.configurations = 1, 2, 2, tmp_path, 3
+    result = json.loads(shared_masks.main(args).read_text())
+    assert result["lanes"] == dict.fromkeys(["a seed each", "one seed"], min(3, torch.get_num_threads()))
+    assert {name: len(s) for name, s in result["step_s"].items()} == {"a seed each": 4, "one seed": 4}
+    medians = result["median_step_s"]
+    assert result["ratio"] == medians["one seed"] / medians["a seed each"]

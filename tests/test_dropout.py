@@ -8,7 +8,7 @@ import torch.nn as nn
 from test_model import tiny
 
 from litgpt_skip2lora import GPT
-from litgpt_skip2lora.dropout import BernoulliDropout, Dropout, drawing_from
+from litgpt_skip2lora.dropout import BernoulliDropout, Dropout, SharedMasks, drawing_from
 
 
 def test_the_lora_layers_dropout_keeps_1_minus_p_of_the_inputs_scaled_up() -> None:
@@ -58,3 +58,29 @@ def test_each_thread_draws_from_the_generator_it_was_given(kind: type[nn.Dropout
     assert torch.equal(torch.get_rng_state(), global_state)  # the global generator drew nothing
     assert all(torch.equal(a, b) for seed in (1, 2) for a, b in zip(alone[seed], together[seed], strict=True))
     assert not torch.equal(alone[1][0], alone[2][0])
+
+
+@pytest.mark.parametrize("kind", [Dropout, BernoulliDropout])
+def test_streams_from_one_state_share_each_mask_and_end_where_drawing_alone_ends(kind: type[nn.Dropout]) -> None:
+    """Three threads draw three masks each from one seed's state, two with the same probabilities and one with
+    another from its second draw on: the two draw each mask once between them, the third its own from there."""
+    x, alike, unlike = torch.ones(64, 64), (0.5, 0.5, 0.5), (0.5, 0.25, 0.5)
+
+    def drawn(probabilities: tuple[float, ...], masks: SharedMasks | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        with drawing_from(torch.Generator().manual_seed(3), masks) as stream:
+            return [kind(p).train()(x) for p in probabilities], stream.state()
+
+    alone = {probabilities: drawn(probabilities, None) for probabilities in (alike, unlike)}
+    masks, together = SharedMasks(), []
+    threads = [
+        threading.Thread(target=lambda p=probabilities: together.append((p, drawn(p, masks))))
+        for probabilities in (alike, alike, unlike)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(masks) == 3 + 2
+    assert len(together) == 3
+    for probabilities, result in together:
+        torch.testing.assert_close(result, alone[probabilities], rtol=0, atol=0)

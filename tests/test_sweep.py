@@ -26,6 +26,7 @@ import litgpt_skip2lora.model
 from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
+from litgpt_skip2lora.dropout import SharedMasks
 from litgpt_skip2lora.lanes import Lanes, lane_count, replica
 from litgpt_skip2lora.model import GPT, HEAD_ROWS, Config, factors_head, head_group_size, mark_trainable
 from litgpt_skip2lora.rows import RowLayout
@@ -209,16 +210,16 @@ def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
     assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
 
 
-def two_learning_rates(lrs: tuple[float, ...] = (0.01, 0.02), **options) -> Sweep:
+def two_learning_rates(lrs: tuple[float, ...] = (0.01, 0.02), seeds: list[int] | None = None, **options) -> Sweep:
     """A sweep of configurations of adapters from both blocks of a tiny model, rank n r = 4, vocabulary 96 (by
-    default two configurations, and no other trained part)."""
+    default two configurations of one seed, and no other trained part)."""
     shape = dict(n_layer=2, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96, lora_r=2, lora_alpha=4)
     config = Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1), **options)
     model = GPT(config)
     mark_trainable(model)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
     constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
-    fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=list(lrs))
+    fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=list(lrs), seed=seeds)
     return build_sweep(fabric, model, grid, optimizer, 1, constant)
 
 
@@ -330,6 +331,37 @@ def test_lanes_compute_each_configuration_as_the_processs_own_thread_does() -> N
     torch.testing.assert_close(one[1:], two[1:], rtol=1e-5, atol=1e-7)
     assert lane_count(two_learning_rates((0.01, 0.02, 0.03), **tail).model, 3) == min(3, torch.get_num_threads())
     assert lane_count(two_learning_rates((0.01, 0.02, 0.03)).model, 3) == 1  # adapters alone: one lane
+
+
+@pytest.mark.parametrize(("lrs", "seeds", "drawn"), [((0.01, 0.02, 0.03), None, 2), ((0.01,), [7, 8, 9], 6)])
+def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list[int] | None, drawn: int) -> None:
+    """A tail step of three configurations in two lanes draws its two masks (the adapters', q and v's) once for all
+    when the configurations share a seed, and once each when they do not; either way each configuration's stream,
+    losses and gradients are exactly those it gets drawing alone."""
+    tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True, lora_dropout=0.2)
+    batch = Batch(Features(torch.randn(2, 3, 10, 32), torch.randn(3, 10, 32)), torch.randint(0, 96, (3, 10)), 30, 0.0)
+
+    def stepped(masks: SharedMasks | None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
+        torch.manual_seed(0)
+        sweep = two_learning_rates(lrs, seeds, **tail)
+        sweep.set_training(True)
+
+        def backward(model: GPT, configurations: list[Configuration]) -> list[torch.Tensor]:
+            losses = sum(loss_groups(model, batch, RowLayout.of(model.config), configurations, masks=masks), [])
+            torch.stack(losses).sum().backward()
+            return [loss.detach() for loss in losses]
+
+        losses = Lanes(sweep.model, 2).map(backward, sweep.configurations)
+        return (
+            [c.rng["cpu"] for c in sweep.configurations],
+            losses,
+            [[p.grad for p in c.parameters()] for c in sweep.configurations],
+        )
+
+    masks = SharedMasks()
+    shared = stepped(masks)
+    assert len(masks) == drawn
+    torch.testing.assert_close(shared, stepped(None), rtol=0, atol=0)
 
 
 def test_lanes_share_the_processs_threads() -> None:
