@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import lanes, tail_steps
+from benchmarks import tail_steps
 from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.sweep import SweepArgs
 
@@ -32,12 +32,12 @@ def main(args: argparse.Namespace) -> Path:
     count = args.configurations
     grids = {
         "a seed each": SweepArgs(lr=[0.001], seed=list(range(1, count + 1))),
-        "one seed": lanes.learning_rates(count),
+        "one seed": tail_steps.learning_rates(count),
     }
     trainers = {}
     for name, grid in grids.items():
         torch.manual_seed(0)  # the same weights
-        trainers[name] = lanes.sweep_trainer(args, grid)
+        trainers[name] = tail_steps.sweep_trainer(args, grid)
     features, targets = tail_steps.tail_batch(trainers["one seed"].model, args)
     batch = Batch(features, targets, targets.numel(), 0.0)
     seconds = {name: [] for name in trainers}

@@ -1,22 +1,29 @@
-"""What the trainable tail's step benchmarks (``benchmarks.dropout``, ``benchmarks.lanes``) do alike: their options,
-the tail YAML's model with random weights, a batch of the supersense task's shape, the timing of steps after a
-warm-up, and the results file with each variant's median."""
+"""What the trainable tail's step benchmarks (``benchmarks.dropout``, ``benchmarks.lanes``,
+``benchmarks.shared_masks``) do alike: their options, the tail YAML's model with random weights, a sweep's trainer
+over it, a batch of the supersense task's shape, the timing of steps after a warm-up, and the results file with each
+variant's median."""
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
+from litgpt.args import EvalArgs, TrainArgs
 
 from benchmarks.end_to_end import METHODS, REPO, block_overrides
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.model import GPT, Config, mark_trainable
 from litgpt_skip2lora.rows import IGNORE_INDEX
+from litgpt_skip2lora.sweep import SweepArgs, build_sweep
+from litgpt_skip2lora.training import Trainer
+from litgpt_skip2lora.wallclock import WallClock
 
 TAIL_YAML = REPO / "config_hub/finetune/SmolLM2-135M-Instruct" / METHODS["tail"][1]
 
@@ -46,6 +53,23 @@ def tail_model(args: argparse.Namespace) -> GPT:
     for module in model.tail_modules:
         module.train()
     return model
+
+
+def learning_rates(count: int) -> SweepArgs:
+    """A sweep of ``count`` learning rates, 1e-3 apart."""
+    return SweepArgs(lr=[0.001 * (k + 1) for k in range(count)])
+
+
+def sweep_trainer(args: argparse.Namespace, grid: SweepArgs) -> Trainer:
+    """A trainer of the ``grid``'s configurations over the tail model, as ``finetune_skip2lora`` builds it."""
+    fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
+    model = tail_model(args)
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
+    sweep = build_sweep(fabric, model, grid, optimizer, 1, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1))
+    sweep.set_training(True)
+    train = TrainArgs(global_batch_size=args.batch, micro_batch_size=args.batch)
+    state = {"sweep": sweep, "iter_num": 0, "step_count": 0}
+    return Trainer(fabric, sweep, None, state, train, EvalArgs(), math.inf, args.out, WallClock(fabric.device))
 
 
 def tail_batch(model: GPT, args: argparse.Namespace) -> tuple[Features, torch.Tensor]:

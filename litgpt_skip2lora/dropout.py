@@ -51,12 +51,12 @@ class SharedMasks:
 
 
 class Stream:
-    """A configuration's random stream on the thread that runs it: its generator, and with ``shared`` what it has
+    """A configuration's random stream on the thread that runs it: its generator, and with ``masks`` what it has
     drawn so far, the key under which streams share a mask."""
 
-    def __init__(self, generator: torch.Generator, shared: SharedMasks | None = None) -> None:
-        self.generator, self.shared = generator, shared
-        self.drawn: Hashable = None if shared is None else bytes(generator.get_state().cpu().numpy())
+    def __init__(self, generator: torch.Generator, masks: SharedMasks | None = None) -> None:
+        self.generator, self.masks = generator, masks
+        self.drawn: Hashable = None if masks is None else bytes(generator.get_state().cpu().numpy())
         self.after: torch.Tensor | None = None
         """The generator's state after the stream's last mask, whichever stream drew it: its own generator lags
         behind when the mask was taken from another."""
@@ -64,10 +64,10 @@ class Stream:
     def mask(self, draw: Draw, *signature: Hashable) -> torch.Tensor:
         """``draw(generator)``, or the same mask drawn by a stream that began in this one's state and drew the same
         ``signature`` (kind, probability, shape) each time."""
-        if self.shared is None:
+        if self.masks is None:
             return draw(self.generator)
         self.drawn = (self.drawn, signature)
-        mask, self.after = self.shared.get(self.drawn, lambda: self._own(draw))
+        mask, self.after = self.masks.get(self.drawn, lambda: self._own(draw))
         return mask
 
     def state(self) -> torch.Tensor:
@@ -82,10 +82,10 @@ class Stream:
 
 
 @contextlib.contextmanager
-def drawing_from(generator: torch.Generator, shared: SharedMasks | None = None) -> Iterator[Stream]:
-    """The dropout layers on this thread draw from ``generator`` while inside, sharing masks through ``shared``."""
+def drawing_from(generator: torch.Generator, masks: SharedMasks | None = None) -> Iterator[Stream]:
+    """The dropout layers on this thread draw from ``generator`` while inside, sharing ``masks``."""
     before = getattr(_thread, "stream", None)
-    _thread.stream = stream = Stream(generator, shared)
+    _thread.stream = stream = Stream(generator, masks)
     try:
         yield stream
     finally:
