@@ -16,21 +16,17 @@ from pathlib import Path
 import torch
 
 from benchmarks import tail_steps
-from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.lanes import Lanes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = tail_steps.parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--configurations", type=int, default=4, help="learning rates swept")
-    return parser.parse_args(argv)
+    return tail_steps.sweep_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
     trainer = tail_steps.sweep_trainer(args, tail_steps.learning_rates(args.configurations))
-    features, targets = tail_steps.tail_batch(trainer.model, args)
-    batch = Batch(features, targets, targets.numel(), 0.0)
+    batch = tail_steps.sweep_batch(trainer, args)
     ways = {"one lane": Lanes(trainer.model, 1), "one lane a thread": trainer.sweep.lanes}
     seconds = {name: [] for name in ways}
     for _ in range(args.rounds):

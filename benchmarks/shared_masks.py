@@ -18,14 +18,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import tail_steps
-from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.sweep import SweepArgs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = tail_steps.parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--configurations", type=int, default=4, help="configurations a sweep")
-    return parser.parse_args(argv)
+    return tail_steps.sweep_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -38,8 +35,7 @@ def main(args: argparse.Namespace) -> Path:
     for name, grid in grids.items():
         torch.manual_seed(0)  # the same weights
         trainers[name] = tail_steps.sweep_trainer(args, grid)
-    features, targets = tail_steps.tail_batch(trainers["one seed"].model, args)
-    batch = Batch(features, targets, targets.numel(), 0.0)
+    batch = tail_steps.sweep_batch(trainers["one seed"], args)
     seconds = {name: [] for name in trainers}
     for _ in range(args.rounds):
         for name, trainer in trainers.items():

@@ -19,6 +19,7 @@ from litgpt.args import EvalArgs, TrainArgs
 
 from benchmarks.end_to_end import METHODS, REPO, block_overrides
 from litgpt_skip2lora.adapters import Features
+from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.model import GPT, Config, mark_trainable
 from litgpt_skip2lora.rows import IGNORE_INDEX
 from litgpt_skip2lora.sweep import SweepArgs, build_sweep
@@ -40,6 +41,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each variant")
     parser.add_argument("--out", type=Path, default=REPO / "benchmark_results", help="where the results go")
     return parser
+
+
+def sweep_parser(description: str) -> argparse.ArgumentParser:
+    """:func:`parser`'s options and the size of the sweep whose ``Trainer.step`` is timed."""
+    parser_ = parser(description)
+    parser_.add_argument("--configurations", type=int, default=4, help="configurations a sweep")
+    return parser_
 
 
 def tail_model(args: argparse.Namespace) -> GPT:
@@ -80,6 +88,12 @@ def tail_batch(model: GPT, args: argparse.Namespace) -> tuple[Features, torch.Te
     targets = torch.full((args.batch, args.tokens), IGNORE_INDEX)
     targets[:, -3:] = torch.randint(0, vocab, (args.batch, 3))
     return features, targets
+
+
+def sweep_batch(trainer: Trainer, args: argparse.Namespace) -> Batch:
+    """:func:`tail_batch` as ``Trainer.step`` takes it."""
+    features, targets = tail_batch(trainer.model, args)
+    return Batch(features, targets, targets.numel(), 0.0)
 
 
 def timed(step: Callable[[], object], args: argparse.Namespace) -> list[float]:
