@@ -28,6 +28,7 @@ from litgpt.__main__ import PARSER_DATA
 import litgpt_skip2lora.data  # noqa: F401  (its data modules appear among --data's choices)
 from litgpt_skip2lora.api import skip2lora_classes, swapped, trained_precision
 from litgpt_skip2lora.checks import optimizer_spec, typed_optimizer
+from litgpt_skip2lora.configs import config_first
 from litgpt_skip2lora.convert_gguf import convert_gguf, convert_smollm2
 from litgpt_skip2lora.evaluate import evaluate_accuracy
 from litgpt_skip2lora.finetune import setup as finetune_skip2lora
@@ -122,7 +123,8 @@ def main() -> None:
     set_config_read_mode(urls_enabled=False)
     warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler.step\(\)`", category=UserWarning)
     torch.set_float32_matmul_precision("high")
-    sys.argv[1:] = typed_optimizer(sys.argv[1:])  # in place: LitGPT parses sys.argv again to save hyperparameters
+    # in place: LitGPT parses sys.argv again to save hyperparameters
+    sys.argv[1:] = config_first(typed_optimizer(sys.argv[1:]))
     try:
         CLI(SUBCOMMANDS)
     except KeyboardInterrupt:  # outside training, whose own handler saves a checkpoint: nothing to save yet

@@ -115,14 +115,15 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor
     answers = [tokenizer.encode(label, bos=False, eos=True) for label in labels]
     n, width = prompt.size(0), max(a.size(0) for a in answers)
     device = prompt.device
-    prompt_logits = model(prompt[None], input_pos=torch.arange(n, device=device))[0, -1]
+    prompt_logits = model(prompt[None], input_pos=torch.arange(n, device=device), input_pos_maxp1=n)[0, -1]
     for cache in (m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None):
         cache.k[1:, :, :n] = cache.k[:1, :, :n]
         cache.v[1:, :, :n] = cache.v[:1, :, :n]
     batch = torch.zeros(len(answers), width, dtype=torch.long, device=device)
     for row, answer in enumerate(answers):
         batch[row, : answer.size(0)] = answer
-    logits = model(batch, input_pos=torch.arange(n, n + width, device=device))  # position i predicts label token i + 1
+    positions = torch.arange(n, n + width, device=device)
+    logits = model(batch, input_pos=positions, input_pos_maxp1=n + width)  # position i predicts label token i + 1
     logits = torch.cat([prompt_logits.expand(len(answers), 1, -1), logits[:, :-1]], dim=1).float()
     log_probs = logits.log_softmax(-1).gather(-1, batch[..., None])[..., 0]
     lengths = torch.tensor([a.size(0) for a in answers], device=device)

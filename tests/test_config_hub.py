@@ -1,10 +1,17 @@
 """Every shipped YAML parses with the command that is meant to run it, so a user's first run cannot fail on it."""
 
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import litgpt.__main__
 import pytest
+import yaml
 from conftest import in_process
+
+from litgpt_skip2lora.configs import shipped_configs
 
 HUB = Path(__file__).parent.parent / "config_hub" / "finetune"
 YAMLS = sorted(HUB.glob("*/*.yaml"))
@@ -30,3 +37,58 @@ def test_baseline_parses_with_litgpt_itself(yaml_file: Path, capsys, monkeypatch
     monkeypatch.chdir(HUB.parent.parent)
     monkeypatch.setattr("sys.argv", ["litgpt", "finetune_lora", "--config", str(yaml_file), "--print_config"])
     assert "lora_query: true" in printed_config(litgpt.__main__.main, capsys)
+
+
+def test_every_shipped_yaml_has_a_short_name() -> None:
+    assert {f"{p.parent.name}/{p.stem}" for p in YAMLS} == set(shipped_configs())
+
+
+def test_the_command_lines_values_win_over_the_yamls(capsys, tmp_path) -> None:
+    """The positional checkpoint folder typed before ``--config``, and a flag typed before it, are what run."""
+    run = lambda: in_process(  # noqa: E731
+        "finetune",
+        str(tmp_path),
+        "--train.epochs",
+        "7",
+        "--config",
+        "SmolLM2-135M-Instruct/skip2lora_tail",
+        "--print_config",
+    )
+    printed = yaml.safe_load(printed_config(run, capsys))
+    assert (printed["checkpoint_dir"], printed["train"]["epochs"]) == (str(tmp_path), 7)
+    assert printed["skip2lora_output_layer"] == "block.26"  # the rest is the YAML's
+
+
+def test_an_unknown_config_is_refused_in_one_line_listing_the_shipped_ones(capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        in_process("finetune", "--config", "no/such.yaml")
+    assert str(refused.value).count("\n") == 0
+    assert str(refused.value).startswith("error: --config no/such.yaml: no such file")
+    assert "SmolLM2-135M-Instruct/skip2lora_tail" in str(refused.value)
+
+
+def test_a_non_editable_install_finds_its_configs_from_anywhere(tmp_path) -> None:
+    """A wheel built from this repository, unpacked alone on the path, run from an empty folder: the README's
+    ``--config config_hub/...`` and the short name both find the YAML shipped inside it."""
+    repo = HUB.parents[1]
+    wheel_dir, site, cwd = tmp_path / "wheel", tmp_path / "site", tmp_path / "cwd"
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)]
+    subprocess.run([*build, str(repo)], check=True, capture_output=True)
+    (wheel,) = wheel_dir.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(site)
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    for name in ("config_hub/finetune/SmolLM2-135M-Instruct/skip2lora_tail.yaml", "SmolLM2-135M-Instruct/skip2lora"):
+        command = [sys.executable, "-m", "litgpt_skip2lora", "finetune", "--config", name, "--print_config"]
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "skip2lora_enabled: true" in done.stdout
+    shipped = subprocess.run(
+        [sys.executable, "-c", "import litgpt_skip2lora.configs as c; print(c.SHIPPED)"],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    assert Path(shipped.stdout.strip()).is_relative_to(site)
