@@ -40,8 +40,9 @@ class CacheArgs:
     enabled: bool = True
     """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
     placement: Literal["auto", "device", "memory", "disk"] = "auto"
-    """Where entries live. ``auto``: on a GPU, GPU memory when the whole cache fits half of what is free there, else
-    ``directory`` on disk; on the CPU, host RAM when the cache fits half of what is available, else disk."""
+    """Where entries live: ``device``, the training device's memory (on a CPU run that is host RAM, as ``memory``);
+    ``memory``, host RAM; ``disk``, ``directory``. ``auto``: on a GPU, GPU memory when the whole cache fits half of
+    what is free there, else disk; on the CPU, host RAM when the cache fits half of what is available, else disk."""
     directory: Path | None = None
     """The disk placement's folder; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses
     it."""

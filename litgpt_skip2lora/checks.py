@@ -52,16 +52,34 @@ def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
             raise ValueError(f"--{name} must be at least 1, got {value}.")
     if (train.lr_warmup_steps or 0) < 0:
         raise ValueError(f"--train.lr_warmup_steps must not be negative, got {train.lr_warmup_steps}.")
-    if train.global_batch_size % train.micro_batch_size:
-        raise ValueError(
-            f"--train.global_batch_size ({train.global_batch_size}) must be a multiple of --train.micro_batch_size"
-            f" ({train.micro_batch_size})."
-        )
     if eval.max_new_tokens is None:
         raise ValueError("--eval.max_new_tokens must be set.")
     for name in ("max_tokens", "tie_embeddings", "lr_warmup_fraction"):
         if getattr(train, name) is not None:
             raise ValueError(f"finetune_skip2lora does not support --train.{name}; leave it unset.")
+
+
+def check_batch_split(train: TrainArgs, world_size: int) -> None:
+    """The global batch must split evenly into micro-batches on every device: LitGPT's accumulation otherwise ends in
+    an ``assert`` inside every process (nothing of it) or floors the batch silently. Say which sizes work."""
+    size, micro = train.global_batch_size, train.micro_batch_size
+    for name, value in (("global_batch_size", size), ("micro_batch_size", micro)):
+        if value < 1:
+            raise ValueError(f"--train.{name} must be at least 1, got {value}.")
+    if size % (world_size * micro) == 0:
+        return
+    micros = [m for m in range(1, micro) if size % (world_size * m) == 0]
+    fix = f"a multiple of {world_size * micro}" + (f", or --train.micro_batch_size {micros[-1]}" if micros else "")
+    raise ValueError(
+        f"--train.global_batch_size {size} does not split into micro-batches of {micro} over {world_size} devices:"
+        f" use a global batch size that is {fix}."
+    )
+
+
+def check_precision(precision: str | None) -> None:
+    """16-bit mixed precision needs a CUDA GPU: on the CPU Lightning would train in bf16-mixed instead, silently."""
+    if precision in ("16-mixed", "16") and not torch.cuda.is_available():
+        raise ValueError(f"--precision {precision} needs a CUDA GPU; on the CPU use 32-true or bf16-mixed.")
 
 
 def check_out_dir(out_dir: Path) -> None:

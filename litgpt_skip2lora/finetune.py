@@ -24,6 +24,7 @@ import yaml
 from lightning.fabric.plugins import BitsandbytesPrecision
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.data import Alpaca, DataModule
+from litgpt.generate.base import generate
 from litgpt.parser_config import save_hyperparameters
 from litgpt.prompts import save_prompt_style
 from litgpt.tokenizer import Tokenizer
@@ -36,6 +37,7 @@ from litgpt.utils import (
     load_checkpoint,
     num_parameters,
     parse_devices,
+    select_sft_generate_example,
 )
 from torch.utils.data import DataLoader
 
@@ -44,8 +46,10 @@ from litgpt_skip2lora.backbone import cached_backbone
 from litgpt_skip2lora.cache import CacheArgs, check_writable
 from litgpt_skip2lora.checkpoints import latest_checkpoint
 from litgpt_skip2lora.checks import (
+    check_batch_split,
     check_json_data,
     check_out_dir,
+    check_precision,
     check_quantize,
     check_train_args,
     download_hint,
@@ -180,6 +184,8 @@ def setup(
         access_token: Hugging Face token, only for downloading a checkpoint.
     """
     with user_errors():
+        check_precision(precision)
+        check_batch_split(train, parse_devices(devices) * num_nodes)
         checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
     data = Alpaca() if data is None else data
     optimizer = optimizer_spec(optimizer)
@@ -263,8 +269,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     sweep = build_sweep(fabric, model, run.sweep, run.optimizer, run.seed, schedule)
     with user_errors():
         check_fits(sweep, run.train.micro_batch_size * model.max_seq_length, free_memory(fabric.device))
-    per_configuration = sum(p.numel() for p in sweep.configurations[0].parameters())
-    fabric.print(f"Number of trainable parameters: {per_configuration:,}" + describe_sweep(sweep))
+    fabric.print(f"Number of trainable parameters: {describe_trainable(sweep)}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
     state = {"sweep": sweep, "iter_num": 0, "step_count": 0, "rng": None}
     if run.resume_from is not None:
@@ -299,7 +304,25 @@ def main(fabric: L.Fabric, run: Run) -> None:
     report_wall_clock(fabric, clock, state["iter_num"])
     if fabric.global_rank == 0:
         fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
-        litgpt_lora.generate_example(fabric, model, tokenizer, run.eval, run.data)
+        print_greedy_answer(fabric, model, tokenizer, run.eval, run.data)
+
+
+def print_greedy_answer(fabric: L.Fabric, model: GPT, tokenizer: Tokenizer, eval: EvalArgs, data: DataModule) -> None:
+    """The tuned model's greedy answer to LitGPT's example prompt, what ``generate --temperature 0`` on ``final/``
+    answers. (LitGPT's own example samples at temperature 0.8, which on a small model often trails off into
+    repeated tokens that say nothing about what was learned.)"""
+    instruction = select_sft_generate_example(eval, data)
+    encoded = tokenizer.encode(data.prompt_style.apply(instruction), device=fabric.device)
+    if len(encoded) + eval.max_new_tokens > model.max_seq_length:
+        fabric.print(f"No example answer: the prompt and eval.max_new_tokens exceed {model.max_seq_length} tokens.")
+        return
+    model.eval()
+    with fabric.init_tensor():
+        model.set_kv_cache(batch_size=1)
+    output = generate(model, encoded, len(encoded) + eval.max_new_tokens, top_k=1, eos_id=tokenizer.eos_id)
+    model.clear_kv_cache()
+    answer = tokenizer.decode(output[len(encoded) :]).strip()
+    fabric.print(f"The tuned model's greedy answer to {instruction!r}:\n{answer}\n")
 
 
 def free_memory(device: torch.device) -> int:
@@ -307,12 +330,14 @@ def free_memory(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
-def describe_sweep(sweep: Sweep) -> str:
-    """For a sweep: how many configurations, and what they train all together."""
+def describe_trainable(sweep: Sweep) -> str:
+    """What each configuration trains, once when they all train alike, and for a sweep what they train together."""
+    counts = {c.name: sum(p.numel() for p in c.parameters()) for c in sweep.configurations}
     if not sweep.is_sweep:
-        return ""
-    total = sum(p.numel() for c in sweep.configurations for p in c.parameters())
-    return f" per configuration; {len(sweep.configurations)} configurations, {total:,} in all"
+        return f"{counts['run']:,}"
+    each = [f"{name} {count:,}" for name, count in counts.items()]
+    alike = f"{counts[sweep.configurations[0].name]:,} per configuration" if len(set(counts.values())) == 1 else None
+    return f"{alike or '; '.join(each)}; {len(counts)} configurations, {sum(counts.values()):,} in all"
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr: float | None):

@@ -7,8 +7,9 @@ at module level, so that LitServe can hand them to its workers.
 
 import os
 import signal
-from functools import wraps
-from typing import Any
+from functools import partialmethod, wraps
+from inspect import Parameter, signature
+from typing import Any, Literal
 
 import litgpt.deploy.serve as litgpt_serve
 
@@ -34,14 +35,31 @@ class OpenAISpecAPI(_LoadsOurLLM, litgpt_serve.OpenAISpecLitAPI):
     """LitGPT's OpenAI-compatible API."""
 
 
+Host = Literal["127.0.0.1", "0.0.0.0", "::"]
+"""The addresses LitServe listens on: LitGPT's server takes every interface; this one the loopback unless told."""
+LISTENS_ON = {"127.0.0.1": "this machine only", "0.0.0.0": "every IPv4 interface", "::": "every interface"}
+
+
 @wraps(litgpt_serve.run_server)
-def serve(**kwargs: Any) -> None:
+def serve(host: Host = "127.0.0.1", **kwargs: Any) -> None:
     if not litgpt_serve._LITSERVE_AVAILABLE:  # what LitGPT's server itself checks
         refuse(ModuleNotFoundError("serve needs LitServe: pip install 'litgpt-skip2lora[serve]'"))
     apis = dict(SimpleLitAPI=SimpleAPI, StreamLitAPI=StreamAPI, OpenAISpecLitAPI=OpenAISpecAPI)
     signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c(os.getpid()))
-    with swapped(litgpt_serve, **apis):
+    on_host = partialmethod(litgpt_serve.LitServer.run, host=host)
+    print(f"Serving on http://{host}:{kwargs.get('port', 8000)} ({LISTENS_ON[host]})", flush=True)
+    with swapped(litgpt_serve, **apis), swapped(litgpt_serve.LitServer, run=on_host):
         litgpt_serve.run_server(**kwargs)
+
+
+HOST_HELP = "        host: Where it listens: 127.0.0.1 (this machine only), 0.0.0.0 or ::.\n"
+serve.__doc__ = f"{litgpt_serve.run_server.__doc__.rstrip()}\n{HOST_HELP}"
+serve.__signature__ = signature(litgpt_serve.run_server).replace(
+    parameters=[
+        *signature(litgpt_serve.run_server).parameters.values(),
+        Parameter("host", Parameter.KEYWORD_ONLY, default="127.0.0.1", annotation=Host),
+    ]
+)
 
 
 def _stop_as_on_ctrl_c(server_pid: int):

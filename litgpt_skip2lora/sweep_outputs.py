@@ -73,8 +73,9 @@ def save_configuration(c: Configuration, trained: dict[str, torch.Tensor], hyper
 
 
 def export_configuration(configuration_dir: Path, final_dir: Path | None = None, out_dir: Path | None = None) -> Path:
-    """Make a full checkpoint of one configuration of a sweep, loadable by ``generate``, ``chat``, ``serve``,
-    ``LLM`` and ``evaluate_accuracy``.
+    """Make a full checkpoint of one configuration of a sweep.
+
+    ``generate``, ``chat``, ``serve``, ``LLM`` and ``evaluate_accuracy`` load it as they load ``final/``.
 
     Args:
         configuration_dir: ``<out_dir>/sweep/<name>``, written by a sweep.

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import litgpt.deploy.serve
+import psutil
 import pytest
 import torch
 from conftest import in_process, run
@@ -119,6 +120,10 @@ def test_a_served_model_answers_as_the_llm_does(finals) -> None:
             except OSError:
                 time.sleep(1)
         assert reply is not None, server.stderr.read()[-3000:] if server.poll() is not None else "no answer in 120 s"
+        listening = {
+            c.laddr.ip for c in psutil.net_connections("inet") if c.laddr.port == port and c.status == "LISTEN"
+        }
+        assert listening == {"127.0.0.1"}  # the loopback only, unless --host says otherwise
         server.send_signal(signal.SIGTERM)  # a plain `kill PID`, as systemd, Docker and Kubernetes stop a service
         server.wait(timeout=30)
         assert not group_alive(server.pid, within=15), "a worker outlived the server"

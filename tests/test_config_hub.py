@@ -92,3 +92,15 @@ def test_a_non_editable_install_finds_its_configs_from_anywhere(tmp_path) -> Non
         check=True,
     )
     assert Path(shipped.stdout.strip()).is_relative_to(site)
+
+
+@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct/lora_baseline", "SmolLM2-135M-Instruct/skip2lora_tail"])
+def test_more_devices_than_the_yamls_batch_splits_over_is_one_line(name: str, tmp_path, monkeypatch) -> None:
+    """Global batch 8 over 2 devices of micro-batches of 8: refused before any process starts, LoRA's YAML too."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        in_process("finetune", "--config", name, "--devices", "2")
+    assert refused.value.code == (
+        "error: --train.global_batch_size 8 does not split into micro-batches of 8 over 2 devices: use a global"
+        " batch size that is a multiple of 16, or --train.micro_batch_size 4."
+    )

@@ -405,6 +405,16 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--sweep.keep", "0"], "--sweep.keep must be in (0, 1]"),
         (["--sweep.lora_r", "[2,4]", "--lora_head", "true"], "--sweep.lora_r shapes the Skip2-LoRA adapters only"),
         (["--sweep.lr", "[0.1,0.2]", "--eval.final_validation", "false"], "leave --eval.final_validation true"),
+        (
+            ["--devices", "2", "--train.global_batch_size", "8", "--train.micro_batch_size", "8"],
+            "--train.global_batch_size 8 does not split into micro-batches of 8 over 2 devices: use a global batch"
+            " size that is a multiple of 16, or --train.micro_batch_size 4.",
+        ),
+        (
+            ["--devices", "3", "--train.global_batch_size", "8", "--train.micro_batch_size", "4"],
+            "over 3 devices: use a global batch size that is a multiple of 12.",
+        ),
+        (["--precision", "16-mixed"], "--precision 16-mixed needs a CUDA GPU; on the CPU use 32-true or bf16-mixed."),
     ],
 )
 def test_a_users_error_is_one_line_without_traceback(
@@ -412,7 +422,7 @@ def test_a_users_error_is_one_line_without_traceback(
 ) -> None:
     """Refused before anything is written, as one ``error: ...`` line (``main`` turns only a user's error into
     one; anything else would keep its traceback)."""
-    if "--quantize" in args and torch.cuda.is_available():
+    if ("--quantize" in args or "16-mixed" in args) and torch.cuda.is_available():
         pytest.skip("this machine has the GPU that the refusal is about")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "bad.json").write_text('[\n {"output": }\n]')

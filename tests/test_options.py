@@ -5,7 +5,6 @@ import dataclasses
 import inspect
 from pathlib import Path
 
-import litgpt.finetune.lora as litgpt_lora
 import pytest
 import yaml
 from conftest import in_process
@@ -18,8 +17,8 @@ from litgpt_skip2lora.finetune import setup
 from litgpt_skip2lora.sweep import SweepArgs
 
 PACKAGE = Path(__file__).parents[1] / "litgpt_skip2lora"
-# what the loop calls of LitGPT's, reading options there: the accumulation and the sample generation at the end
-LITGPT_READERS = [TrainArgs.gradient_accumulation_iters, litgpt_lora.generate_example, select_sft_generate_example]
+# what the loop calls of LitGPT's, reading options there: the accumulation and the example prompt at the end
+LITGPT_READERS = [TrainArgs.gradient_accumulation_iters, select_sft_generate_example]
 GROUPS = {"train": (TrainArgs, {"train"}), "eval": (EvalArgs, {"eval"}), "cache": (CacheArgs, {"cache", "args"})}
 GROUPS["sweep"] = (SweepArgs, {"sweep", "args"})
 SWEEP_LISTS = ("lr", "weight_decay", "lora_r", "lora_alpha", "lora_dropout", "seed")
@@ -101,3 +100,18 @@ def test_another_optimizer_class_starts_from_its_own_defaults(capsys) -> None:
         "class_path": "torch.optim.SGD",
         "init_args": {"lr": 0.1},
     }
+
+
+@pytest.mark.parametrize("command", ["finetune_skip2lora", "convert_gguf", "evaluate_accuracy", "export_configuration"])
+def test_a_commands_help_says_what_it_does_in_whole_sentences(command: str, capsys) -> None:
+    """The description ``--help`` prints (the docstring's first line, as jsonargparse takes it) is a sentence."""
+    with pytest.raises(SystemExit):
+        in_process(command, "--help")
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert description.rstrip().endswith("."), description
+
+
+def test_the_cache_placements_help_says_what_device_means_on_the_cpu(capsys) -> None:
+    with pytest.raises(SystemExit):
+        in_process("finetune_skip2lora", "--help")
+    assert "on a CPU run that is host RAM" in " ".join(capsys.readouterr().out.split())

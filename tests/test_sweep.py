@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,8 +163,12 @@ def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, t
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     options = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--data.val_split_fraction", "0.25"]
     options += ["--precision", "32-true", "--train.epochs", "1", "--train.micro_batch_size", "4"]
-    options += ["--sweep.lr", "[0.001,0.003]", "--sweep.lora_r", "[4,8]", "--out_dir", str(tmp_path)]
+    options += ["--eval.max_new_tokens", "5", "--sweep.lr", "[0.001,0.003]", "--sweep.lora_r", "[4,8]"]
+    options += ["--out_dir", str(tmp_path)]
     in_process("finetune_skip2lora", str(tiny_checkpoint), *options, "--skip2lora_block_indices", "[0,2]")
+    printed = capsys.readouterr().out
+    each = "lr=0.001,lora_r=4 512; lr=0.001,lora_r=8 1,024; lr=0.003,lora_r=4 512; lr=0.003,lora_r=8 1,024"
+    assert f"Number of trainable parameters: {each}; 4 configurations, 3,072 in all" in printed
     rows = table(tmp_path)
     assert len(rows) == 4 and sum(r["chosen"] == "1" for r in rows.values()) == 1
     other = next(name for name, r in rows.items() if r["chosen"] == "0")
@@ -174,6 +179,9 @@ def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, t
     generate = ["generate", "--prompt", "the cat", "--max_new_tokens", "3"]
     done = subprocess.run([*command, *generate, str(tmp_path / "final")], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip()
+    prompt, answer = re.search(r"greedy answer to '(.*)':\n(.+)\n", printed).groups()  # the final model's answer
+    greedy = ["generate", "--temperature", "0", "--prompt", prompt, "--max_new_tokens", "5", str(tmp_path / "final")]
+    assert answer in subprocess.run([*command, *greedy], env=env, capture_output=True, text=True).stdout
     capsys.readouterr()
     in_process(*generate, str(exported))
     assert capsys.readouterr().out.strip()
