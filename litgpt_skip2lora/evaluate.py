@@ -46,7 +46,8 @@ def evaluate_accuracy(
             ``[]``: exact match only.
         max_new_tokens: The longest greedy answer.
         limit: Score only the first ``limit`` items.
-        out_file: The per-item answers as JSON; default ``<checkpoint_dir>/evaluate_accuracy.json``.
+        out_file: The per-item answers as JSON; default ``evaluate_accuracy.json`` in the model's own folder,
+            ``checkpoint_dir``, replacing an earlier one there.
     """
     if data is None:
         refuse(ValueError("--data is required: the data module whose validation split is scored, e.g. --data JSON."))
@@ -54,9 +55,13 @@ def evaluate_accuracy(
     train_items, items = splits(data, tokenizer)
     items = items[:limit]
     labels = closed_set(train_items) if labels is None else labels
-    model.max_seq_length = min(512, model.config.block_size)
-    model.set_kv_cache(batch_size=max(1, len(labels)))  # one row for greedy generation, one a label for scoring
-    results = [score(model, tokenizer, data, item, labels, max_new_tokens) for item in tqdm(items, desc="Scoring")]
+    prompts = [encoded_prompt(tokenizer, data, item) for item in items]
+    answer_width = max([max_new_tokens, *(a.size(0) for a in label_tokens(tokenizer, labels))])
+    # the KV cache as long as the longest item needs, one row for greedy generation and one a label for scoring
+    model.max_seq_length = min(max((p.size(0) for p in prompts), default=0) + answer_width, model.config.block_size)
+    model.set_kv_cache(batch_size=max(1, len(labels)))
+    scored = tqdm(zip(items, prompts), total=len(items), desc="Scoring")
+    results = [score(model, tokenizer, item, prompt, labels, max_new_tokens) for item, prompt in scored]
     report = summary(results, labels)
     out_file = out_file or Path(checkpoint_dir) / "evaluate_accuracy.json"
     out_file.write_text(json.dumps({**report, "items": results}, indent=1) + "\n", encoding="utf-8")
@@ -93,9 +98,19 @@ def closed_set(items: list[dict]) -> list[str]:
     return answers if len(answers) * CLOSED_SET_REPEATS <= len(items) else []
 
 
+def encoded_prompt(tokenizer: Tokenizer, data: DataModule, item: dict, device: torch.device | None = None):
+    """``item``'s prompt in the data's prompt style, as training saw it, encoded."""
+    return tokenizer.encode(data.prompt_style.apply(prompt=item["instruction"], **item), device=device)
+
+
+def label_tokens(tokenizer: Tokenizer, labels: list[str]) -> list[torch.Tensor]:
+    """Each label's tokens as training encodes an answer, the end-of-text token included."""
+    return [tokenizer.encode(label, bos=False, eos=True) for label in labels]
+
+
 @torch.no_grad()
-def score(model: GPT, tokenizer: Tokenizer, data: DataModule, item: dict, labels: list[str], max_new: int) -> dict:
-    prompt = tokenizer.encode(data.prompt_style.apply(prompt=item["instruction"], **item))
+def score(model: GPT, tokenizer: Tokenizer, item: dict, prompt: torch.Tensor, labels: list[str], max_new: int) -> dict:
+    """``item``'s greedy answer (exact match) and, with ``labels``, its label of highest likelihood."""
     out = generate(model, prompt, prompt.size(0) + max_new, top_k=1, eos_id=tokenizer.eos_id, include_prompt=False)
     answer = tokenizer.decode(out).strip().split("\n")[0].strip()
     expected = item["output"].strip()
@@ -111,8 +126,9 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor
 
     The prompt runs once, on row 0 of the KV cache; its keys and values are copied to every other row, and all
     labels' tokens then run as one batch, one label a row (padding after a label's end cannot reach its tokens).
+    Attention reads the cache up to the last position used, not its whole length.
     """
-    answers = [tokenizer.encode(label, bos=False, eos=True) for label in labels]
+    answers = label_tokens(tokenizer, labels)
     n, width = prompt.size(0), max(a.size(0) for a in answers)
     device = prompt.device
     prompt_logits = model(prompt[None], input_pos=torch.arange(n, device=device), input_pos_maxp1=n)[0, -1]
@@ -139,7 +155,7 @@ def label_accuracy(model: GPT, tokenizer: Tokenizer, data: DataModule, items: li
     model.set_kv_cache(batch_size=len(labels), device=device)
     correct = 0
     for item in tqdm(items, desc="Label accuracy", leave=False):
-        prompt = tokenizer.encode(data.prompt_style.apply(prompt=item["instruction"], **item), device=device)
+        prompt = encoded_prompt(tokenizer, data, item, device)
         chosen = labels[int(label_log_likelihoods(model, tokenizer, prompt, labels).argmax())]
         correct += chosen == item["output"].strip()
     model.clear_kv_cache()

@@ -1,6 +1,7 @@
 """Every shipped YAML parses with the command that is meant to run it, so a user's first run cannot fail on it."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -70,10 +71,13 @@ def test_an_unknown_config_is_refused_in_one_line_listing_the_shipped_ones(capsy
 def test_a_non_editable_install_finds_its_configs_from_anywhere(tmp_path) -> None:
     """A wheel built from this repository, unpacked alone on the path, run from an empty folder: the README's
     ``--config config_hub/...`` and the short name both find the YAML shipped inside it."""
-    repo = HUB.parents[1]
+    repo, source = HUB.parents[1], tmp_path / "source"  # a copy: building writes build/ into the source
+    shutil.copytree(repo / "litgpt_skip2lora", source / "litgpt_skip2lora", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source)
     wheel_dir, site, cwd = tmp_path / "wheel", tmp_path / "site", tmp_path / "cwd"
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)]
-    subprocess.run([*build, str(repo)], check=True, capture_output=True)
+    subprocess.run([*build, str(source)], check=True, capture_output=True)
     (wheel,) = wheel_dir.glob("*.whl")
     zipfile.ZipFile(wheel).extractall(site)
     cwd.mkdir()

@@ -9,6 +9,7 @@ from litgpt.data import JSON
 from litgpt.generate.base import generate
 from litgpt.prompts import Alpaca
 
+import benchmarks.evaluate_accuracy as evaluate_benchmark
 from litgpt_skip2lora.data import WordNetInstruct
 from litgpt_skip2lora.evaluate import evaluate_accuracy, load_model
 
@@ -84,3 +85,15 @@ def test_label_likelihood_scores_the_label_greedy_decoding_garbles(tiny_checkpoi
     data = JSON(write_split(tmp_path / "wrong", train, wrong), num_workers=0)
     result = evaluate_accuracy(checkpoint, data, labels=labels, max_new_tokens=1, out_file=tmp_path / "out.json")
     assert result["label_match"] == 0 and sum(c["count"] for c in result["confusions"]) == 4
+
+
+def test_the_timing_benchmark_times_whole_runs_and_keeps_their_counts(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    val = [{"instruction": q, "input": "", "output": "red"} for q in QUESTIONS]
+    data = write_split(tmp_path / "data", val, val)
+    options = ["--checkpoint", str(tiny_checkpoint), "--items", "3", "--rounds", "1", "--work", str(tmp_path / "work")]
+    options += ["--out", str(tmp_path), "--data", "--data", "JSON", "--data.json_path", str(data)]
+    results = json.loads(evaluate_benchmark.main(options).read_text())
+    (tree,) = results["trees"]
+    (only,) = tree["runs"]
+    assert (only["count"], results["items"]) == (3, 3) and only["seconds"] > 0
+    assert tree["median_seconds_per_item"] == only["seconds"] / 3
