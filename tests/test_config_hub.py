@@ -72,7 +72,8 @@ def test_a_non_editable_install_finds_its_configs_from_anywhere(tmp_path) -> Non
     """A wheel built from this repository, unpacked alone on the path, run from an empty folder: the README's
     ``--config config_hub/...`` and the short name both find the YAML shipped inside it."""
     repo, source = HUB.parents[1], tmp_path / "source"  # a copy: building writes build/ into the source
-    shutil.copytree(repo / "litgpt_skip2lora", source / "litgpt_skip2lora", ignore=shutil.ignore_patterns("__pycache__"))
+    package = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(repo / "litgpt_skip2lora", source / "litgpt_skip2lora", ignore=package)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repo / name, source)
     wheel_dir, site, cwd = tmp_path / "wheel", tmp_path / "site", tmp_path / "cwd"
