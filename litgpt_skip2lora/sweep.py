@@ -51,6 +51,9 @@ class SweepArgs:
     """Seeds of the trained parameters' initial values and of dropout; the batches' order follows ``--seed``."""
     keep: float = 1.0
     """At each validation, the best fraction of the configurations still training goes on (at least one)."""
+    best_step: bool = True
+    """Each configuration hands over its trained parameters at its lowest validation loss, not at its last step;
+    halving and the choice rank that loss. The cost: one copy of the trained parameters per configuration."""
     select: Literal["val_loss", "label_accuracy"] = "val_loss"
     """How the chosen configuration is picked: the lowest validation loss, or the most validation items whose
     answer has the highest likelihood among the task's labels (a task with a closed set of answers)."""
@@ -108,6 +111,11 @@ class Configuration:
     """Optimizer steps trained."""
     val_loss: float = math.nan
     """Its last validation loss."""
+    best_val_loss: float = math.nan
+    """Its lowest validation loss so far, and the optimizer step it was reached at."""
+    best_step: int = 0
+    best: list[torch.Tensor] | None = None
+    """Copies of its trained parameters at ``best_step``, with ``--sweep.best_step``."""
     accuracy: float = math.nan
     """Its label accuracy, with ``--sweep.select label_accuracy``."""
 
@@ -135,6 +143,19 @@ class Configuration:
             yield
         self.rng = {device.type: stream.state()}
 
+    def validated(self, loss: float, step: int, keep_best: bool) -> None:
+        """Record a validation loss; a new lowest one becomes its best step (its parameters copied when kept)."""
+        self.val_loss = loss
+        if not math.isnan(loss) and not loss >= self.best_val_loss:  # the first loss, or a lower one
+            self.best_val_loss, self.best_step = loss, step
+            self.best = [p.detach().clone() for p in self.parameters()] if keep_best else None
+
+    def restore_best(self) -> None:
+        """Its trained parameters back to those of its best step (when they were kept)."""
+        with torch.no_grad():
+            for p, best in zip(self.parameters(), self.best or ()):
+                p.copy_(best)
+
     def optimizer_step(self, fabric: L.Fabric, max_norm: float | None) -> None:
         """Its gradients averaged over the ranks, clipped to ``max_norm`` and applied; its schedule advances."""
         average_gradients(fabric, self.parameters())
@@ -155,6 +176,7 @@ class Configuration:
             "steps": self.steps,
             "val_loss": self.val_loss,
             "accuracy": self.accuracy,
+            "best": {"val_loss": self.best_val_loss, "step": self.best_step, "parameters": self.best},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -166,6 +188,8 @@ class Configuration:
         self.scheduler.load_state_dict(state["scheduler"])
         self.alive, self.steps = state["alive"], state["steps"]
         self.val_loss, self.accuracy = state["val_loss"], state["accuracy"]
+        best = state["best"]
+        self.best_val_loss, self.best_step, self.best = best["val_loss"], best["step"], best["parameters"]
 
 
 def average_gradients(fabric: L.Fabric, parameters: list[nn.Parameter]) -> None:
@@ -209,7 +233,7 @@ class Sweep:
     def record(self, losses: list[float], step: int) -> dict[str, float]:
         """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged."""
         for c, loss in zip(self.alive, losses):
-            c.val_loss = loss
+            c.validated(loss, step, self.args.best_step)
         self.history.append({"step": step, **{c.name: c.val_loss for c in self.alive}})
         named = (("val_loss", float), ("val_ppl", math.exp))
         return {c.tagged(metric): f(c.val_loss) for c in self.alive for metric, f in named}
@@ -223,10 +247,28 @@ class Sweep:
         return alive[kept:]
 
     def rank_key(self, c: Configuration) -> tuple[float, float]:
-        """Best first: by accuracy when it selects, then by validation loss (a NaN loss ranks last)."""
-        loss = math.inf if math.isnan(c.val_loss) else c.val_loss
+        """Best first: by accuracy when it selects, then by validation loss, its best step's with ``best_step`` (a
+        NaN loss ranks last)."""
+        loss = self.loss(c)
+        loss = math.inf if math.isnan(loss) else loss
         accuracy = c.accuracy if self.args.select == "label_accuracy" and not math.isnan(c.accuracy) else 0.0
         return (-accuracy, loss)
+
+    def loss(self, c: Configuration) -> float:
+        """The validation loss ``c`` is ranked and reported by: at its best step, or with ``best_step`` off its last."""
+        return c.best_val_loss if self.args.best_step else c.val_loss
+
+    def restore_best(self) -> None:
+        """Every configuration still training back to its best step's parameters (a no-op with ``best_step`` off)."""
+        for c in self.alive:
+            c.restore_best()
+
+    def describe_best(self) -> str:
+        """Which step's parameters are handed over."""
+        if self.is_sweep:
+            return "Each configuration handed over at its best validation step (sweep.csv: best_step, best_val_loss)"
+        c = self.configurations[0]
+        return f"Handed over the parameters of step {c.best_step}, validation loss {c.best_val_loss:.4f} (its lowest)"
 
     def chosen(self) -> Configuration:
         """The selected configuration among those that trained to the end."""
@@ -238,7 +280,7 @@ class Sweep:
             return f"{self.configurations[0].val_loss:.4f}"
         best = self.chosen()
         alive = len(self.alive)
-        return f"best {best.val_loss:.4f} ({best.name}), {alive} configuration{'s' * (alive != 1)} training"
+        return f"best {self.loss(best):.4f} ({best.name}), {alive} configuration{'s' * (alive != 1)} training"
 
     def progress(self) -> dict[str, str]:
         """For a sweep's progress bar: the configurations still training, and the best validation loss so far."""

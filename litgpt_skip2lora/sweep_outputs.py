@@ -23,15 +23,21 @@ TRAINED = "lit_model.pth.lora"
 
 
 def write_table(sweep: Sweep, chosen: Configuration, path: Path) -> None:
-    """One row per configuration: its name, swept values, last validation loss, optimizer steps and whether it was
+    """One row per configuration: its name, swept values, last validation loss, with ``best_step`` the step it was
+    handed over at and that step's loss, its label accuracy when it selects by it, optimizer steps and whether it was
     chosen (exactly one row)."""
     swept = list(sweep.args.swept())
+    best = ["best_step", "best_val_loss"] if sweep.args.best_step else []
     accuracy = ["accuracy"] if sweep.args.select == "label_accuracy" else []
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["name", *swept, "val_loss", *accuracy, "steps", "chosen"])
+        writer.writerow(["name", *swept, "val_loss", *best, *accuracy, "steps", "chosen"])
         for c in sweep.configurations:
-            scores = [c.val_loss, *([c.accuracy] if accuracy else [])]
+            scores = [
+                c.val_loss,
+                *([c.best_step, c.best_val_loss] if best else []),
+                *([c.accuracy] if accuracy else []),
+            ]
             writer.writerow([c.name, *(c.values[k] for k in swept), *scores, c.steps, int(c is chosen)])
 
 
@@ -52,8 +58,9 @@ def plot(sweep: Sweep, chosen: Configuration, path: Path) -> None:
         is_chosen = c is chosen
         label = f"{c.name} (chosen)" if is_chosen else c.name
         ax.plot(steps, losses, marker="o", markersize=3, linewidth=2.5 if is_chosen else 1, label=label)
-        if is_chosen and points:
-            ax.scatter(steps[-1], losses[-1], s=160, marker="*", color="black", zorder=5)
+        if is_chosen and points:  # the step it was handed over at
+            handed = (c.best_step, c.best_val_loss) if sweep.args.best_step else (steps[-1], losses[-1])
+            ax.scatter(*handed, s=160, marker="*", color="black", zorder=5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"Sweep of {len(sweep.configurations)} configurations; chosen: {chosen.name}")

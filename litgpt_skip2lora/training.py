@@ -161,6 +161,9 @@ class Trainer:
         if self.eval.final_validation:
             self.validate(val_loader, len(val_loader))
             summary.append(f"Validation loss after training: {self.sweep.describe_losses()}")
+        if self.sweep.args.best_step:
+            self.sweep.restore_best()
+            summary.append(self.sweep.describe_best())
         fabric.log_dict(rank_counts(self.fabric, self.backbone), step=state["iter_num"])
         fabric.print("\n".join(["", "Summary", *summary]))
         return True

@@ -41,6 +41,10 @@ TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, 
 TAIL_SWEEP = SweepArgs(lr=[0.01, 0.05], seed=[7, 8])
 
 
+def optimizer_at(lr: float) -> dict:
+    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}
+
+
 def table(out_dir: Path) -> dict[str, dict]:
     with (out_dir / "sweep.csv").open() as f:
         return {row["name"]: row for row in csv.DictReader(f)}
@@ -85,7 +89,7 @@ def test_a_configuration_trains_exactly_as_its_solo_run(
     sweeps, tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, variant: str, name: str, solo: dict
 ) -> None:
     lr = float(name.split(",")[0].removeprefix("lr="))
-    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}
+    optimizer = optimizer_at(lr)
     alone = run(tiny_checkpoint, alpaca_file, tmp_path, train=TrainArgs(epochs=2, **TRAIN), optimizer=optimizer, **solo)
     swept = logged_metrics(sweeps[variant]).dropna(subset=["iter"])
     torch.testing.assert_close(losses(alone), torch.tensor(swept[f"loss/{name}"].values, dtype=torch.float32))
@@ -96,7 +100,9 @@ def test_a_configuration_trains_exactly_as_its_solo_run(
 def test_the_sweep_table_final_and_folders(sweeps) -> None:
     rows = table(sweeps["adapters"])
     assert list(rows) == ["lr=0.01,lora_r=4", "lr=0.01,lora_r=8", "lr=0.05,lora_r=4", "lr=0.05,lora_r=8"]
-    assert list(next(iter(rows.values()))) == ["name", "lr", "lora_r", "val_loss", "steps", "chosen"]
+    columns = ["name", "lr", "lora_r", "val_loss", "best_step", "best_val_loss", "steps", "chosen"]
+    assert list(next(iter(rows.values()))) == columns
+    assert all(r["best_step"] == "10" and r["best_val_loss"] == r["val_loss"] for r in rows.values())  # one validation
     assert [int(r["steps"]) for r in rows.values()] == [10] * 4
     (chosen,) = [name for name, r in rows.items() if r["chosen"] == "1"]
     assert chosen == min(rows, key=lambda name: float(rows[name]["val_loss"]))
@@ -393,13 +399,32 @@ def test_a_replica_shares_every_tensor_and_has_modules_of_its_own() -> None:
 
 def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
     def scored(name: str, accuracy: float, val_loss: float) -> Configuration:
-        return Configuration(name, {}, None, None, {}, val_loss=val_loss, accuracy=accuracy)
+        return Configuration(name, {}, None, None, {}, val_loss=val_loss, best_val_loss=val_loss, accuracy=accuracy)
 
     configurations = [scored("a", 0.5, 2.0), scored("b", 0.7, 3.0), scored("c", 0.7, 2.5), scored("d", 0.9, math.nan)]
     configurations[3].alive = False  # dropped by halving: never chosen
     assert Sweep(None, configurations, SweepArgs(select="label_accuracy")).chosen().name == "c"  # tie: lower loss
     assert Sweep(None, configurations, SweepArgs()).chosen().name == "a"
     assert Sweep(None, configurations, SweepArgs()).describe_losses() == "best 2.0000 (a), 3 configurations training"
+    configurations[2].best_val_loss = 1.5  # lower at an earlier step than at its last: ranked by it unless opted out
+    assert Sweep(None, configurations, SweepArgs()).chosen().name == "c"
+    assert Sweep(None, configurations, SweepArgs(best_step=False)).chosen().name == "a"
     for c in configurations[1:]:
         c.alive = False
     assert Sweep(None, configurations, SweepArgs()).describe_losses() == "best 2.0000 (a), 1 configuration training"
+
+
+def test_a_run_hands_over_its_best_validation_steps_parameters(tiny_checkpoint: Path, alpaca_file: Path, tmp_path):
+    """At lr 2 the validation loss rises after its lowest: ``final/`` holds that step's parameters, exactly as its
+    step checkpoint has them; with ``--sweep.best_step false``, the last step's."""
+    train = TrainArgs(epochs=3, **TRAIN, save_interval=1)
+    options = dict(train=train, eval=EvalArgs(interval=1, max_new_tokens=3), optimizer=optimizer_at(2.0))
+    run(tiny_checkpoint, alpaca_file, tmp_path / "best", **options)
+    validations = logged_metrics(tmp_path / "best").dropna(subset=["val_loss"])
+    best_step, last_step = int(validations.loc[validations["val_loss"].idxmin(), "step"]), 15  # 5 steps an epoch
+    assert 0 < best_step < last_step and int(validations["step"].max()) == last_step
+    checkpoint = torch.load(tmp_path / "best" / f"step-{best_step:06d}" / "state.pth", weights_only=False)
+    assert all(torch.equal(v, trained(checkpoint)[k]) for k, v in saved(tmp_path / "best" / "final").items())
+    run(tiny_checkpoint, alpaca_file, tmp_path / "last", **options, sweep=SweepArgs(best_step=False))
+    checkpoint = torch.load(tmp_path / "last" / f"step-{last_step:06d}" / "state.pth", weights_only=False)
+    assert all(torch.equal(v, trained(checkpoint)[k]) for k, v in saved(tmp_path / "last" / "final").items())
