@@ -26,6 +26,25 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_resumable(path: Path, names: list[str], world_size: int) -> None:
+    """Refuse, in one line, to resume ``path`` with another sweep or on another number of devices: a resumed run
+    continues exactly only with the configurations it saved, and each rank's samples and random streams depend on
+    how many ranks there are."""
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    saved = list(state["sweep"]["configurations"])
+    if sorted(saved) != sorted(names):
+        raise ValueError(
+            f"--resume true: {path.parent.name} trained {', '.join(saved)}, but this command's sweep is"
+            f" {', '.join(names)}: resume with the --sweep options the run started with."
+        )
+    ranks = next(iter(state["rng"][saved[0]].values())).size(0)
+    if ranks != world_size:
+        raise ValueError(
+            f"--resume true: {path.parent.name} was trained on {ranks} device(s), this command runs on {world_size}:"
+            f" resume with --devices {ranks}."
+        )
+
+
 def load(fabric: L.Fabric, path: Path, state: dict) -> None:
     """Fill ``state`` from a step checkpoint: every configuration's parameters, optimizer, scheduler and this rank's
     dropout streams."""

@@ -76,6 +76,7 @@ from litgpt_skip2lora.sweep import (
     build_sweep,
     check_fits,
     check_sweep,
+    configuration_name,
     optimizer_values,
 )
 from litgpt_skip2lora.sweep_outputs import TRAINED, plot, save_configuration, write_table
@@ -213,6 +214,9 @@ def setup(
         checkpoint = latest_checkpoint(out_dir) if resume else None
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
+        if checkpoint is not None:
+            grid = [configuration_name(values) for values in sweep.grid()]
+            checkpoints.check_resumable(checkpoint, grid, parse_devices(devices) * num_nodes)
         check_out_dir(out_dir)  # last: it creates the folder
     pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint")})  # each argument once
     devices = parse_devices(devices)

@@ -143,9 +143,8 @@ class Configuration:
             yield
         self.rng = {device.type: stream.state()}
 
-    def validated(self, loss: float, step: int, keep_best: bool) -> None:
-        """Record a validation loss; a new lowest one becomes its best step (its parameters copied when kept)."""
-        self.val_loss = loss
+    def consider_best(self, loss: float, step: int, keep_best: bool) -> None:
+        """A new lowest validation loss becomes its best step (its parameters copied when kept)."""
         if not math.isnan(loss) and not loss >= self.best_val_loss:  # the first loss, or a lower one
             self.best_val_loss, self.best_step = loss, step
             self.best = [p.detach().clone() for p in self.parameters()] if keep_best else None
@@ -230,10 +229,15 @@ class Sweep:
     def is_sweep(self) -> bool:
         return len(self.configurations) > 1
 
-    def record(self, losses: list[float], step: int) -> dict[str, float]:
-        """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged."""
+    def record(self, losses: list[float], step: int, resumed: bool = False) -> dict[str, float]:
+        """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged.
+        The validation at resume is no candidate for the best step: the uninterrupted run had none there."""
         for c, loss in zip(self.alive, losses):
-            c.validated(loss, step, self.args.best_step)
+            c.val_loss = loss
+            if not resumed:
+                c.consider_best(loss, step, self.args.best_step)
+        if self.history and self.history[-1]["step"] == step:  # validated again at resume: one row a step
+            self.history.pop()
         self.history.append({"step": step, **{c.name: c.val_loss for c in self.alive}})
         named = (("val_loss", float), ("val_ppl", math.exp))
         return {c.tagged(metric): f(c.val_loss) for c in self.alive for metric, f in named}

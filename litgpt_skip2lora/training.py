@@ -183,7 +183,7 @@ class Trainer:
     def first_validation(self, val_loader: DataLoader, resumed_at: int | None) -> str:
         """All validation batches with ``eval.initial_validation`` or at resume, else LitGPT LoRA's settings check."""
         if self.eval.initial_validation or resumed_at is not None:
-            self.validate(val_loader, len(val_loader), untrained=resumed_at is None)
+            self.validate(val_loader, len(val_loader), untrained=resumed_at is None, resumed=resumed_at is not None)
             when = f"at resume (step {resumed_at})" if resumed_at is not None else "before training"
             line = f"Validation loss {when}: {self.sweep.describe_losses()}"
             self.fabric.print(line)
@@ -219,9 +219,12 @@ class Trainer:
             checkpoints.save(self.fabric, self.out_dir, self.state)
 
     @torch.no_grad()
-    def validate(self, val_loader: DataLoader, max_batches: int, record: bool = True, untrained: bool = False) -> None:
+    def validate(
+        self, val_loader: DataLoader, max_batches: int, record: bool = True, untrained: bool = False, resumed: bool = False
+    ) -> None:
         """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
-        ``validate``, recorded. ``untrained``: all are still the base model (trained changes start at zero)."""
+        ``validate``, recorded. ``untrained``: all are still the base model (trained changes start at zero);
+        ``resumed``: the validation at resume (:meth:`Sweep.record`)."""
         alive, done = self.sweep.alive, (self.state["step_count"], min(max_batches, len(val_loader)))
         if record and done == self.validated:
             return  # the same as the last one (the final validation after a due one): its losses stand
@@ -234,7 +237,7 @@ class Trainer:
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
             self.validated = done
-            metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"])
+            metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"], resumed)
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
     def backward(

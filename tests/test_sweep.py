@@ -428,3 +428,37 @@ def test_a_run_hands_over_its_best_validation_steps_parameters(tiny_checkpoint: 
     run(tiny_checkpoint, alpaca_file, tmp_path / "last", **options, sweep=SweepArgs(best_step=False))
     checkpoint = torch.load(tmp_path / "last" / f"step-{last_step:06d}" / "state.pth", weights_only=False)
     assert all(torch.equal(v, trained(checkpoint)[k]) for k, v in saved(tmp_path / "last" / "final").items())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--sweep.lr", "[0.01,0.02]", "--sweep.lora_r", "[4,8]"],
+            "trained lr=0.01,lora_r=4, lr=0.01,lora_r=8, lr=0.05,lora_r=4, lr=0.05,lora_r=8, but this command's sweep"
+            " is lr=0.01,lora_r=4, lr=0.01,lora_r=8, lr=0.02,lora_r=4, lr=0.02,lora_r=8: resume with the --sweep"
+            " options the run started with.",
+        ),
+        (
+            ["--sweep.lr", "[0.01,0.05]", "--sweep.lora_r", "[4,8]", "--devices", "2", "--train.micro_batch_size", "2"],
+            "was trained on 1 device(s), this command runs on 2: resume with --devices 1.",
+        ),
+    ],
+)
+def test_a_resume_with_changed_options_is_one_line(sweeps, tiny_checkpoint: Path, alpaca_file: Path, args, message):
+    """Refused before anything starts, naming what changed, instead of a KeyError or another sample order."""
+    options = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--precision", "32-true"]
+    options += ["--train.global_batch_size", "4", "--out_dir", str(sweeps["adapters"]), "--resume", "true", *args]
+    with pytest.raises(SystemExit) as refused:
+        in_process("finetune_skip2lora", str(tiny_checkpoint), *options)
+    assert refused.value.code.startswith("error: --resume true: step-000010 ") and "\n" not in refused.value.code
+    assert refused.value.code.endswith(message)
+
+
+def test_the_validation_at_resume_keeps_one_row_a_step_and_is_no_best_step() -> None:
+    c = Configuration("run", {}, None, None, {})
+    sweep = Sweep(None, [c], SweepArgs(best_step=False))
+    sweep.record([2.0], 5)
+    sweep.record([1.5], 5, resumed=True)
+    assert sweep.history == [{"step": 5, "run": 1.5}]
+    assert (c.val_loss, c.best_val_loss, c.best_step) == (1.5, 2.0, 5)
