@@ -1,5 +1,6 @@
 """Every shipped YAML parses with the command that is meant to run it, so a user's first run cannot fail on it."""
 
+import csv
 import os
 import shutil
 import subprocess
@@ -7,11 +8,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import litgpt
 import litgpt.__main__
 import pytest
 import yaml
-from conftest import in_process
+from conftest import TINY, WORDS, in_process
 
+from benchmarks.random_checkpoint import SPECIAL, write_checkpoint
 from litgpt_skip2lora.configs import shipped_configs
 
 HUB = Path(__file__).parent.parent / "config_hub" / "finetune"
@@ -109,3 +112,25 @@ def test_more_devices_than_the_yamls_batch_splits_over_is_one_line(name: str, tm
         "error: --train.global_batch_size 8 does not split into micro-batches of 8 over 2 devices: use a global"
         " batch size that is a multiple of 16, or --train.micro_batch_size 4."
     )
+
+
+RECIPES = sorted(HUB.glob("*/skip2lora_labels.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
+def test_a_recipe_runs_on_a_users_json_data(recipe: Path, tmp_path, alpaca_writer, monkeypatch) -> None:
+    """The recipe as a user runs it, on a random model deep enough for its tail: their data and checkpoint on the
+    command line, nothing else to tune; its sweep trains and hands over its choice in final/."""
+    import litgpt
+
+    config = litgpt.Config(**{**TINY, "n_layer": 32}, vocab_size=len(SPECIAL) + len(WORDS))
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", config, WORDS)
+    data = alpaca_writer(tmp_path / "data.json", 24)
+    monkeypatch.chdir(tmp_path)
+    in_process(
+        "finetune", str(checkpoint), "--config", f"{recipe.parent.name}/{recipe.stem}",
+        "--data", "JSON", "--data.json_path", str(data), "--data.val_split_fraction", "0.25", "--precision", "32-true",
+        "--train.epochs", "1", "--eval.max_new_tokens", "2", "--out_dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    chosen = [row for row in csv.DictReader((tmp_path / "out" / "sweep.csv").open()) if row["chosen"] == "1"]
+    assert len(chosen) == 1 and (tmp_path / "out" / "final" / "lit_model.pth").is_file()
