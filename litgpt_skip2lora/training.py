@@ -220,7 +220,12 @@ class Trainer:
 
     @torch.no_grad()
     def validate(
-        self, val_loader: DataLoader, max_batches: int, record: bool = True, untrained: bool = False, resumed: bool = False
+        self,
+        val_loader: DataLoader,
+        max_batches: int,
+        record: bool = True,
+        untrained: bool = False,
+        resumed: bool = False,
     ) -> None:
         """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
         ``validate``, recorded. ``untrained``: all are still the base model (trained changes start at zero);
