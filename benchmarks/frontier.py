@@ -4,7 +4,9 @@ A frontier file (``benchmarks/frontier/*.yaml``) names the runs: LitGPT's LoRA a
 of several depths, sweeps, more epochs. Each point is one fresh process timed from its start until ``final/`` is
 written (:func:`benchmarks.end_to_end.timed_run`), then scored: on a label task by greedy exact match on the
 held-out items (``evaluate_accuracy --labels []``, not timed), on free text by its validation loss. Every point's
-wall time is also given over the first LoRA point's, measured in the same invocation.
+wall time is also given over the first LoRA point's, measured in the same invocation. A sweep point with
+``score_each: true`` has every configuration scored, each exported as a full model (``export_configuration``): the
+spread of its seeds, say, measures the noise of one score.
 
     python -m benchmarks.frontier benchmarks/frontier/supersense.yaml
 
@@ -57,6 +59,17 @@ def run_point(point: dict, configs: dict[str, Path], spec: dict, args: argparse.
         data = yaml.safe_load(configs[method].read_text())["data"]
         answers = args.out / f"frontier-{spec['task']}-{stamp}-{point['name']}.json"
         row.update(scored(out_dir / "final", data, answers, out_dir))
+        for c in row.get("sweep", []) if point.get("score_each") else []:  # e.g. the seeds of one configuration
+            export = [
+                sys.executable,
+                "-m",
+                "litgpt_skip2lora",
+                "export_configuration",
+                str(out_dir / "sweep" / c["name"]),
+            ]
+            run_logged(export, out_dir / "export.log", cwd=REPO)
+            answers = answers.with_name(f"frontier-{spec['task']}-{stamp}-{point['name']}-{c['name']}.json")
+            c.update(scored(out_dir / f"final-{c['name']}", data, answers, out_dir))
     return row
 
 

@@ -18,8 +18,13 @@ def test_the_frontier_times_and_scores_each_point(tmp_path: Path) -> None:
         + ["--tokens", "6", "--set", "train.lr_warmup_steps=1", "--set", "eval.max_new_tokens=2"],
         "points": [
             {"name": "lora", "method": "lora", "options": ["--optimizer.lr", "0.003"]},
-            {"name": "faithful-2ep", "method": "faithful", "epochs": 2},
-            {"name": "faithful-sweep", "method": "faithful", "options": ["--sweep.lr", "[0.001,0.003]"]},
+            {
+                "name": "faithful-sweep",
+                "method": "faithful",
+                "epochs": 2,
+                "options": ["--sweep.seed", "[1,2]"],
+                "score_each": True,
+            },
         ],
     }
     points = tmp_path / "points.yaml"
@@ -27,10 +32,14 @@ def test_the_frontier_times_and_scores_each_point(tmp_path: Path) -> None:
     path = frontier.main([str(points), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     rows = json.loads(path.read_text())
     assert path.with_suffix(".png").is_file()
-    assert [(r["name"], r["epochs"]) for r in rows] == [("lora", 1), ("faithful-2ep", 2), ("faithful-sweep", 1)]
+    assert [(r["name"], r["epochs"]) for r in rows] == [("lora", 1), ("faithful-sweep", 2)]
     for row in rows:
         assert row["count"] == 2 and 0 <= row["exact_match"] <= 2  # 40 samples, 5% held out
         answers = json.loads((tmp_path / "out" / row["answers"]).read_text())
         assert answers["exact_match"] == row["exact_match"] and len(answers["items"]) == 2
         assert row["wall_vs_lora"] == pytest.approx(row["wall_s"] / rows[0]["wall_s"], abs=1e-4)
-    assert rows[2]["configurations"] == 2 and rows[2]["chosen"] in ("lr=0.001", "lr=0.003")
+    assert rows[1]["configurations"] == 2 and rows[1]["chosen"] in ("seed=1", "seed=2")
+    for c in rows[1]["sweep"]:  # each configuration exported and scored; the chosen one as final/ was
+        assert c["count"] == 2 and (tmp_path / "work" / "faithful-sweep" / f"final-{c['name']}").is_dir()
+    (chosen,) = [c for c in rows[1]["sweep"] if c["name"] == rows[1]["chosen"]]
+    assert chosen["exact_match"] == rows[1]["exact_match"]
