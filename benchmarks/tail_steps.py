@@ -77,7 +77,7 @@ def sweep_trainer(args: argparse.Namespace, grid: SweepArgs) -> Trainer:
     sweep.set_training(True)
     train = TrainArgs(global_batch_size=args.batch, micro_batch_size=args.batch)
     state = {"sweep": sweep, "iter_num": 0, "step_count": 0}
-    return Trainer(fabric, sweep, None, state, train, EvalArgs(), math.inf, args.out, WallClock(fabric.device))
+    return Trainer(fabric, sweep, None, state, train, EvalArgs(), math.inf, 1, args.out, WallClock(fabric.device))
 
 
 def tail_batch(model: GPT, args: argparse.Namespace) -> tuple[Features, torch.Tensor]:

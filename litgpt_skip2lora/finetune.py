@@ -288,6 +288,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         train=run.train,
         eval=run.eval,
         max_steps=max_steps,
+        accum=accum,
         out_dir=run.out_dir,
         clock=clock,
     )

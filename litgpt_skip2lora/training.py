@@ -108,12 +108,13 @@ class Trainer:
     train: TrainArgs
     eval: EvalArgs
     max_steps: float
+    accum: int
+    """Micro-batches per optimizer step (``finetune.main`` decides it, with the steps the schedule runs for)."""
     out_dir: Path
     clock: WallClock
 
     def __post_init__(self) -> None:
         self.model: GPT = self.sweep.model
-        self.accum = self.train.gradient_accumulation_iters(self.fabric.world_size, 1)  # micro-batches per step
         self.layout = RowLayout.of(self.model.config)
         self.validated: tuple[int, int] | None = None  # the last recorded validation's step and batch count
 
