@@ -1,6 +1,5 @@
 """Every shipped YAML parses with the command that is meant to run it, so a user's first run cannot fail on it."""
 
-import csv
 import os
 import shutil
 import subprocess
@@ -120,7 +119,7 @@ RECIPES = sorted(HUB.glob("*/skip2lora_labels.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
 def test_a_recipe_runs_on_a_users_json_data(recipe: Path, tmp_path, alpaca_writer, monkeypatch) -> None:
     """The recipe as a user runs it, on a random model deep enough for its tail: their data and checkpoint on the
-    command line, nothing else to tune; its sweep trains and hands over its choice in final/."""
+    command line, nothing else to tune; final/ holds the recipe's tail, trained on their data."""
     import litgpt
 
     config = litgpt.Config(**{**TINY, "n_layer": 32}, vocab_size=len(SPECIAL) + len(WORDS))
@@ -132,5 +131,7 @@ def test_a_recipe_runs_on_a_users_json_data(recipe: Path, tmp_path, alpaca_write
         "--data", "JSON", "--data.json_path", str(data), "--data.val_split_fraction", "0.25", "--precision", "32-true",
         "--train.epochs", "1", "--eval.max_new_tokens", "2", "--out_dir", str(tmp_path / "out"),
     )  # fmt: skip
-    chosen = [row for row in csv.DictReader((tmp_path / "out" / "sweep.csv").open()) if row["chosen"] == "1"]
-    assert len(chosen) == 1 and (tmp_path / "out" / "final" / "lit_model.pth").is_file()
+    final = tmp_path / "out" / "final"
+    saved = yaml.safe_load((final / "hyperparameters.yaml").read_text())
+    assert saved["skip2lora_output_layer"] == yaml.safe_load(recipe.read_text())["skip2lora_output_layer"]
+    assert saved["data"]["init_args"]["json_path"] == str(data) and (final / "lit_model.pth").is_file()
