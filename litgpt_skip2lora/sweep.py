@@ -229,12 +229,12 @@ class Sweep:
     def is_sweep(self) -> bool:
         return len(self.configurations) > 1
 
-    def record(self, losses: list[float], step: int, resumed: bool = False) -> dict[str, float]:
+    def record(self, losses: list[float], step: int, candidate: bool = True) -> dict[str, float]:
         """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged.
-        The validation at resume is no candidate for the best step: the uninterrupted run had none there."""
+        Only a ``candidate`` validation can become a best step (:meth:`Trainer.validate` says which)."""
         for c, loss in zip(self.alive, losses):
             c.val_loss = loss
-            if not resumed:
+            if candidate:
                 c.consider_best(loss, step, self.args.best_step)
         if self.history and self.history[-1]["step"] == step:  # validated again at resume: one row a step
             self.history.pop()

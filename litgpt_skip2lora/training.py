@@ -230,7 +230,9 @@ class Trainer:
     ) -> None:
         """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
         ``validate``, recorded. ``untrained``: all are still the base model (trained changes start at zero);
-        ``resumed``: the validation at resume (:meth:`Sweep.record`)."""
+        ``resumed``: the validation at resume. A validation can be a best step when it covers the whole validation
+        set, as every candidate must to be compared, and is not the one at resume, which the uninterrupted run never
+        had."""
         alive, done = self.sweep.alive, (self.state["step_count"], min(max_batches, len(val_loader)))
         if record and done == self.validated:
             return  # the same as the last one (the final validation after a due one): its losses stand
@@ -243,7 +245,8 @@ class Trainer:
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
             self.validated = done
-            metrics = self.sweep.record(means * len(alive) if untrained else means, self.state["step_count"], resumed)
+            candidate = done[1] == len(val_loader) and not resumed
+            metrics = self.sweep.record(means * len(alive) if untrained else means, done[0], candidate)
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
     def backward(

@@ -455,10 +455,10 @@ def test_a_resume_with_changed_options_is_one_line(sweeps, tiny_checkpoint: Path
     assert refused.value.code.endswith(message)
 
 
-def test_the_validation_at_resume_keeps_one_row_a_step_and_is_no_best_step() -> None:
+def test_a_validation_again_at_its_step_keeps_one_row_and_a_non_candidate_is_no_best_step() -> None:
     c = Configuration("run", {}, None, None, {})
     sweep = Sweep(None, [c], SweepArgs(best_step=False))
     sweep.record([2.0], 5)
-    sweep.record([1.5], 5, resumed=True)
+    sweep.record([1.5], 5, candidate=False)
     assert sweep.history == [{"step": 5, "run": 1.5}]
     assert (c.val_loss, c.best_val_loss, c.best_step) == (1.5, 2.0, 5)
