@@ -184,9 +184,10 @@ def setup(
             every ``train.save_interval`` steps and on Ctrl-C or SIGTERM).
         access_token: Hugging Face token, only for downloading a checkpoint.
     """
+    world_size = parse_devices(devices) * num_nodes
     with user_errors():
         check_precision(precision)
-        check_batch_split(train, parse_devices(devices) * num_nodes)
+        check_batch_split(train, world_size)
         checkpoint_dir = auto_download_checkpoint(model_name=checkpoint_dir, access_token=access_token)
     data = Alpaca() if data is None else data
     optimizer = optimizer_spec(optimizer)
@@ -216,9 +217,9 @@ def setup(
             raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
         if checkpoint is not None:
             grid = [configuration_name(values) for values in sweep.grid()]
-            checkpoints.check_resumable(checkpoint, grid, parse_devices(devices) * num_nodes)
+            checkpoints.check_resumable(checkpoint, grid, world_size)
         check_out_dir(out_dir)  # last: it creates the folder
-    pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint")})  # each argument once
+    pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint", "world_size", "grid")})
     devices = parse_devices(devices)
     precision = precision or default_precision()
     plugins, trained_in = None, precision
@@ -226,7 +227,7 @@ def setup(
         plugins, precision = bitsandbytes_plugin(quantize, precision), None
     name, log_args = f"finetune-skip2lora-{config.name}", dataclasses.asdict(log)
     logger = choose_logger(logger_name, out_dir, name=name, log_interval=train.log_interval, log_args=log_args)
-    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    strategy = "ddp" if world_size > 1 else "auto"
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
@@ -340,9 +341,11 @@ def describe_trainable(sweep: Sweep) -> str:
     counts = {c.name: sum(p.numel() for p in c.parameters()) for c in sweep.configurations}
     if not sweep.is_sweep:
         return f"{counts['run']:,}"
-    each = [f"{name} {count:,}" for name, count in counts.items()]
-    alike = f"{counts[sweep.configurations[0].name]:,} per configuration" if len(set(counts.values())) == 1 else None
-    return f"{alike or '; '.join(each)}; {len(counts)} configurations, {sum(counts.values()):,} in all"
+    if len(set(counts.values())) == 1:
+        each = f"{next(iter(counts.values())):,} per configuration"
+    else:
+        each = "; ".join(f"{name} {count:,}" for name, count in counts.items())
+    return f"{each}; {len(counts)} configurations, {sum(counts.values()):,} in all"
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr: float | None):
