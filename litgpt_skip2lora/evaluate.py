@@ -56,12 +56,13 @@ def evaluate_accuracy(
     items = items[:limit]
     labels = closed_set(train_items) if labels is None else labels
     prompts = [encoded_prompt(tokenizer, data, item) for item in items]
-    answer_width = max([max_new_tokens, *(a.size(0) for a in label_tokens(tokenizer, labels))])
+    answers = label_tokens(tokenizer, labels)
+    answer_width = max([max_new_tokens, *(a.size(0) for a in answers)])
     # the KV cache as long as the longest item needs, one row for greedy generation and one a label for scoring
     model.max_seq_length = min(max((p.size(0) for p in prompts), default=0) + answer_width, model.config.block_size)
     model.set_kv_cache(batch_size=max(1, len(labels)))
     scored = tqdm(zip(items, prompts), total=len(items), desc="Scoring")
-    results = [score(model, tokenizer, item, prompt, labels, max_new_tokens) for item, prompt in scored]
+    results = [score(model, tokenizer, item, prompt, labels, answers, max_new_tokens) for item, prompt in scored]
     report = summary(results, labels)
     out_file = out_file or Path(checkpoint_dir) / "evaluate_accuracy.json"
     out_file.write_text(json.dumps({**report, "items": results}, indent=1) + "\n", encoding="utf-8")
@@ -109,26 +110,34 @@ def label_tokens(tokenizer: Tokenizer, labels: list[str]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def score(model: GPT, tokenizer: Tokenizer, item: dict, prompt: torch.Tensor, labels: list[str], max_new: int) -> dict:
-    """``item``'s greedy answer (exact match) and, with ``labels``, its label of highest likelihood."""
+def score(
+    model: GPT,
+    tokenizer: Tokenizer,
+    item: dict,
+    prompt: torch.Tensor,
+    labels: list[str],
+    answers: list[torch.Tensor],
+    max_new: int,
+) -> dict:
+    """``item``'s greedy answer (exact match) and, with ``labels`` (encoded as ``answers``), its label of highest
+    likelihood."""
     out = generate(model, prompt, prompt.size(0) + max_new, top_k=1, eos_id=tokenizer.eos_id, include_prompt=False)
     answer = tokenizer.decode(out).strip().split("\n")[0].strip()
     expected = item["output"].strip()
     result = {"instruction": item["instruction"], "expected": expected, "answer": answer, "exact": answer == expected}
     if labels:
-        chosen = labels[int(label_log_likelihoods(model, tokenizer, prompt, labels).argmax())]
+        chosen = labels[int(label_log_likelihoods(model, prompt, answers).argmax())]
         result.update(chosen=chosen, label_correct=chosen == expected)
     return result
 
 
-def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, labels: list[str]) -> torch.Tensor:
-    """Each label's summed log-probability after ``prompt``, its tokens encoded as training encodes an answer.
+def label_log_likelihoods(model: GPT, prompt: torch.Tensor, answers: list[torch.Tensor]) -> torch.Tensor:
+    """Each label's summed log-probability after ``prompt``, its tokens ``answers`` (:func:`label_tokens`).
 
     The prompt runs once, on row 0 of the KV cache; its keys and values are copied to every other row, and all
     labels' tokens then run as one batch, one label a row (padding after a label's end cannot reach its tokens).
     Attention reads the cache up to the last position used, not its whole length.
     """
-    answers = label_tokens(tokenizer, labels)
     n, width = prompt.size(0), max(a.size(0) for a in answers)
     device = prompt.device
     prompt_logits = model(prompt[None], input_pos=torch.arange(n, device=device), input_pos_maxp1=n)[0, -1]
@@ -153,10 +162,10 @@ def label_accuracy(model: GPT, tokenizer: Tokenizer, data: DataModule, items: li
     device = model.lm_head.linear.weight.device
     model.eval()
     model.set_kv_cache(batch_size=len(labels), device=device)
-    correct = 0
+    correct, answers = 0, [a.to(device) for a in label_tokens(tokenizer, labels)]
     for item in tqdm(items, desc="Label accuracy", leave=False):
         prompt = encoded_prompt(tokenizer, data, item, device)
-        chosen = labels[int(label_log_likelihoods(model, tokenizer, prompt, labels).argmax())]
+        chosen = labels[int(label_log_likelihoods(model, prompt, answers).argmax())]
         correct += chosen == item["output"].strip()
     model.clear_kv_cache()
     return correct / max(1, len(items))

@@ -35,9 +35,10 @@ class OpenAISpecAPI(_LoadsOurLLM, litgpt_serve.OpenAISpecLitAPI):
     """LitGPT's OpenAI-compatible API."""
 
 
-Host = Literal["127.0.0.1", "0.0.0.0", "::"]
-"""The addresses LitServe listens on: LitGPT's server takes every interface; this one the loopback unless told."""
 LISTENS_ON = {"127.0.0.1": "this machine only", "0.0.0.0": "every IPv4 interface", "::": "every interface"}
+"""The addresses LitServe listens on: LitGPT's server takes every interface; this one the loopback unless told."""
+Host = Literal[tuple(LISTENS_ON)]
+RUN_SERVER = signature(litgpt_serve.run_server)
 
 
 @wraps(litgpt_serve.run_server)
@@ -47,16 +48,17 @@ def serve(host: Host = "127.0.0.1", **kwargs: Any) -> None:
     apis = dict(SimpleLitAPI=SimpleAPI, StreamLitAPI=StreamAPI, OpenAISpecLitAPI=OpenAISpecAPI)
     signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c(os.getpid()))
     on_host = partialmethod(litgpt_serve.LitServer.run, host=host)
-    print(f"Serving on http://{host}:{kwargs.get('port', 8000)} ({LISTENS_ON[host]})", flush=True)
+    port = kwargs.get("port", RUN_SERVER.parameters["port"].default)
+    print(f"Serving on http://{host}:{port} ({LISTENS_ON[host]})", flush=True)
     with swapped(litgpt_serve, **apis), swapped(litgpt_serve.LitServer, run=on_host):
         litgpt_serve.run_server(**kwargs)
 
 
-HOST_HELP = "        host: Where it listens: 127.0.0.1 (this machine only), 0.0.0.0 or ::.\n"
-serve.__doc__ = f"{litgpt_serve.run_server.__doc__.rstrip()}\n{HOST_HELP}"
-serve.__signature__ = signature(litgpt_serve.run_server).replace(
+HOSTS_HELP = "; ".join(f"{address}, {where}" for address, where in LISTENS_ON.items())
+serve.__doc__ = f"{litgpt_serve.run_server.__doc__.rstrip()}\n        host: Where it listens: {HOSTS_HELP}.\n"
+serve.__signature__ = RUN_SERVER.replace(
     parameters=[
-        *signature(litgpt_serve.run_server).parameters.values(),
+        *RUN_SERVER.parameters.values(),
         Parameter("host", Parameter.KEYWORD_ONLY, default="127.0.0.1", annotation=Host),
     ]
 )
