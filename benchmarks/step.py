@@ -223,7 +223,8 @@ def skip2lora_step(
     cache, bytes_per_token, layout = None, None, RowLayout.of(model.config)
     if spec.cached:
         cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
-    backbone = CachedBackbone(model.backbone, cache, fabric.device, model.transformer.wte.weight.dtype, layout)
+    dtype, reads = model.transformer.wte.weight.dtype, model.skip2lora.reads
+    backbone = CachedBackbone(model.backbone, reads, cache, fabric.device, dtype, layout)
     if cache is not None:
         with torch.no_grad():
             for _ in backbone.batches(batches, "train"):

@@ -22,7 +22,7 @@ from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.model import GPT, Config, mark_trainable
 from litgpt_skip2lora.rows import IGNORE_INDEX
-from litgpt_skip2lora.sweep import SweepArgs, build_sweep
+from litgpt_skip2lora.sweep import SweepArgs, build_sweep, configuration_configs
 from litgpt_skip2lora.training import Trainer
 from litgpt_skip2lora.wallclock import WallClock
 
@@ -73,7 +73,8 @@ def sweep_trainer(args: argparse.Namespace, grid: SweepArgs) -> Trainer:
     fabric = L.Fabric(devices=1, accelerator="cpu", precision="32-true")
     model = tail_model(args)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
-    sweep = build_sweep(fabric, model, grid, optimizer, 1, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1))
+    constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1)  # noqa: E731
+    sweep = build_sweep(fabric, model, grid, configuration_configs(model.config, grid), optimizer, 1, constant)
     sweep.set_training(True)
     train = TrainArgs(global_batch_size=args.batch, micro_batch_size=args.batch)
     state = {"sweep": sweep, "iter_num": 0, "step_count": 0}

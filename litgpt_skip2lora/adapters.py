@@ -8,6 +8,7 @@ values of a row. Reference: Matsutani et al., ASP-DAC 2025, arXiv 2410.21073.
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -15,20 +16,43 @@ import torch.nn as nn
 from litgpt_skip2lora.dropout import BernoulliDropout
 
 
+class Reads(NamedTuple):
+    """What the adapters read from the frozen backbone: the inputs of ``blocks``, and the residual stream at
+    ``start``, where ``z`` joins it (block ``start``'s input; ``n_layer``: after the last block)."""
+
+    blocks: tuple[int, ...]
+    start: int
+
+
 @dataclass
 class Features:
-    """What the tail needs from the frozen backbone: ``taps``, the selected blocks' inputs stacked ``(n, ..., d)``,
-    and ``stream``, the residual stream at the output place, to which ``z`` is added."""
+    """What the tail needs from the frozen backbone: ``taps``, the inputs of ``reads.blocks`` stacked ``(n, ..., d)``,
+    and ``stream``, the residual stream at ``reads.start``, to which ``z`` is added. A sweep whose configurations
+    read different blocks or start at different places caches the union (:meth:`of` gives each its share); ``None``
+    means exactly what the reader asks for."""
 
     taps: torch.Tensor
     stream: torch.Tensor
+    reads: Reads | None = None
+
+    def of(self, reads: Reads) -> "Features":
+        """The features ``reads`` asks for, from these: a stream at a later place is one of the taps here."""
+        if self.reads is None or self.reads == reads:
+            return self
+        have = self.reads.blocks
+        taps = self.taps[[have.index(b) for b in reads.blocks]]
+        stream = self.stream if reads.start == self.reads.start else self.taps[have.index(reads.start)]
+        return Features(taps, stream, reads)
 
 
 class Adapters(nn.Module):
-    """The ``n`` adapters as one module: ``forward(taps)`` is ``z``. A fresh module has ``B = 0``: ``z = 0``."""
+    """The adapters of the blocks ``reads`` names, as one module: ``forward(taps)`` is ``z``. A fresh module has
+    ``B = 0``: ``z = 0``."""
 
-    def __init__(self, n: int, n_embd: int, r: int, alpha: int, dropout: float) -> None:
+    def __init__(self, reads: Reads, n_embd: int, r: int, alpha: int, dropout: float) -> None:
         super().__init__()
+        self.reads = reads
+        n = len(reads.blocks)
         self.A = nn.Parameter(torch.empty(n, r, n_embd))
         self.B = nn.Parameter(torch.empty(n_embd, n * r))
         self.scaling = alpha / r

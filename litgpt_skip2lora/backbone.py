@@ -6,6 +6,7 @@ samples' entries. A sample is known by a hash of its tokens and labels (:func:`s
 """
 
 import dataclasses
+import functools
 import hashlib
 import time
 import warnings
@@ -19,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from litgpt_skip2lora.adapters import Features
+from litgpt_skip2lora.adapters import Features, Reads
 from litgpt_skip2lora.cache import (
     STORAGE_DTYPES,
     CacheArgs,
@@ -32,6 +33,7 @@ from litgpt_skip2lora.cache import (
 )
 from litgpt_skip2lora.model import GPT
 from litgpt_skip2lora.rows import Entry, RowLayout, shifted_targets
+from litgpt_skip2lora.sweep import Sweep
 
 
 def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, layout: RowLayout) -> Entry:
@@ -41,10 +43,10 @@ def make_entry(features: Features, row: int, labels: torch.Tensor, length: int, 
     return {"taps": features.taps[:, row, keep], "stream": features.stream[row, keep], "targets": targets[keep]}
 
 
-def to_features(batch: Entry, device: torch.device, dtype: torch.dtype) -> tuple[Features, torch.Tensor]:
+def to_features(batch: Entry, device: torch.device, dtype: torch.dtype, reads: Reads) -> tuple[Features, torch.Tensor]:
     """The tail's input on ``device``: a batch copied without blocking (pinned sources), then decoded there."""
     batch = decode({k: v.to(device, non_blocking=True) for k, v in batch.items()}, dtype)
-    return Features(batch["taps"], batch["stream"]), batch["targets"]
+    return Features(batch["taps"], batch["stream"], reads), batch["targets"]
 
 
 def sample_key(split: str, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
@@ -77,13 +79,14 @@ class CachedBackbone:
     def __init__(
         self,
         compute: Callable[[torch.Tensor], Features],
+        reads: Reads,
         cache: SkipCache | None,
         device: torch.device,
         dtype: torch.dtype,
         layout: RowLayout,
         prefetch: int = 4,
     ) -> None:
-        self.compute, self.cache, self.device, self.dtype = compute, cache, device, dtype
+        self.compute, self.reads, self.cache, self.device, self.dtype = compute, reads, cache, device, dtype
         self.layout, self.prefetch = layout, max(0, prefetch)
         on_device = cache is not None and cache.placement == "device"
         self.pin = device.type == "cuda" and not on_device
@@ -136,7 +139,7 @@ class CachedBackbone:
         if collated is not None:
             self.time["read_wait"] += wait
             self.time["read_batches"] += 1
-            return Batch(*to_features(collated, self.device, self.dtype), tokens, wait)
+            return Batch(*to_features(collated, self.device, self.dtype, self.reads), tokens, wait)
         missing = [j for j, e in enumerate(entries) if e is None]
         input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
         t0 = self._now()
@@ -150,7 +153,8 @@ class CachedBackbone:
                 entries[j] = encode(entries[j], self.cache.dtype)
                 self.cache.put(keys[j], entries[j])
         entries = [{k: v.to(self.device) for k, v in e.items()} for e in entries]
-        return Batch(*to_features(self.layout.collate(entries, False), self.device, self.dtype), tokens, 0.0)
+        batch = self.layout.collate(entries, False)
+        return Batch(*to_features(batch, self.device, self.dtype, self.reads), tokens, 0.0)
 
     def warn_if_reads_are_slow(self) -> None:
         """A cache that keeps the step waiting longer than the backbone would take is no gain: say so, once."""
@@ -174,9 +178,11 @@ class CachedBackbone:
 
 
 def cached_backbone(
-    fabric: L.Fabric, model: GPT, args: CacheArgs, out_dir: Path, checkpoint_dir: Path, quantize: str | None, loader
+    fabric: L.Fabric, sweep: Sweep, args: CacheArgs, out_dir: Path, checkpoint_dir: Path, quantize: str | None, loader
 ) -> CachedBackbone:
-    """The model's backbone with its Skip-Cache, placed where the whole of the training ``loader``'s fits best."""
+    """The backbone of the sweep's model, keeping what its configurations read (:attr:`Sweep.reads`), with its
+    Skip-Cache, placed where the whole of the training ``loader``'s fits best."""
+    model, reads = sweep.model, sweep.reads
     dtype, layout = model.transformer.wte.weight.dtype, RowLayout.of(model.config)
     cache = None
     if not args.enabled:
@@ -185,20 +191,24 @@ def cached_backbone(
         warnings.warn("Ordinary LoRA trains blocks before the Skip2-LoRA output place: the Skip-Cache is off.")
     else:
         stored = STORAGE_DTYPES.get(args.dtype) or dtype
-        estimate = estimate_bytes(loader.dataset, model.config, stored, layout)
+        estimate = estimate_bytes(loader.dataset, reads, model.config.n_embd, stored, layout)
         max_bytes = None if args.max_size_gb is None else int(args.max_size_gb * 1e9)
         placement, why = choose_placement(args.placement, estimate, fabric.device, max_bytes)
         fabric.print(f"Skip-Cache: {placement} ({why}; about {estimate / 1e9:.2f} GB for the training set).")
-        stamp = fingerprint(fabric, model, args, checkpoint_dir, quantize)
+        stamp = fingerprint(fabric, model, reads, args, checkpoint_dir, quantize)
         with fabric.rank_zero_first():
             store = open_store(placement, fabric.device, args.directory or out_dir / "skip_cache", stamp)
         cache = SkipCache(store, max_bytes, STORAGE_DTYPES.get(args.dtype))
-    return CachedBackbone(model.backbone, cache, fabric.device, dtype, layout, args.prefetch)
+    compute = functools.partial(model.backbone, reads=reads)
+    return CachedBackbone(compute, reads, cache, fabric.device, dtype, layout, args.prefetch)
 
 
-def fingerprint(fabric: L.Fabric, model: GPT, args: CacheArgs, checkpoint_dir: Path, quantize: str | None) -> dict:
+def fingerprint(
+    fabric: L.Fabric, model: GPT, reads: Reads, args: CacheArgs, checkpoint_dir: Path, quantize: str | None
+) -> dict:
     """Everything the cached activations depend on; a cache built for anything else is rebuilt."""
     return {
+        "reads": [list(reads.blocks), reads.start],
         "checkpoint": file_digest(checkpoint_dir / "lit_model.pth"),
         "tokenizer": {p.name: file_digest(p) for p in sorted(checkpoint_dir.glob("tokenizer*"))},
         "config": {k: v for k, v in dataclasses.asdict(model.config).items() if not k.startswith("lora_")},
@@ -208,9 +218,11 @@ def fingerprint(fabric: L.Fabric, model: GPT, args: CacheArgs, checkpoint_dir: P
     }
 
 
-def estimate_bytes(dataset: Dataset, config, dtype: torch.dtype, layout: RowLayout, sample: int = 256) -> int:
+def estimate_bytes(
+    dataset: Dataset, reads: Reads, n_embd: int, dtype: torch.dtype, layout: RowLayout, sample: int = 256
+) -> int:
     """The training set's cache size, from the rows of up to ``sample`` samples (tokenising them is cheap)."""
     taken = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // sample))]
     rows = [layout.row_count(s["labels"]) for s in taken]
-    per_row = (len(config.skip2lora_block_indices) + 1) * config.n_embd * dtype.itemsize + 8
+    per_row = (len(reads.blocks) + 1) * n_embd * dtype.itemsize + 8
     return int(sum(rows) / max(1, len(rows)) * len(dataset) * per_row)

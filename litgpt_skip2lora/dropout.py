@@ -99,8 +99,10 @@ def drawn_mask(draw: Draw, *signature: Hashable) -> torch.Tensor:
 
 
 class BernoulliDropout(nn.Dropout):
-    """``torch.nn.Dropout``'s masks, value for value (the same ``bernoulli_`` draw, then scaled), from this thread's
-    stream. The adapters use it: the faithful method trains as it always has."""
+    """``torch.nn.Dropout``'s masks, value for value on a contiguous input (the same ``bernoulli_`` draw, then
+    scaled), from this thread's stream. The adapters use it: the faithful method trains as it always has. The mask is
+    drawn in the input's logical order, whatever its memory layout, so that a sweep's configuration, which reads its
+    share of the features (:meth:`~litgpt_skip2lora.adapters.Features.of`), draws what its solo run draws."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -110,7 +112,11 @@ class BernoulliDropout(nn.Dropout):
         return x * drawn_mask(lambda generator: self.mask(x, generator), type(self), self.p, x.shape, x.dtype, x.device)
 
     def mask(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.empty_like(x).bernoulli_(1 - self.p, generator=generator).div_(1 - self.p)
+        return (
+            torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            .bernoulli_(1 - self.p, generator=generator)
+            .div_(1 - self.p)
+        )
 
 
 class Dropout(BernoulliDropout):

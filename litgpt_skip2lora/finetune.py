@@ -70,12 +70,14 @@ from litgpt_skip2lora.model import (
 from litgpt_skip2lora.sampler import RankShareSampler
 from litgpt_skip2lora.sweep import (
     ADAPTER_OPTIONS,
+    ROUTE_OPTIONS,
     Configuration,
     Sweep,
     SweepArgs,
     build_sweep,
     check_fits,
     check_sweep,
+    configuration_configs,
     configuration_name,
     optimizer_values,
 )
@@ -91,6 +93,9 @@ class Run:
     """Everything ``main`` needs, decided and checked by ``setup`` before any output is written."""
 
     config: Config
+    """The model's: a sweep's longest tail."""
+    grid: list[tuple[dict, Config]]
+    """Each configuration's swept values and model config (:func:`configuration_configs`)."""
     checkpoint_dir: Path
     out_dir: Path
     data: DataModule
@@ -202,13 +207,14 @@ def setup(
         trains_lora = any((lora_query, lora_key, lora_value, lora_projection, lora_mlp, lora_head))
         check_sweep(sweep, trains_lora, eval.final_validation)
         check_quantize(quantize, precision)
-        config = Config.from_file(
+        options = Config.from_file(
             checkpoint_dir / "model_config.yaml",
             **lora,
-            skip2lora_enabled=True,
             skip2lora_block_indices=skip2lora_block_indices or checkpoint_blocks(checkpoint_dir),
             skip2lora_output_layer=skip2lora_output_layer,
         )
+        grid = configuration_configs(options, sweep)
+        config = min((c for _, c in grid), key=lambda c: c.skip2lora_tail_start)  # the model's: the longest tail
         check_json_data(data)
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
@@ -216,10 +222,11 @@ def setup(
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
         if checkpoint is not None:
-            grid = [configuration_name(values) for values in sweep.grid()]
-            checkpoints.check_resumable(checkpoint, grid, world_size)
+            names = [configuration_name(values) for values, _ in grid]
+            checkpoints.check_resumable(checkpoint, names, world_size)
         check_out_dir(out_dir)  # last: it creates the folder
-    pprint({k: v for k, v in locals().items() if k not in ("lora", "config", "checkpoint", "world_size", "grid")})
+    hidden = ("lora", "config", "options", "grid", "checkpoint", "world_size", "names")
+    pprint({k: v for k, v in locals().items() if k not in hidden})
     devices = parse_devices(devices)
     precision = precision or default_precision()
     plugins, trained_in = None, precision
@@ -233,6 +240,7 @@ def setup(
     )
     run = Run(
         config=config,
+        grid=grid,
         checkpoint_dir=checkpoint_dir,
         out_dir=out_dir,
         data=data,
@@ -271,7 +279,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     fabric.setup_module(model)  # placed and converted for the precision; the loop averages gradients itself
     warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))
     schedule = partial(lr_schedule, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1), min_lr=run.train.min_lr)
-    sweep = build_sweep(fabric, model, run.sweep, run.optimizer, run.seed, schedule)
+    sweep = build_sweep(fabric, model, run.sweep, run.grid, run.optimizer, run.seed, schedule)
     with user_errors():
         check_fits(sweep, run.train.micro_batch_size * model.max_seq_length, free_memory(fabric.device))
     fabric.print(f"Number of trainable parameters: {describe_trainable(sweep)}")
@@ -280,7 +288,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     if run.resume_from is not None:
         checkpoints.load(fabric, run.resume_from, state)
 
-    backbone = cached_backbone(fabric, model, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader)
+    backbone = cached_backbone(fabric, sweep, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader)
     trainer = Trainer(
         fabric=fabric,
         sweep=sweep,
@@ -422,11 +430,11 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
     chosen.install(model)
     final_dir = free_final_dir(run.out_dir)
     with checkpoints.atomic_directory(fabric, final_dir) as partial_dir:
-        trained = trainable_state(model)
+        trained, other = chosen.trained_state(), trainable_state(model)  # other: a longer tail's LoRA layers
         fabric.save(partial_dir / TRAINED, {"model": model}, filter={"model": lambda k, _: k in trained})
         if fabric.global_rank == 0:
             if run.quantize is None:
-                state = model.state_dict()
+                state = {k: v for k, v in model.state_dict().items() if k in trained or k not in other}
             else:
                 state = torch.load(run.checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True)
                 state.update({k: v.detach().cpu() for k, v in trained.items()})
@@ -447,8 +455,7 @@ def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, run: Run, 
         if fabric.global_rank == 0:
             saved = yaml.safe_load((final / "hyperparameters.yaml").read_text(encoding="utf-8"))
             for c in sweep.alive:
-                c.install(sweep.model)
-                save_configuration(c, trainable_state(sweep.model), recorded(saved, c, run), partial_dir / c.name)
+                save_configuration(c, c.trained_state(), recorded(saved, c, run), partial_dir / c.name)
             write_table(sweep, chosen, run.out_dir / "sweep.csv")
             plot(sweep, chosen, run.out_dir / "sweep.png")
     chosen.install(sweep.model)
@@ -461,10 +468,11 @@ def recorded(saved: dict, c: Configuration, run: Run) -> dict:
     trained in (generation uses it)."""
     saved = {k: v for k, v in saved.items() if k != "sweep"}
     optimizer = run.optimizer | {"init_args": {**run.optimizer["init_args"], **optimizer_values(c)}}
-    adapters = {k: getattr(c.model_config, k) for k in ADAPTER_OPTIONS}
+    model = {k: getattr(c.model_config, k) for k in (*ROUTE_OPTIONS, *ADAPTER_OPTIONS)}
+    model["skip2lora_block_indices"] = list(model["skip2lora_block_indices"])
     return {
         **saved,
-        **adapters,
+        **model,
         "seed": c.values.get("seed", run.seed),
         "optimizer": optimizer,
         "precision": run.precision,

@@ -6,8 +6,10 @@ its activations for a sample never change: they can be cached (:mod:`litgpt_skip
 ``forward(x) == tail(backbone(x))``: ``backbone`` runs the frozen part once, ``tail`` the rest.
 """
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +21,7 @@ import yaml
 from litgpt.model import batched_index_select, do_softcapping
 from typing_extensions import Self
 
-from litgpt_skip2lora.adapters import Adapters, Features
+from litgpt_skip2lora.adapters import Adapters, Features, Reads
 from litgpt_skip2lora.dropout import Dropout
 from litgpt_skip2lora.head import factoring_pays
 
@@ -69,17 +71,8 @@ class Config(litgpt.lora.Config):
         self.skip2lora_after_ln_f = self.skip2lora_output_layer == "lm_head"
         """``z`` is added after ``ln_f`` (``lm_head(ln_f(h) + z)``); otherwise ``ln_f`` follows it."""
         if self.skip2lora_enabled:
-            self.skip2lora_tail_start = self._parsed_output_place()
+            self.skip2lora_tail_start = output_block(self.skip2lora_output_layer, self.n_layer)
             self.skip2lora_block_indices = self._checked_indices()
-
-    def _parsed_output_place(self) -> int:
-        n, place = self.n_layer, self.skip2lora_output_layer
-        if place in ("lm_head", "ln_f"):
-            return n
-        tail_block = re.fullmatch(r"block\.(\d+)", place)
-        if not (tail_block and 0 < int(tail_block[1]) < n):
-            raise ValueError(f"skip2lora_output_layer must be 'lm_head', 'ln_f' or 'block.K' (0 < K < {n}): {place!r}")
-        return int(tail_block[1])
 
     def _checked_indices(self) -> tuple[int, ...]:
         n, indices = self.n_layer, self.skip2lora_block_indices
@@ -97,6 +90,17 @@ class Config(litgpt.lora.Config):
             place = self.skip2lora_output_layer
             raise ValueError(f"skip2lora_block_indices: block {normalized[-1]} lies after the output place {place!r}.")
         return tuple(normalized)
+
+
+def output_block(place: str, n_layer: int) -> int:
+    """The first block an output place puts in the tail: ``K`` for ``block.K``, ``n_layer`` (none) otherwise."""
+    if place in ("lm_head", "ln_f"):
+        return n_layer
+    tail_block = re.fullmatch(r"block\.(\d+)", place)
+    if not (tail_block and 0 < int(tail_block[1]) < n_layer):
+        choices = f"'lm_head', 'ln_f' or 'block.K' (0 < K < {n_layer})"
+        raise ValueError(f"skip2lora_output_layer must be {choices}: {place!r}")
+    return int(tail_block[1])
 
 
 class Block(litgpt.lora.Block):
@@ -151,8 +155,8 @@ class GPT(litgpt.lora.GPT):
             if isinstance(getattr(module, "lora_dropout", None), nn.Dropout):
                 module.lora_dropout = Dropout(module.lora_dropout.p)
         if config.skip2lora_enabled:
-            n = len(config.skip2lora_block_indices)
-            self.skip2lora = Adapters(n, config.n_embd, config.lora_r, config.lora_alpha, config.lora_dropout)
+            options = (config.lora_r, config.lora_alpha, config.lora_dropout)
+            self.skip2lora = Adapters(reads(config), config.n_embd, *options)
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> Self:
@@ -173,11 +177,13 @@ class GPT(litgpt.lora.GPT):
         if not self.config.skip2lora_enabled:
             return super().forward(idx, input_pos, input_pos_maxp1, lm_head_chunk_size)
         rope = self._rope_and_mask(idx.size(1), input_pos, input_pos_maxp1)
-        return self.tail(self._backbone(idx, rope), rope=rope, lm_head_chunk_size=lm_head_chunk_size)
+        features = self._backbone(idx, rope, self.skip2lora.reads)
+        return self.tail(features, rope=rope, lm_head_chunk_size=lm_head_chunk_size)
 
-    def backbone(self, idx: torch.Tensor) -> Features:
-        """Run the frozen part (embeddings and the blocks before the output place) once, without autograd."""
-        return self._backbone(idx, self._rope_and_mask(idx.size(1), None, None))
+    def backbone(self, idx: torch.Tensor, reads: Reads | None = None) -> Features:
+        """Run the frozen part once, without autograd: the embeddings and the blocks before the output place, or
+        before the last place ``reads`` names (a sweep's, :meth:`~litgpt_skip2lora.sweep.Sweep.reads`)."""
+        return self._backbone(idx, self._rope_and_mask(idx.size(1), None, None), reads or self.skip2lora.reads)
 
     def tail(
         self,
@@ -198,7 +204,8 @@ class GPT(litgpt.lora.GPT):
         (:class:`~litgpt_skip2lora.rows.RowLayout`); ``supervised``, a ``(B, T)`` mask, keeps only the rows the loss
         reads for the costly head.
         """
-        start, n_layer = self.config.skip2lora_tail_start, self.config.n_layer
+        features, n_layer = features.of(self.skip2lora.reads), self.config.n_layer
+        start = self.skip2lora.reads.start
         x = features.stream + self.skip2lora(features.taps)
         if start < n_layer:
             rope = rope or self._rope_and_mask(x.size(-2), None, None)
@@ -231,20 +238,24 @@ class GPT(litgpt.lora.GPT):
         frozen_part = [self.transformer.wte, *self.transformer.h[: self.config.skip2lora_tail_start]]
         return any(p.requires_grad for m in frozen_part for p in m.parameters())
 
-    def _backbone(self, idx: torch.Tensor, rope: Rope) -> Features:
-        start, selected = self.config.skip2lora_tail_start, self.config.skip2lora_block_indices
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_requires_grad()):
+    def _backbone(self, idx: torch.Tensor, rope: Rope, reads: Reads) -> Features:
+        """The inputs of ``reads.blocks`` and the stream at ``reads.start``. A block with LoRA layers (the tail of a
+        sweep's longest configuration) runs here as the frozen block it is for a shorter one."""
+        last = max(reads.start, *reads.blocks)
+        grad = torch.is_grad_enabled() and self.backbone_requires_grad()
+        with torch.set_grad_enabled(grad), pretrained_only(self.transformer.h[self.config.skip2lora_tail_start : last]):
             x = self.transformer.wte(idx)
             if self.config.scale_embeddings:
                 x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
             taps = []
-            for i in range(start + 1):
-                if i in selected:
+            for i in range(last + 1):
+                if i == reads.start:
+                    stream = self.transformer.ln_f(x) if self.config.skip2lora_after_ln_f else x
+                if i in reads.blocks:
                     taps.append(x)
-                if i < start:
+                if i < last:
                     x = self._block(i, x, rope)
-            stream = self.transformer.ln_f(x) if self.config.skip2lora_after_ln_f else x
-        return Features(torch.stack(taps), stream)
+        return Features(torch.stack(taps), stream, reads)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
@@ -280,6 +291,24 @@ class GPT(litgpt.lora.GPT):
                 raise ValueError(f"Positions in 'input_pos' must be in [0,{self.max_seq_length})")
             mask = mask[..., :input_pos_maxp1]
         return Rope(cos, sin, mask, input_pos, input_pos_maxp1)
+
+
+def reads(config: Config) -> Reads:
+    """What the adapters of ``config`` read."""
+    return Reads(config.skip2lora_block_indices, config.skip2lora_tail_start)
+
+
+@contextlib.contextmanager
+def pretrained_only(blocks: nn.Module) -> Iterator[None]:
+    """``blocks`` compute their pretrained weights alone: LitGPT's LoRA layers skip their LoRA part at rank 0."""
+    ranks = {m: m.r for m in blocks.modules() if isinstance(m, litgpt.lora.LoRALayer)}
+    for layer in ranks:
+        layer.r = 0
+    try:
+        yield
+    finally:
+        for layer, r in ranks.items():
+            layer.r = r
 
 
 def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool) -> bool:

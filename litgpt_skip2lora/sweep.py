@@ -13,6 +13,7 @@ import contextlib
 import functools
 import itertools
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -23,20 +24,29 @@ import torch.nn as nn
 from litgpt.lora import LoRALayer
 from litgpt.utils import instantiate_torch_optimizer
 
-from litgpt_skip2lora.adapters import Adapters
+from litgpt_skip2lora.adapters import Adapters, Reads
 from litgpt_skip2lora.dropout import SharedMasks, drawing_from
 from litgpt_skip2lora.lanes import Lanes, lane_count
-from litgpt_skip2lora.model import GPT, Config, factors_head, head_group_size
+from litgpt_skip2lora.model import GPT, Config, factors_head, head_group_size, output_block, reads
 
+ROUTE_OPTIONS = ("skip2lora_output_layer", "skip2lora_block_indices")
+"""Where the adapters' sum joins and which blocks feed them: swept, each configuration trains a tail of its own
+depth from the sweep's one Skip-Cache (:attr:`Sweep.reads`)."""
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
 """Options that shape the Skip2-LoRA adapters; swept only when nothing else trains (no ordinary LoRA)."""
 OPTIMIZER_OPTIONS = ("lr", "weight_decay")
+SWEPT = (*ROUTE_OPTIONS, *OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")
+"""Every option a sweep takes, in the order configuration names list them."""
 
 
 @dataclass
 class SweepArgs:
     """Options swept in one run: each takes a list, and every combination of the lists' values is trained."""
 
+    skip2lora_output_layer: list[str] | None = None
+    """Output places ``block.K``: tails of different depths, their blocks' LoRA layers each configuration's own."""
+    skip2lora_block_indices: list[list[int]] | None = None
+    """Lists of blocks whose inputs feed the adapters; a configuration drops the blocks after its output place."""
     lr: list[float] | None = None
     """Learning rates (the optimizer's ``lr``)."""
     weight_decay: list[float] | None = None
@@ -60,8 +70,7 @@ class SweepArgs:
 
     def swept(self) -> dict[str, list]:
         """The swept options and their values, in a fixed order."""
-        names = (*OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")
-        return {name: list(getattr(self, name)) for name in names if getattr(self, name) is not None}
+        return {name: list(getattr(self, name)) for name in SWEPT if getattr(self, name) is not None}
 
     def grid(self) -> list[dict[str, Any]]:
         """One dict of swept values per configuration; ``[{}]`` when nothing is swept."""
@@ -74,10 +83,12 @@ def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool) -> N
     for name, values in args.swept().items():
         if not values:
             raise ValueError(f"--sweep.{name} is an empty list: give at least one value.")
-        if len(set(values)) != len(values):
+        if len({repr(v) for v in values}) != len(values):
             raise ValueError(f"--sweep.{name} repeats a value: {values}.")
         if name in ADAPTER_OPTIONS and trains_lora:
             raise ValueError(f"--sweep.{name} shapes the Skip2-LoRA adapters only; this run also trains LoRA layers.")
+    if not all(re.fullmatch(r"block\.\d+", place) for place in args.skip2lora_output_layer or ()):
+        raise ValueError(f"--sweep.skip2lora_output_layer takes block.K places: {args.skip2lora_output_layer}.")
     if not 0 < args.keep <= 1:
         raise ValueError(f"--sweep.keep must be in (0, 1], got {args.keep}.")
     if any(r <= 0 for r in args.lora_r or ()):
@@ -87,8 +98,31 @@ def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool) -> N
 
 
 def configuration_name(values: dict[str, Any]) -> str:
-    """Readable and stable: ``lr=0.003,lora_r=8``; ``run`` when nothing is swept."""
-    return ",".join(f"{k}={v}" for k, v in values.items()) or "run"
+    """Readable and stable: ``lr=0.003,lora_r=8``, blocks as ``skip2lora_block_indices=0+6+12``; ``run`` when
+    nothing is swept."""
+    shown = {k: "+".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+    return ",".join(f"{k}={v}" for k, v in shown.items()) or "run"
+
+
+def configuration_configs(config: Config, args: SweepArgs) -> list[tuple[dict[str, Any], Config]]:
+    """Each configuration's swept values and model config: the run's ``config`` with its swept adapter options and
+    output place. Its adapters read the blocks of its list at or before its output place; where that drops some,
+    its values, and so its name, list the blocks it reads."""
+    grid = []
+    for values in args.grid():
+        given = list(values.get("skip2lora_block_indices", config.skip2lora_block_indices))
+        if "skip2lora_output_layer" in values:
+            place, n = values["skip2lora_output_layer"], config.n_layer
+            start = output_block(place, n)
+            blocks = [i for i in given if not (isinstance(i, int) and -n <= i < n and i % n > start)]
+            if not blocks:
+                raise ValueError(f"No block of {given} lies at or before --sweep.skip2lora_output_layer {place}.")
+            if blocks != given:
+                values = {**values, "skip2lora_block_indices": blocks}
+                values = {k: values[k] for k in SWEPT if k in values}
+        options = {k: values[k] for k in (*ROUTE_OPTIONS, *ADAPTER_OPTIONS) if k in values}
+        grid.append((values, replace(config, skip2lora_enabled=True, **options)))
+    return grid
 
 
 @dataclass
@@ -125,6 +159,10 @@ class Configuration:
 
     def parameters(self) -> list[nn.Parameter]:
         return [*self.adapters.parameters(), *self.lora.values()]
+
+    def trained_state(self) -> dict[str, nn.Parameter]:
+        """Its trained parameters by their names in the model: what its checkpoint files hold."""
+        return {**{f"skip2lora.{k}": p for k, p in self.adapters.named_parameters()}, **self.lora}
 
     def install(self, model: GPT) -> None:
         """Put its parameters into ``model``: from now on the model computes this configuration."""
@@ -220,6 +258,14 @@ class Sweep:
     def lanes(self) -> Lanes:
         """Where its configurations are computed: made at first use, once the model is where it trains."""
         return Lanes(self.model, lane_count(self.model, len(self.configurations)))
+
+    @functools.cached_property
+    def reads(self) -> Reads:
+        """What the backbone keeps for the whole sweep, once per sample: every block a configuration reads, and the
+        stream at the earliest output place; a later one's stream is the input of its block, kept as a tap."""
+        starts = {c.adapters.reads.start for c in self.configurations}
+        blocks = {b for c in self.configurations for b in c.adapters.reads.blocks} | (starts - {min(starts)})
+        return Reads(tuple(sorted(blocks)), min(starts))
 
     @property
     def alive(self) -> list[Configuration]:
@@ -335,20 +381,23 @@ def check_fits(sweep: Sweep, rows: int, available: int) -> None:
         )
 
 
-def build_sweep(fabric: L.Fabric, model: GPT, args: SweepArgs, optimizer: dict, seed: int, schedule) -> Sweep:
-    """Every configuration of the grid, each with its parameters drawn from its seed as a solo run draws them, its
-    optimizer over them and its scheduler (``schedule(optimizer)``)."""
+def build_sweep(
+    fabric: L.Fabric, model: GPT, args: SweepArgs, grid: list[tuple[dict, Config]], optimizer: dict, seed: int, schedule
+) -> Sweep:
+    """Every configuration of the ``grid`` (:func:`configuration_configs`), each with its parameters drawn from its
+    seed as a solo run draws them, its optimizer over them and its scheduler (``schedule(optimizer)``). The model
+    is the longest tail's; a shorter tail trains the LoRA layers of its own blocks only."""
     trained_lora = [name for name, p in model.named_parameters() if p.requires_grad and "skip2lora." not in name]
     like = model.skip2lora.A
     configurations = []
-    for values in args.grid():
-        adapter_options = {k: values.get(k, getattr(model.config, k)) for k in ADAPTER_OPTIONS}
-        n = len(model.config.skip2lora_block_indices)
-        adapters = Adapters(n, model.config.n_embd, *adapter_options.values()).to(like.device, like.dtype)
-        lora = {name: nn.Parameter(model.get_parameter(name).detach().clone()) for name in trained_lora}
-        c = Configuration(configuration_name(values), values, replace(model.config, **adapter_options), adapters, lora)
+    for values, config in grid:
+        options = [getattr(config, k) for k in ADAPTER_OPTIONS]
+        adapters = Adapters(reads(config), config.n_embd, *options).to(like.device, like.dtype)
+        tail = [name for name in trained_lora if in_tail(name, config.skip2lora_tail_start)]
+        lora = {name: nn.Parameter(model.get_parameter(name).detach().clone()) for name in tail}
+        c = Configuration(configuration_name(values), values, config, adapters, lora)
         c.install(model)
-        c.rng = initialize(model, values.get("seed", seed), fabric.device)
+        c.rng = initialize(model, c.parameters(), values.get("seed", seed), fabric.device)
         init_args = {**optimizer["init_args"], **optimizer_values(c)}
         c.optimizer = fabric.setup_optimizers(
             instantiate_torch_optimizer({**optimizer, "init_args": init_args}, c.parameters())
@@ -359,14 +408,23 @@ def build_sweep(fabric: L.Fabric, model: GPT, args: SweepArgs, optimizer: dict, 
     return Sweep(model, configurations, args)
 
 
-def initialize(model: GPT, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Draw the installed configuration's initial values from ``seed`` (what the checkpoint does not hold starts the
-    same on any number of devices); return the random stream its dropout continues from."""
+def in_tail(name: str, start: int) -> bool:
+    """Whether the parameter ``name`` is outside the blocks, or in a block from ``start`` on."""
+    block = re.match(r"transformer\.h\.(\d+)\.", name)
+    return block is None or int(block[1]) >= start
+
+
+def initialize(model: GPT, parameters: list[nn.Parameter], seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Draw the installed configuration's initial ``parameters`` from ``seed``, in the order its solo model draws
+    them (what the checkpoint does not hold starts the same on any number of devices); return the random stream
+    its dropout continues from."""
+    own = {id(p) for p in parameters}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with torch.no_grad():
             for module in model.modules():
-                if isinstance(module, (Adapters, LoRALayer)):
+                mine = any(id(p) in own for p in module.parameters(recurse=False))
+                if mine and isinstance(module, (Adapters, LoRALayer)):
                     module.reset_parameters()
         return rng_state(device)
 

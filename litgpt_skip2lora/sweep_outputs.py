@@ -101,6 +101,8 @@ def export_configuration(configuration_dir: Path, final_dir: Path | None = None,
     shutil.rmtree(partial_dir, ignore_errors=True)
     shutil.copytree(final_dir, partial_dir, ignore=shutil.ignore_patterns("lit_model.pth*", "evaluate_accuracy.json"))
     state = torch.load(final_dir / "lit_model.pth", mmap=True, weights_only=True)
+    chosen = torch.load(final_dir / TRAINED, mmap=True, weights_only=True)["model"]  # a tail of another depth's
+    state = {k: v for k, v in state.items() if k not in chosen}
     state.update(torch.load(configuration_dir / TRAINED, weights_only=True)["model"])
     torch.save(state, partial_dir / "lit_model.pth")
     for name in (TRAINED, "model_config.yaml", "hyperparameters.yaml"):

@@ -65,7 +65,7 @@ def loss_groups(
         codes = []
         for c in configurations:
             with c.random_stream(device, masks):
-                codes.append(c.adapters.codes(batch.features.taps))
+                codes.append(c.adapters.codes(batch.features.of(c.adapters.reads).taps))
         losses = factored_cross_entropy(shared.stream_logits, batch.targets, codes, shared.products)
     yield losses  # outside autocast, as each group is: the step back-propagates it
 

@@ -403,6 +403,13 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
         (["--sweep.lr", "[]"], "--sweep.lr is an empty list"),
         (["--sweep.lr", "[0.1,0.1]"], "--sweep.lr repeats a value"),
         (["--sweep.keep", "0"], "--sweep.keep must be in (0, 1]"),
+        (["--sweep.skip2lora_output_layer", "[lm_head,block.2]"], "takes block.K places: ['lm_head', 'block.2']"),
+        (["--sweep.skip2lora_output_layer", "[block.4,block.2]"], "'block.K' (0 < K < 4): 'block.4'"),
+        (
+            ["--sweep.skip2lora_output_layer", "[block.1,block.2]", "--skip2lora_block_indices", "[2,3]"],
+            "No block of [2, 3] lies at or before --sweep.skip2lora_output_layer block.1.",
+        ),
+        (["--sweep.skip2lora_block_indices", "[[0],[0]]"], "--sweep.skip2lora_block_indices repeats a value"),
         (["--sweep.lora_r", "[2,4]", "--lora_head", "true"], "--sweep.lora_r shapes the Skip2-LoRA adapters only"),
         (["--sweep.lr", "[0.1,0.2]", "--eval.final_validation", "false"], "leave --eval.final_validation true"),
         (
@@ -498,7 +505,7 @@ def test_reads_slower_than_the_backbone_are_reported() -> None:
     from litgpt_skip2lora.cache import MemoryStore, SkipCache
 
     cache = SkipCache(MemoryStore(torch.device("cpu")))
-    features = CachedBackbone(lambda idx: None, cache, torch.device("cpu"), torch.float32, RowLayout(flat=True))
+    features = CachedBackbone(lambda idx: None, None, cache, torch.device("cpu"), torch.float32, RowLayout(flat=True))
     features.time.update(read_wait=0.5, read_batches=5, backbone=0.2, backbone_batches=4)  # 100 ms against 50 ms
     with pytest.warns(UserWarning, match="waiting 100 ms, longer than the backbone took \\(50 ms"):
         features.warn_if_reads_are_slow()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from litgpt.generate.base import generate
 
 from litgpt_skip2lora import GPT, Adapters, Config, head
-from litgpt_skip2lora.adapters import Features
+from litgpt_skip2lora.adapters import Features, Reads
 from litgpt_skip2lora.head import factoring_pays
 from litgpt_skip2lora.model import mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
@@ -182,7 +182,7 @@ def test_adapter_only_checkpoint_roundtrip(tmp_path) -> None:
 
 
 def test_adapters_sum_each_blocks_low_rank_output() -> None:
-    adapters = Adapters(n=2, n_embd=16, r=4, alpha=8, dropout=0.0)
+    adapters = Adapters(Reads(blocks=(0, 1), start=2), n_embd=16, r=4, alpha=8, dropout=0.0)
     assert adapters.A.shape == (2, 4, 16) and adapters.B.shape == (16, 8) and adapters.scaling == 2.0
     assert torch.count_nonzero(adapters.B) == 0 and torch.count_nonzero(adapters.A) == 2 * 4 * 16
     torch.nn.init.normal_(adapters.B)

@@ -14,14 +14,13 @@ from litgpt.utils import select_sft_generate_example
 from litgpt_skip2lora.cache import CacheArgs
 from litgpt_skip2lora.checks import check_train_args, optimizer_spec
 from litgpt_skip2lora.finetune import setup
-from litgpt_skip2lora.sweep import SweepArgs
+from litgpt_skip2lora.sweep import SWEPT, SweepArgs
 
 PACKAGE = Path(__file__).parents[1] / "litgpt_skip2lora"
 # what the loop calls of LitGPT's, reading options there: the accumulation and the example prompt at the end
 LITGPT_READERS = [TrainArgs.gradient_accumulation_iters, select_sft_generate_example]
 GROUPS = {"train": (TrainArgs, {"train"}), "eval": (EvalArgs, {"eval"}), "cache": (CacheArgs, {"cache", "args"})}
 GROUPS["sweep"] = (SweepArgs, {"sweep", "args"})
-SWEEP_LISTS = ("lr", "weight_decay", "lora_r", "lora_alpha", "lora_dropout", "seed")
 
 
 def reads() -> set[tuple[str, str]]:
@@ -55,7 +54,7 @@ def test_every_option_of_a_group_is_read_or_refused(group: str) -> None:
     cls, owners = GROUPS[group]
     read = {attr for owner, attr in reads() if owner in owners}
     if cls is SweepArgs:  # the list options are read together, by name, when every one of them is given
-        read |= set(SweepArgs(**dict.fromkeys(SWEEP_LISTS, [1])).swept())
+        read |= set(SweepArgs(**dict.fromkeys(SWEPT, [1])).swept())
     ignored = [f.name for f in dataclasses.fields(cls) if f.name not in read and not refused(group, f)]
     assert not ignored, f"--{group}.<option> accepted and neither read nor refused: {ignored}"
 

@@ -45,9 +45,9 @@ def test_a_cache_built_for_a_float_backbone_is_never_served_to_a_4bit_one(tiny_c
         tiny_checkpoint / "model_config.yaml", lora_r=4, skip2lora_enabled=True, skip2lora_block_indices=[0]
     )
     model, args = GPT(config), CacheArgs()
-    store = DiskStore(tmp_path, fingerprint(fabric, model, args, tiny_checkpoint, None))
+    store = DiskStore(tmp_path, fingerprint(fabric, model, model.skip2lora.reads, args, tiny_checkpoint, None))
     store.put("train-sample", {"stream": torch.ones(2, 32)})
     store.close()
     with pytest.warns(UserWarning, match="built for other inputs"):
-        store = DiskStore(tmp_path, fingerprint(fabric, model, args, tiny_checkpoint, "bnb.nf4"))
+        store = DiskStore(tmp_path, fingerprint(fabric, model, model.skip2lora.reads, args, tiny_checkpoint, "bnb.nf4"))
     assert store.get("train-sample") is None

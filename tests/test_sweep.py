@@ -24,6 +24,7 @@ from litgpt.args import EvalArgs, TrainArgs
 import litgpt_skip2lora.__main__
 import litgpt_skip2lora.finetune
 import litgpt_skip2lora.model
+import litgpt_skip2lora.sweep_outputs
 from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
@@ -31,7 +32,15 @@ from litgpt_skip2lora.dropout import SharedMasks
 from litgpt_skip2lora.lanes import Lanes, lane_count, replica
 from litgpt_skip2lora.model import GPT, HEAD_ROWS, Config, factors_head, head_group_size, mark_trainable
 from litgpt_skip2lora.rows import RowLayout
-from litgpt_skip2lora.sweep import Configuration, Sweep, SweepArgs, build_sweep, check_fits, configuration_bytes
+from litgpt_skip2lora.sweep import (
+    Configuration,
+    Sweep,
+    SweepArgs,
+    build_sweep,
+    check_fits,
+    configuration_bytes,
+    configuration_configs,
+)
 from litgpt_skip2lora.training import Trainer, loss_groups
 
 TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
@@ -39,6 +48,10 @@ ADAPTERS = SweepArgs(lr=[0.01, 0.05], lora_r=[4, 8])
 # block 3 trains with q/v LoRA and dropout: each configuration needs its own dropout stream
 TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, lora_dropout=0.2)
 TAIL_SWEEP = SweepArgs(lr=[0.01, 0.05], seed=[7, 8])
+# tails of 1 and 2 blocks from one cache; the shorter one reads blocks 0, 2 and 3, the longer drops block 3
+DEPTH = dict(lora_query=True, lora_value=True, lora_dropout=0.2, skip2lora_block_indices=[0, 2, 3])
+DEPTH_SWEEP = SweepArgs(skip2lora_output_layer=["block.3", "block.2"], seed=[7, 8])
+BLOCKS_SWEEP = SweepArgs(skip2lora_block_indices=[[0, 2], [1, 3]], lr=[0.01])
 
 
 def optimizer_at(lr: float) -> dict:
@@ -74,23 +87,36 @@ def sweeps(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.Te
     train = TrainArgs(epochs=2, **TRAIN, save_interval=3)
     run(tiny_checkpoint, alpaca_file, root / "adapters", train=train, sweep=ADAPTERS)
     run(tiny_checkpoint, alpaca_file, root / "tail", train=train, sweep=TAIL_SWEEP, **TAIL)
-    return {"adapters": root / "adapters", "tail": root / "tail"}
+    run(tiny_checkpoint, alpaca_file, root / "depth", train=train, sweep=DEPTH_SWEEP, **DEPTH)
+    run(tiny_checkpoint, alpaca_file, root / "blocks", train=train, sweep=BLOCKS_SWEEP)
+    return {name: root / name for name in ("adapters", "tail", "depth", "blocks")}
 
 
 @pytest.mark.parametrize(
     ("variant", "name", "solo"),
     [
-        ("adapters", "lr=0.01,lora_r=8", dict(lora_r=8)),
+        ("adapters", "lr=0.01,lora_r=8", dict(lora_r=8, optimizer=optimizer_at(0.01))),
         ("adapters", "lr=0.05,lora_r=4", {}),
-        ("tail", "lr=0.01,seed=7", TAIL),
+        ("tail", "lr=0.01,seed=7", dict(TAIL, optimizer=optimizer_at(0.01))),
+        ("depth", "skip2lora_output_layer=block.3,seed=7", dict(DEPTH, skip2lora_output_layer="block.3")),
+        (
+            "depth",
+            "skip2lora_output_layer=block.2,skip2lora_block_indices=0+2,seed=7",
+            dict(DEPTH, skip2lora_output_layer="block.2", skip2lora_block_indices=[0, 2]),
+        ),
+        (
+            "blocks",
+            "skip2lora_block_indices=1+3,lr=0.01",
+            dict(skip2lora_block_indices=[1, 3], optimizer=optimizer_at(0.01)),
+        ),
     ],
 )
 def test_a_configuration_trains_exactly_as_its_solo_run(
     sweeps, tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, variant: str, name: str, solo: dict
 ) -> None:
-    lr = float(name.split(",")[0].removeprefix("lr="))
-    optimizer = optimizer_at(lr)
-    alone = run(tiny_checkpoint, alpaca_file, tmp_path, train=TrainArgs(epochs=2, **TRAIN), optimizer=optimizer, **solo)
+    """Tails of several depths, adapters reading other blocks: each trains from the sweep's one cache exactly as
+    alone."""
+    alone = run(tiny_checkpoint, alpaca_file, tmp_path, train=TrainArgs(epochs=2, **TRAIN), **solo)
     swept = logged_metrics(sweeps[variant]).dropna(subset=["iter"])
     torch.testing.assert_close(losses(alone), torch.tensor(swept[f"loss/{name}"].values, dtype=torch.float32))
     assert float(table(sweeps[variant])[name]["val_loss"]) == pytest.approx(last_val_loss(tmp_path), rel=1e-6)
@@ -115,6 +141,32 @@ def test_the_sweep_table_final_and_folders(sweeps) -> None:
     assert yaml.safe_load((final / "model_config.yaml").read_text())["lora_r"] == int(rows[chosen]["lora_r"])
     assert sorted(p.name for p in (sweeps["adapters"] / "sweep").iterdir()) == sorted(rows)
     assert (sweeps["adapters"] / "sweep.png").stat().st_size > 10_000
+
+
+def test_each_tail_of_a_depth_sweep_is_a_model_of_its_own(sweeps, tmp_path: Path) -> None:
+    """``final/`` and every exported configuration hold exactly their own model's weights: a tail of 1 block has no
+    LoRA layer in block 2, its adapters read no block after its output place."""
+    rows = table(sweeps["depth"])
+    assert list(rows) == [
+        "skip2lora_output_layer=block.3,seed=7",
+        "skip2lora_output_layer=block.3,seed=8",
+        "skip2lora_output_layer=block.2,skip2lora_block_indices=0+2,seed=7",
+        "skip2lora_output_layer=block.2,skip2lora_block_indices=0+2,seed=8",
+    ]
+    for name in rows:
+        exported = litgpt_skip2lora.sweep_outputs.export_configuration(sweeps["depth"] / "sweep" / name)
+        config = Config.from_file(exported / "model_config.yaml")
+        assert config.skip2lora_output_layer == rows[name]["skip2lora_output_layer"]
+        assert config.skip2lora_block_indices == ((0, 2) if "block.2" in name else (0, 2, 3))
+        hyperparameters = yaml.safe_load((exported / "hyperparameters.yaml").read_text())
+        assert hyperparameters["skip2lora_output_layer"] == config.skip2lora_output_layer
+        assert hyperparameters["skip2lora_block_indices"] == list(config.skip2lora_block_indices)
+        state = torch.load(exported / "lit_model.pth", weights_only=True)
+        GPT(config).load_state_dict(state, strict=True)
+        lora_blocks = {int(k.split(".")[2]) for k in state if "lora_A" in k}
+        assert lora_blocks == ({2, 3} if "block.2" in name else {3})
+    final = Config.from_file(sweeps["depth"] / "final" / "model_config.yaml")
+    GPT(final).load_state_dict(torch.load(sweeps["depth"] / "final" / "lit_model.pth", weights_only=True), strict=True)
 
 
 def test_halving_drops_the_weaker_configurations(sweeps, tiny_checkpoint: Path, alpaca_file: Path, tmp_path) -> None:
@@ -234,7 +286,7 @@ def two_learning_rates(lrs: tuple[float, ...] = (0.01, 0.02), seeds: list[int] |
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
     constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
     fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=list(lrs), seed=seeds)
-    return build_sweep(fabric, model, grid, optimizer, 1, constant)
+    return build_sweep(fabric, model, grid, configuration_configs(config, grid), optimizer, 1, constant)
 
 
 def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
