@@ -15,6 +15,7 @@ per token. Weights are random, which does not change the cost of a step.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -219,7 +221,6 @@ def skip2lora_step(
     For a cached configuration the cache is filled first (the first epoch's work, not timed); the forward time
     then includes waiting for the prefetched entries.
     """
-    model.skip2lora.factor_head = spec.factored_head
     cache, bytes_per_token, layout = None, None, RowLayout.of(model.config)
     if spec.cached:
         cache = SkipCache(open_store(spec.placement, fabric.device, out / "skip_cache", {"benchmark": True}))
@@ -234,10 +235,15 @@ def skip2lora_step(
         if spec.cold:
             drop_from_page_cache(out / "skip_cache")
     iterator = backbone.batches(batches, "train")
-    run = [Configuration("run", {}, model.config, model.skip2lora, {}, rng=rng_state(fabric.device))]
-    return timed_step(
-        fabric, optimizer, clock, lambda: next(loss_groups(model, next(iterator), layout, run))[0]
-    ), bytes_per_token
+    run = [Configuration("run", {}, model.config, model.skip2lora, {}, 1, {}, rng=rng_state(fabric.device))]
+
+    def loss() -> torch.Tensor:
+        # the plain head where the policy would factor it: what the factored head saves
+        never = unittest.mock.patch("litgpt_skip2lora.model.factoring_pays", return_value=False)
+        with contextlib.nullcontext() if spec.factored_head else never:
+            return next(loss_groups(model, next(iterator), layout, run))[0]
+
+    return timed_step(fabric, optimizer, clock, loss), bytes_per_token
 
 
 def drop_from_page_cache(directory: Path) -> None:

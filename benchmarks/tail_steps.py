@@ -50,12 +50,16 @@ def sweep_parser(description: str) -> argparse.ArgumentParser:
     return parser_
 
 
+def tail_lora() -> dict:
+    """The tail YAML's LoRA options."""
+    return {k: v for k, v in yaml.safe_load(TAIL_YAML.read_text()).items() if k.startswith("lora_")}
+
+
 def tail_model(args: argparse.Namespace) -> GPT:
     """The tail YAML's LoRA options and design (:func:`~benchmarks.end_to_end.block_overrides`) on ``args.model``."""
     n_layer = args.n_layer or Config.from_name(args.model).n_layer
-    lora = {k: v for k, v in yaml.safe_load(TAIL_YAML.read_text()).items() if k.startswith("lora_")}
     tail = block_overrides("tail", n_layer)
-    config = Config.from_name(args.model, n_layer=n_layer, skip2lora_enabled=True, **lora, **tail)
+    config = Config.from_name(args.model, n_layer=n_layer, skip2lora_enabled=True, **tail_lora(), **tail)
     model = GPT(config)
     mark_trainable(model)
     for module in model.tail_modules:

@@ -57,8 +57,6 @@ class Adapters(nn.Module):
         self.B = nn.Parameter(torch.empty(n_embd, n * r))
         self.scaling = alpha / r
         self.dropout = BernoulliDropout(dropout) if dropout > 0 else nn.Identity()
-        self.factor_head = True
-        """Let the head be computed factored where that is cheaper (``GPT.shared_head``)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

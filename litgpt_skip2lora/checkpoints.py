@@ -32,6 +32,8 @@ def check_resumable(path: Path, names: list[str], world_size: int) -> None:
     how many ranks there are."""
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     saved = list(state["sweep"]["configurations"])
+    if "gradients" not in state:
+        raise ValueError(f"--resume true: {path.parent.name} was written by an earlier version: start the run anew.")
     if sorted(saved) != sorted(names):
         raise ValueError(
             f"--resume true: {path.parent.name} trained {', '.join(saved)}, but this command's sweep is"
@@ -47,37 +49,47 @@ def check_resumable(path: Path, names: list[str], world_size: int) -> None:
 
 def load(fabric: L.Fabric, path: Path, state: dict) -> None:
     """Fill ``state`` from a step checkpoint: every configuration's parameters, optimizer, scheduler and this rank's
-    dropout streams."""
+    dropout streams and gradients."""
     fabric.load(path, state, strict=True)
+    rank = fabric.global_rank
     for c in state["sweep"].configurations:
-        c.rng = {device: rows[fabric.global_rank].clone() for device, rows in state["rng"][c.name].items()}
+        c.rng = {device: rows[rank].clone() for device, rows in state["rng"][c.name].items()}
+        flat = state["gradients"][c.name]["accumulated"][rank].to(fabric.device)
+        for p, g in zip(c.parameters(), flat.split([p.numel() for p in c.parameters()])):
+            p.grad = g.view_as(p).to(p.dtype)
     fabric.print(f"Resumed from {str(path)!r} (step {state['step_count']})")
 
 
 def save(fabric: L.Fabric, out_dir: Path, state: dict) -> None:
     """Write ``out_dir/step-<step_count>/state.pth`` atomically, with every rank's dropout streams under
-    ``state["rng"]`` (each rank draws numbers of its own, and only rank 0 writes the checkpoint)."""
-    state["rng"] = {c.name: gathered(fabric, c.rng) for c in state["sweep"].configurations}
+    ``state["rng"]`` and the gradients it has accumulated towards the next optimizer step under
+    ``state["gradients"]`` (each rank draws numbers and computes gradients of its own, and only rank 0 writes the
+    checkpoint). An epoch can end in the middle of an accumulation: its checkpoint resumes it exactly."""
+    configurations = state["sweep"].configurations
+    state["rng"] = {c.name: gathered(fabric, c.rng) for c in configurations}
+    gradients = {c.name: {"accumulated": accumulated(c.parameters())} for c in configurations}
+    state["gradients"] = {name: gathered(fabric, g) for name, g in gradients.items()}
     path = out_dir / f"step-{state['step_count']:06d}"
-    with atomic_directory(fabric, path) as partial_dir:
+    with atomic_directory(path, fabric) as partial_dir:
         fabric.save(partial_dir / "state.pth", state)
 
 
 @contextlib.contextmanager
-def atomic_directory(fabric: L.Fabric, path: Path) -> Iterator[Path]:
+def atomic_directory(path: Path, fabric: L.Fabric | None = None) -> Iterator[Path]:
     """A folder written under a temporary name and renamed when whole: a crash never leaves half of one at
-    ``path``. Every rank may write into it; rank 0 renames it."""
+    ``path``. Every rank of ``fabric`` (or this process alone) may write into it; rank 0 renames it."""
     partial_dir = path.with_name(f".{path.name}.partial")
-    if fabric.global_rank == 0:
+    first, barrier = (True, lambda: None) if fabric is None else (fabric.global_rank == 0, fabric.barrier)
+    if first:
         shutil.rmtree(partial_dir, ignore_errors=True)
         partial_dir.mkdir(parents=True)
-    fabric.barrier()
+    barrier()
     yield partial_dir
-    fabric.barrier()
-    if fabric.global_rank == 0:
+    barrier()
+    if first:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(partial_dir, path)
-    fabric.barrier()
+    barrier()
 
 
 class Replay:
@@ -96,8 +108,14 @@ class Replay:
         return skipped
 
 
+def accumulated(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The gradients accumulated so far, flat in float32 (zero where none is)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
+    return torch.cat([g.flatten().float() for g in grads])
+
+
 def gathered(fabric: L.Fabric, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every rank's random generator states, one row per rank."""
+    """Every rank's tensors (random generator states, gradients), one row per rank."""
     rows = {name: fabric.all_gather(state.to(fabric.device)) for name, state in states.items()}
     return {name: r.reshape(fabric.world_size, -1).cpu() for name, r in rows.items()}
 

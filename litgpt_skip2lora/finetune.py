@@ -64,7 +64,6 @@ from litgpt_skip2lora.model import (
     default_blocks,
     default_precision,
     mark_trainable,
-    save_model_config,
     trainable_state,
 )
 from litgpt_skip2lora.sampler import RankShareSampler
@@ -79,9 +78,8 @@ from litgpt_skip2lora.sweep import (
     check_sweep,
     configuration_configs,
     configuration_name,
-    optimizer_values,
 )
-from litgpt_skip2lora.sweep_outputs import TRAINED, plot, save_configuration, write_table
+from litgpt_skip2lora.sweep_outputs import plot, save_configuration, write_table
 from litgpt_skip2lora.training import Trainer
 from litgpt_skip2lora.wallclock import WallClock, format_report
 
@@ -205,7 +203,7 @@ def setup(
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
         trains_lora = any((lora_query, lora_key, lora_value, lora_projection, lora_mlp, lora_head))
-        check_sweep(sweep, trains_lora, eval.final_validation)
+        check_sweep(sweep, trains_lora, eval.final_validation, precision)
         check_quantize(quantize, precision)
         options = Config.from_file(
             checkpoint_dir / "model_config.yaml",
@@ -284,7 +282,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         check_fits(sweep, run.train.micro_batch_size * model.max_seq_length, free_memory(fabric.device))
     fabric.print(f"Number of trainable parameters: {describe_trainable(sweep)}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")
-    state = {"sweep": sweep, "iter_num": 0, "step_count": 0, "rng": None}
+    state = {"sweep": sweep, "iter_num": 0, "step_count": 0, "rng": None, "gradients": None}
     if run.resume_from is not None:
         checkpoints.load(fabric, run.resume_from, state)
 
@@ -429,10 +427,9 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
     """
     chosen.install(model)
     final_dir = free_final_dir(run.out_dir)
-    with checkpoints.atomic_directory(fabric, final_dir) as partial_dir:
-        trained, other = chosen.trained_state(), trainable_state(model)  # other: a longer tail's LoRA layers
-        fabric.save(partial_dir / TRAINED, {"model": model}, filter={"model": lambda k, _: k in trained})
+    with checkpoints.atomic_directory(final_dir, fabric) as partial_dir:
         if fabric.global_rank == 0:
+            trained, other = chosen.trained_state(), trainable_state(model)  # other: a longer tail's LoRA layers
             if run.quantize is None:
                 state = {k: v for k, v in model.state_dict().items() if k in trained or k not in other}
             else:
@@ -440,22 +437,20 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
                 state.update({k: v.detach().cpu() for k, v in trained.items()})
             torch.save(state, partial_dir / "lit_model.pth")
             copy_config_files(run.checkpoint_dir, partial_dir)
-            save_model_config(chosen.model_config, partial_dir)
             save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
-            hyperparameters = partial_dir / "hyperparameters.yaml"
-            saved = yaml.safe_load(hyperparameters.read_text(encoding="utf-8"))
-            hyperparameters.write_text(yaml.safe_dump(recorded(saved, chosen, run), sort_keys=False))
+            saved = yaml.safe_load((partial_dir / "hyperparameters.yaml").read_text(encoding="utf-8"))
+            save_configuration(chosen, recorded(saved, chosen, run), partial_dir)
             save_prompt_style(run.data.prompt_style, partial_dir)
     return final_dir
 
 
 def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, run: Run, final: Path):
     """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
-    with checkpoints.atomic_directory(fabric, run.out_dir / "sweep") as partial_dir:
+    with checkpoints.atomic_directory(run.out_dir / "sweep", fabric) as partial_dir:
         if fabric.global_rank == 0:
             saved = yaml.safe_load((final / "hyperparameters.yaml").read_text(encoding="utf-8"))
             for c in sweep.alive:
-                save_configuration(c, c.trained_state(), recorded(saved, c, run), partial_dir / c.name)
+                save_configuration(c, recorded(saved, c, run), partial_dir / c.name)
             write_table(sweep, chosen, run.out_dir / "sweep.csv")
             plot(sweep, chosen, run.out_dir / "sweep.png")
     chosen.install(sweep.model)
@@ -467,14 +462,13 @@ def recorded(saved: dict, c: Configuration, run: Run) -> dict:
     swept values in place of the sweep, the optimizer as :func:`optimizer_spec` wrote it, and the precision it
     trained in (generation uses it)."""
     saved = {k: v for k, v in saved.items() if k != "sweep"}
-    optimizer = run.optimizer | {"init_args": {**run.optimizer["init_args"], **optimizer_values(c)}}
     model = {k: getattr(c.model_config, k) for k in (*ROUTE_OPTIONS, *ADAPTER_OPTIONS)}
     model["skip2lora_block_indices"] = list(model["skip2lora_block_indices"])
     return {
         **saved,
         **model,
-        "seed": c.values.get("seed", run.seed),
-        "optimizer": optimizer,
+        "seed": c.seed,
+        "optimizer": c.optimizer_spec,
         "precision": run.precision,
     }
 

@@ -312,14 +312,13 @@ def pretrained_only(blocks: nn.Module) -> Iterator[None]:
 
 
 def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool) -> bool:
-    """Whether ``rows`` rows of the configurations with these ``adapters`` get the factored head: where the adapters
-    allow it, the head is a plain frozen float matrix after ``ln_f`` (so the rows are flat) and factoring pays
+    """Whether ``rows`` rows of the configurations with these ``adapters`` get the factored head: where the head is
+    a plain frozen float matrix after ``ln_f`` (so the rows are flat) and factoring pays
     (:func:`~litgpt_skip2lora.head.factoring_pays`). The one place this is decided, for the step and its memory."""
     config, weight = model.config, model.lm_head.linear.weight
     plain = model.lm_head.r == 0 and config.skip2lora_after_ln_f and config.final_logit_softcapping is None
     frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
-    allowed = plain and frozen_float and all(a.factor_head for a in adapters)
-    return allowed and factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
+    return plain and frozen_float and factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
 
 
 HEAD_ROWS = 256

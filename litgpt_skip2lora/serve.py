@@ -23,11 +23,25 @@ class _LoadsOurLLM:
             super().setup(device)
 
 
-class SimpleAPI(_LoadsOurLLM, litgpt_serve.SimpleLitAPI):
+class _ChecksPrompts(_LoadsOurLLM):
+    """A request is ``{"prompt": "..."}``; anything else is answered 400 with one line. LitGPT's API would answer a
+    missing prompt with a 500 and silently ignore any other field, such as a ``max_new_tokens`` of its own."""
+
+    def decode_request(self, request: dict[str, Any]) -> str:
+        from fastapi import HTTPException  # LitServe's, there whenever a server runs
+
+        if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
+            raise HTTPException(400, 'A request is a JSON object with a "prompt" string: {"prompt": "..."}.')
+        if others := sorted(set(request) - {"prompt"}):
+            raise HTTPException(400, f"Unknown fields {others}: how the server generates is set when it starts.")
+        return request["prompt"]
+
+
+class SimpleAPI(_ChecksPrompts, litgpt_serve.SimpleLitAPI):
     """LitGPT's ``/predict`` API: the whole answer at once."""
 
 
-class StreamAPI(_LoadsOurLLM, litgpt_serve.StreamLitAPI):
+class StreamAPI(_ChecksPrompts, litgpt_serve.StreamLitAPI):
     """LitGPT's streaming API."""
 
 

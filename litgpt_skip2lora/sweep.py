@@ -78,8 +78,10 @@ class SweepArgs:
         return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
 
 
-def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool) -> None:
-    """Refuse a sweep that cannot run, in one line, before the model loads."""
+def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool, precision: str | None) -> None:
+    """Refuse a sweep that cannot run, in one line, before the model loads. In 16-bit mixed precision Fabric scales
+    every configuration's loss by one GradScaler, which each optimizer step would update: its configurations would
+    not train as their solo runs do."""
     for name, values in args.swept().items():
         if not values:
             raise ValueError(f"--sweep.{name} is an empty list: give at least one value.")
@@ -95,6 +97,11 @@ def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool) -> N
         raise ValueError(f"--sweep.lora_r values must be positive: {args.lora_r}.")
     if len(args.grid()) > 1 and not final_validation:
         raise ValueError("A sweep chooses its best configuration by validation: leave --eval.final_validation true.")
+    if len(args.grid()) > 1 and precision in ("16-mixed", "16"):
+        raise ValueError(
+            f"--precision {precision} shares one loss scale among a sweep's configurations, so none would train as"
+            " alone: sweep in bf16-true, bf16-mixed or 32-true, or run each configuration by itself."
+        )
 
 
 def configuration_name(values: dict[str, Any]) -> str:
@@ -136,6 +143,10 @@ class Configuration:
     adapters: Adapters
     lora: dict[str, nn.Parameter]
     """Its own copies of the ordinary LoRA parameters that train, by their names in the model."""
+    seed: int
+    """What its initial values and dropout draw from: its swept seed, else the run's."""
+    optimizer_spec: dict
+    """Its optimizer, ``{"class_path": ..., "init_args": {...}}``: the run's with its swept values."""
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -193,11 +204,11 @@ class Configuration:
             for p, best in zip(self.parameters(), self.best or ()):
                 p.copy_(best)
 
-    def optimizer_step(self, fabric: L.Fabric, max_norm: float | None) -> None:
+    def optimizer_step(self, fabric: L.Fabric, model: GPT, max_norm: float | None) -> None:
         """Its gradients averaged over the ranks, clipped to ``max_norm`` and applied; its schedule advances."""
         average_gradients(fabric, self.parameters())
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        if max_norm:  # Fabric unscales a 16-bit mixed-precision run's gradients first
+            fabric.clip_gradients(model, self.optimizer, max_norm=max_norm, error_if_nonfinite=False)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.scheduler.step()
@@ -341,7 +352,10 @@ class Sweep:
         return {"alive": f"{len(self.alive)}/{len(self.configurations)}", "best_val": best}
 
     def set_training(self, mode: bool) -> None:
-        """Dropout on in the parts that train (every configuration's adapters, the tail's blocks), off elsewhere."""
+        """Dropout on in the parts that train (every configuration's adapters, the tail's blocks) with ``mode``, and
+        always off in the frozen part. The one place a run's train and eval modes are set."""
+        for model in self.lanes.models:
+            model.eval()
         tails = [module for model in self.lanes.models for module in model.tail_modules]
         for module in [*(c.adapters for c in self.configurations), *tails]:
             module.train(mode)
@@ -395,13 +409,12 @@ def build_sweep(
         adapters = Adapters(reads(config), config.n_embd, *options).to(like.device, like.dtype)
         tail = [name for name in trained_lora if in_tail(name, config.skip2lora_tail_start)]
         lora = {name: nn.Parameter(model.get_parameter(name).detach().clone()) for name in tail}
-        c = Configuration(configuration_name(values), values, config, adapters, lora)
+        swept = {k: values[k] for k in OPTIMIZER_OPTIONS if k in values}
+        spec = {**optimizer, "init_args": {**optimizer["init_args"], **swept}}
+        c = Configuration(configuration_name(values), values, config, adapters, lora, values.get("seed", seed), spec)
         c.install(model)
-        c.rng = initialize(model, c.parameters(), values.get("seed", seed), fabric.device)
-        init_args = {**optimizer["init_args"], **optimizer_values(c)}
-        c.optimizer = fabric.setup_optimizers(
-            instantiate_torch_optimizer({**optimizer, "init_args": init_args}, c.parameters())
-        )
+        c.rng = initialize(model, c.parameters(), c.seed, fabric.device)
+        c.optimizer = fabric.setup_optimizers(instantiate_torch_optimizer(spec, c.parameters()))
         c.scheduler = schedule(c.optimizer)
         configurations.append(c)
     configurations[0].install(model)
@@ -427,8 +440,3 @@ def initialize(model: GPT, parameters: list[nn.Parameter], seed: int, device: to
                 if mine and isinstance(module, (Adapters, LoRALayer)):
                     module.reset_parameters()
         return rng_state(device)
-
-
-def optimizer_values(c: Configuration) -> dict[str, Any]:
-    """The optimizer arguments ``c`` sweeps."""
-    return {k: c.values[k] for k in OPTIMIZER_OPTIONS if k in c.values}

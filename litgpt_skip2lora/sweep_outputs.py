@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from litgpt_skip2lora.checkpoints import atomic_directory
 from litgpt_skip2lora.model import save_model_config
 from litgpt_skip2lora.sweep import Configuration, Sweep
 
@@ -71,10 +72,11 @@ def plot(sweep: Sweep, chosen: Configuration, path: Path) -> None:
     plt.close(fig)
 
 
-def save_configuration(c: Configuration, trained: dict[str, torch.Tensor], hyperparameters: dict, folder: Path) -> None:
-    """``folder``: the configuration's trained parameters, its model config and its hyper-parameters."""
+def save_configuration(c: Configuration, hyperparameters: dict, folder: Path) -> None:
+    """``folder``: the configuration's trained parameters, its model config and its hyper-parameters (what
+    ``final/`` and ``sweep/<name>/`` both hold)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in trained.items()}}, folder / TRAINED)
+    torch.save({"model": {k: v.detach().cpu() for k, v in c.trained_state().items()}}, folder / TRAINED)
     save_model_config(c.model_config, folder)
     (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(hyperparameters, sort_keys=False), encoding="utf-8")
 
@@ -97,17 +99,15 @@ def export_configuration(configuration_dir: Path, final_dir: Path | None = None,
     for needed in (configuration_dir / TRAINED, final_dir / "lit_model.pth"):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: is {configuration_dir} a configuration of a sweep?")
-    partial_dir = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    shutil.copytree(final_dir, partial_dir, ignore=shutil.ignore_patterns("lit_model.pth*", "evaluate_accuracy.json"))
-    state = torch.load(final_dir / "lit_model.pth", mmap=True, weights_only=True)
-    chosen = torch.load(final_dir / TRAINED, mmap=True, weights_only=True)["model"]  # a tail of another depth's
-    state = {k: v for k, v in state.items() if k not in chosen}
-    state.update(torch.load(configuration_dir / TRAINED, weights_only=True)["model"])
-    torch.save(state, partial_dir / "lit_model.pth")
-    for name in (TRAINED, "model_config.yaml", "hyperparameters.yaml"):
-        shutil.copy2(configuration_dir / name, partial_dir / name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial_dir.rename(out_dir)
+    with atomic_directory(out_dir) as partial_dir:
+        ignored = shutil.ignore_patterns("lit_model.pth*", "evaluate_accuracy.json")
+        shutil.copytree(final_dir, partial_dir, ignore=ignored, dirs_exist_ok=True)
+        state = torch.load(final_dir / "lit_model.pth", mmap=True, weights_only=True)
+        chosen = torch.load(final_dir / TRAINED, mmap=True, weights_only=True)["model"]  # a tail of another depth's
+        state = {k: v for k, v in state.items() if k not in chosen}
+        state.update(torch.load(configuration_dir / TRAINED, weights_only=True)["model"])
+        torch.save(state, partial_dir / "lit_model.pth")
+        for name in (TRAINED, "model_config.yaml", "hyperparameters.yaml"):
+            shutil.copy2(configuration_dir / name, partial_dir / name)
     print(f"Saved {configuration_dir.name} as a full checkpoint in {str(out_dir)!r}")
     return out_dir

@@ -122,7 +122,6 @@ class Trainer:
         """Train every epoch; False when a signal stopped it (a resumable checkpoint is then saved)."""
         fabric, state, train = self.fabric, self.state, self.train
         replay = checkpoints.Replay(state)
-        self.model.eval()  # the frozen part never drops out; the tail switches to training mode after validation
         summary = [self.first_validation(val_loader, state["step_count"] if replay.remaining else None)]
         deadline = time.perf_counter() + (train.max_time or math.inf)
         where = f"cache: {self.backbone.cache.placement}" if self.backbone.cache else "cache off"
@@ -177,7 +176,7 @@ class Trainer:
         losses = self.sweep.lanes.map(partial(self.backward, batch, SharedMasks()), alive)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
-                c.optimizer_step(self.fabric, self.train.max_norm)
+                c.optimizer_step(self.fabric, self.model, self.train.max_norm)
             state["step_count"] += 1
         return torch.stack(losses)
 

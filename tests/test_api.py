@@ -1,5 +1,6 @@
 """A tuned ``final/`` wherever LitGPT users use a model: the Python ``LLM``, ``generate``, ``chat`` and ``serve``."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import litgpt.deploy.serve
@@ -97,7 +100,30 @@ def group_alive(pgid: int, within: float) -> bool:
         time.sleep(0.2)
 
 
+def post(port: int, body: bytes, timeout: float = 60) -> tuple[int, str]:
+    """The server's status and text for a ``/predict`` request of ``body``."""
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+BAD_REQUESTS = [
+    b'{"prompt": "the cat',  # not JSON
+    b"{}",
+    b'["the cat"]',
+    b'{"prompt": 3}',
+    b'{"prompt": "the cat", "max_new_tokens": -1}',
+    b'{"prompt": "the cat", "max_new_tokens": 1000000000}',
+]
+
+
 def test_a_served_model_answers_as_the_llm_does(finals) -> None:
+    """Under load on the loopback: bad requests get a 4xx with one line, 32 at once get the LLM's answer, and a
+    SIGTERM with requests in flight stops every process and frees the port."""
     pytest.importorskip("litserve")
     final = finals("adapters")
     port = free_port()
@@ -124,8 +150,20 @@ def test_a_served_model_answers_as_the_llm_does(finals) -> None:
             c.laddr.ip for c in psutil.net_connections("inet") if c.laddr.port == port and c.status == "LISTEN"
         }
         assert listening == {"127.0.0.1"}  # the loopback only, unless --host says otherwise
-        server.send_signal(signal.SIGTERM)  # a plain `kill PID`, as systemd, Docker and Kubernetes stop a service
-        server.wait(timeout=30)
+        for body in BAD_REQUESTS:
+            status, text = post(port, body, timeout=10)
+            assert 400 <= status < 500 and text.count("\n") == 0, (body, status, text)
+        good = json.dumps({"prompt": PROMPT}).encode()
+        with ThreadPoolExecutor(32) as pool:
+            answers = [(status, json.loads(text)) for status, text in pool.map(lambda _: post(port, good), range(32))]
+            assert answers == [(200, reply)] * 32
+            in_flight = [pool.submit(post, port, good) for _ in range(8)]
+            server.send_signal(signal.SIGTERM)  # a plain `kill PID`, as systemd, Docker and Kubernetes stop a service
+            server.wait(timeout=30)
+            for request in in_flight:  # answered, or cut by the stop: none hangs
+                with contextlib.suppress(OSError):
+                    status, text = request.result(timeout=30)
+                    assert (status, json.loads(text)) == (200, reply)
         assert not group_alive(server.pid, within=15), "a worker outlived the server"
         with socket.socket() as s:  # the port is free again: no socket listens on it (closed connections may wait)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

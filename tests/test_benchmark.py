@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import dropout, lanes, shared_masks, step
+from benchmarks import depth_features, dropout, lanes, shared_masks, step
+from litgpt_skip2lora.adapters import Reads
+from litgpt_skip2lora.model import GPT, Config
 
 SCRIPT = Path(__file__).parents[1] / "benchmark_skip2lora.py"
 EXPECTED = [
@@ -98,3 +100,20 @@ def test_the_shared_masks_benchmark_times_a_sweep_of_one_seed_against_a_seed_eac
     assert {name: len(s) for name, s in result["step_s"].items()} == {"a seed each": 4, "one seed": 4}
     medians = result["median_step_s"]
     assert result["ratio"] == medians["one seed"] / medians["a seed each"]
+
+
+def test_the_depth_features_benchmark_times_both_ways_of_feeding_a_later_place(tmp_path: Path) -> None:
+    """Both ways give a later place the same stream: the cached tap is what the frozen blocks compute."""
+    argv = ["--model", "pythia-14m", "--n-layer", "30", "--tokens", "8", "--batch", "2", "--steps", "2"]
+    args = depth_features.parse_args([*argv, "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)])
+    result = json.loads(depth_features.main(args).read_text())
+    assert {name: len(s) for name, s in result["step_s"].items()} == {
+        "stream kept as a cached tap": 2,
+        "frozen blocks run each batch": 2,
+    }
+    places = dict(skip2lora_block_indices=[0], skip2lora_output_layer="block.18")
+    model = GPT(Config.from_name("pythia-14m", n_layer=30, skip2lora_enabled=True, **places)).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.randint(0, 64, (2, 8)), Reads((0, 22), 18))
+        later = depth_features.frozen_blocks(model, features, 18, 22)
+    assert torch.equal(features.of(Reads((0,), 22)).stream, later)

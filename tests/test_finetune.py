@@ -177,6 +177,25 @@ def test_resume_continues_from_the_last_checkpoint(
     torch.testing.assert_close(losses(resumed), reference_losses(reference)[5:])
 
 
+def test_a_resume_in_the_middle_of_an_accumulation_ends_as_the_uninterrupted_run(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path
+) -> None:
+    """5 micro-batches an epoch, 2 a step: epoch 1 ends after the first micro-batch of step 3, and the checkpoint
+    written then must carry that micro-batch's gradients."""
+    train = TrainArgs(epochs=2, micro_batch_size=4, global_batch_size=8, lr_warmup_steps=1)
+    full = run(tiny_checkpoint, alpaca_file, tmp_path / "full", train=train, **TAIL)
+    crashed = tmp_path / "crashed"  # killed in epoch 2: only epoch 1's checkpoint (after iteration 5) was written
+    shutil.copytree(tmp_path / "full", crashed, ignore=shutil.ignore_patterns("step-000004", "final"))
+    assert torch.load(crashed / "step-000002" / "state.pth", weights_only=False)["iter_num"] == 5
+    resumed = run(tiny_checkpoint, alpaca_file, crashed, train=train, resume=True, **TAIL)
+    torch.testing.assert_close(losses(resumed), losses(full)[5:])
+    runs = (tmp_path / "full", crashed)
+    final = [torch.load(d / "final/lit_model.pth.lora", weights_only=True)["model"] for d in runs]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        torch.testing.assert_close(final[1][name], final[0][name], rtol=0, atol=0)
+
+
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
     return subprocess.run(

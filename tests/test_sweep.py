@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import in_process, losses, run, trained
+from lightning.fabric.plugins import MixedPrecision
 from litgpt.args import EvalArgs, TrainArgs
 
 import litgpt_skip2lora.__main__
@@ -38,6 +39,7 @@ from litgpt_skip2lora.sweep import (
     SweepArgs,
     build_sweep,
     check_fits,
+    check_sweep,
     configuration_bytes,
     configuration_configs,
 )
@@ -276,17 +278,48 @@ def test_a_sweep_that_cannot_fit_is_refused_in_one_line(
     assert "\n" not in refused.value.code and not list((tmp_path / "out").glob("step-*"))
 
 
-def two_learning_rates(lrs: tuple[float, ...] = (0.01, 0.02), seeds: list[int] | None = None, **options) -> Sweep:
+def two_learning_rates(
+    lrs: tuple[float, ...] = (0.01, 0.02),
+    seeds: list[int] | None = None,
+    fabric: L.Fabric | None = None,
+    optimizer: str = "torch.optim.AdamW",
+    **options,
+) -> Sweep:
     """A sweep of configurations of adapters from both blocks of a tiny model, rank n r = 4, vocabulary 96 (by
     default two configurations of one seed, and no other trained part)."""
     shape = dict(n_layer=2, n_embd=32, n_head=4, padded_vocab_size=96, vocab_size=96, lora_r=2, lora_alpha=4)
     config = Config.from_name("pythia-14m", **shape, skip2lora_enabled=True, skip2lora_block_indices=(0, 1), **options)
     model = GPT(config)
     mark_trainable(model)
-    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {}}
+    optimizer = {"class_path": optimizer, "init_args": {}}
     constant = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)  # noqa: E731
-    fabric, grid = L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=list(lrs), seed=seeds)
+    fabric, grid = fabric or L.Fabric(devices=1, accelerator="cpu"), SweepArgs(lr=list(lrs), seed=seeds)
     return build_sweep(fabric, model, grid, configuration_configs(config, grid), optimizer, 1, constant)
+
+
+def test_clipping_acts_on_the_true_gradients_under_a_loss_scale() -> None:
+    """In 16-bit mixed precision the gradients are the loss scale times the true ones: clipped as they are, a step
+    would be a scale's fraction of what it should be. A CPU GradScaler stands in for the GPU's."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    sweep = two_learning_rates(lrs=(1.0,), fabric=fabric, optimizer="torch.optim.SGD")
+    (c,) = sweep.configurations
+    scaler.scale(torch.ones(()))  # the scale is set at the first loss it scales
+    before = [p.detach().clone() for p in c.parameters()]
+    for p in c.parameters():
+        p.grad = torch.full_like(p, 1024.0)  # a true gradient of ones, scaled
+    c.optimizer_step(fabric, sweep.model, max_norm=1.0)
+    count = sum(p.numel() for p in c.parameters())
+    for p, b in zip(c.parameters(), before):  # lr 1: the step is the clipped true gradient, of norm 1
+        torch.testing.assert_close(b - p.detach(), torch.full_like(p, count**-0.5))
+    assert scaler.get_scale() == 1024.0  # one optimizer step, one update: the scale grows after 2,000 clean ones
+
+
+def test_a_sweep_in_16_bit_mixed_precision_is_refused_in_one_line() -> None:
+    """Fabric scales every configuration's loss by one GradScaler, which each optimizer step would update."""
+    with pytest.raises(ValueError, match="--precision 16-mixed shares one loss scale among a sweep's configurations"):
+        check_sweep(SweepArgs(lr=[0.1, 0.2]), trains_lora=False, final_validation=True, precision="16-mixed")
+    check_sweep(SweepArgs(lr=[0.1]), trains_lora=False, final_validation=True, precision="16-mixed")  # a run alone
 
 
 def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
@@ -451,7 +484,8 @@ def test_a_replica_shares_every_tensor_and_has_modules_of_its_own() -> None:
 
 def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
     def scored(name: str, accuracy: float, val_loss: float) -> Configuration:
-        return Configuration(name, {}, None, None, {}, val_loss=val_loss, best_val_loss=val_loss, accuracy=accuracy)
+        scores = dict(val_loss=val_loss, best_val_loss=val_loss, accuracy=accuracy)
+        return Configuration(name, {}, None, None, {}, 7, {}, **scores)
 
     configurations = [scored("a", 0.5, 2.0), scored("b", 0.7, 3.0), scored("c", 0.7, 2.5), scored("d", 0.9, math.nan)]
     configurations[3].alive = False  # dropped by halving: never chosen
@@ -508,7 +542,7 @@ def test_a_resume_with_changed_options_is_one_line(sweeps, tiny_checkpoint: Path
 
 
 def test_a_validation_again_at_its_step_keeps_one_row_and_a_non_candidate_is_no_best_step() -> None:
-    c = Configuration("run", {}, None, None, {})
+    c = Configuration("run", {}, None, None, {}, 7, {})
     sweep = Sweep(None, [c], SweepArgs(best_step=False))
     sweep.record([2.0], 5)
     sweep.record([1.5], 5, candidate=False)
