@@ -41,7 +41,7 @@ from litgpt.utils import (
 )
 from torch.utils.data import DataLoader
 
-from litgpt_skip2lora import checkpoints
+from litgpt_skip2lora import checkpoints, ranks
 from litgpt_skip2lora.backbone import cached_backbone
 from litgpt_skip2lora.cache import CacheArgs, check_writable
 from litgpt_skip2lora.checkpoints import latest_checkpoint
@@ -263,6 +263,7 @@ def bitsandbytes_plugin(quantize: str, precision: str) -> BitsandbytesPrecision:
 
 def main(fabric: L.Fabric, run: Run) -> None:
     clock = WallClock(fabric.device)
+    parent = ranks.watch(fabric)
     tokenizer = Tokenizer(run.checkpoint_dir)
     train_loader, val_loader = get_dataloaders(fabric, run.data, tokenizer, run.train, run.seed)
     accum = run.train.gradient_accumulation_iters(fabric.world_size, 1)  # micro-batches per optimizer step
@@ -302,6 +303,9 @@ def main(fabric: L.Fabric, run: Run) -> None:
     clock.started()
     try:
         finished = trainer.fit(train_loader, val_loader)
+    except RuntimeError:  # a collective fails when a rank is gone: say which, in one line
+        ranks.stop_if_lost(fabric, parent)
+        raise
     finally:
         backbone.close()
     if not finished:
