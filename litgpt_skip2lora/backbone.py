@@ -191,10 +191,12 @@ def cached_backbone(
         warnings.warn("Ordinary LoRA trains blocks before the Skip2-LoRA output place: the Skip-Cache is off.")
     else:
         stored = STORAGE_DTYPES.get(args.dtype) or dtype
-        estimate = estimate_bytes(loader.dataset, reads, model.config.n_embd, stored, layout)
+        share = sorted(set(loader.sampler.share))  # what this rank caches (:mod:`litgpt_skip2lora.sampler`)
+        estimate = estimate_bytes(loader.dataset, share, reads, model.config.n_embd, stored, layout)
         max_bytes = None if args.max_size_gb is None else int(args.max_size_gb * 1e9)
-        placement, why = choose_placement(args.placement, estimate, fabric.device, max_bytes)
-        fabric.print(f"Skip-Cache: {placement} ({why}; about {estimate / 1e9:.2f} GB for the training set).")
+        ranks_here = getattr(fabric.strategy, "num_processes", 1)  # they share this machine's RAM
+        placement, why = choose_placement(args.placement, estimate, fabric.device, max_bytes, ranks_here)
+        fabric.print(f"Skip-Cache: {placement} ({why}; about {estimate / 1e9:.2f} GB a rank).")
         stamp = fingerprint(fabric, model, reads, args, checkpoint_dir, quantize)
         with fabric.rank_zero_first():
             store = open_store(placement, fabric.device, args.directory or out_dir / "skip_cache", stamp)
@@ -219,10 +221,17 @@ def fingerprint(
 
 
 def estimate_bytes(
-    dataset: Dataset, reads: Reads, n_embd: int, dtype: torch.dtype, layout: RowLayout, sample: int = 256
+    dataset: Dataset,
+    indices: list[int],
+    reads: Reads,
+    n_embd: int,
+    dtype: torch.dtype,
+    layout: RowLayout,
+    sample: int = 256,
 ) -> int:
-    """The training set's cache size, from the rows of up to ``sample`` samples (tokenising them is cheap)."""
-    taken = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // sample))]
+    """The cache size of the samples at ``indices`` (a rank's share), from the rows of up to ``sample`` of them
+    (tokenising them is cheap)."""
+    taken = [dataset[i] for i in indices[:: max(1, len(indices) // sample)]]
     rows = [layout.row_count(s["labels"]) for s in taken]
     per_row = (len(reads.blocks) + 1) * n_embd * dtype.itemsize + 8
-    return int(sum(rows) / max(1, len(rows)) * len(dataset) * per_row)
+    return int(sum(rows) / max(1, len(rows)) * len(indices) * per_row)

@@ -321,11 +321,15 @@ class SkipCache:
         return True
 
 
-def choose_placement(wanted: str, estimate: int, device: torch.device, max_bytes: int | None) -> tuple[str, str]:
-    """The placement and the reason, in words: the fastest store the whole cache fits in, at most half of its room.
+def choose_placement(
+    wanted: str, estimate: int, device: torch.device, max_bytes: int | None, ranks_here: int = 1
+) -> tuple[str, str]:
+    """The placement and the reason, in words: the fastest store a rank's whole cache (``estimate`` bytes) fits in,
+    at most half of its room.
 
-    On a GPU that is GPU memory, else the disk: on an H200 host RAM filled more slowly than the page-cached disk
-    (``docs/gpu-h200/cache_placement_run2.json``). On the CPU, host RAM, else the disk.
+    On a GPU that is its own memory, else the disk: on an H200 host RAM filled more slowly than the page-cached disk
+    (``docs/gpu-h200/cache_placement_run2.json``). On the CPU, host RAM, which the ``ranks_here`` ranks on this
+    machine share, else the disk.
     """
     if wanted != "auto":
         return wanted, "chosen by --cache.placement"
@@ -334,6 +338,7 @@ def choose_placement(wanted: str, estimate: int, device: torch.device, max_bytes
         fast, room, where = "device", torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
         fast, room, where = "memory", psutil.virtual_memory().available, "of host RAM available"
+        need *= ranks_here
     fits = need <= room / 2
     verdict = "fits" if fits else "is more than"
     return fast if fits else "disk", f"{need / 1e9:.2f} GB {verdict} half of the {room / 1e9:.1f} GB {where}"

@@ -54,9 +54,10 @@ def load(fabric: L.Fabric, path: Path, state: dict) -> None:
     rank = fabric.global_rank
     for c in state["sweep"].configurations:
         c.rng = {device: rows[rank].clone() for device, rows in state["rng"][c.name].items()}
-        flat = state["gradients"][c.name]["accumulated"][rank].to(fabric.device)
-        for p, g in zip(c.parameters(), flat.split([p.numel() for p in c.parameters()])):
-            p.grad = g.view_as(p).to(p.dtype)
+        if c.name in state["gradients"]:  # written in the middle of an accumulation
+            flat = state["gradients"][c.name]["accumulated"][rank].to(fabric.device)
+            for p, g in zip(c.parameters(), flat.split([p.numel() for p in c.parameters()])):
+                p.grad = g.view_as(p).to(p.dtype)
     fabric.print(f"Resumed from {str(path)!r} (step {state['step_count']})")
 
 
@@ -67,7 +68,8 @@ def save(fabric: L.Fabric, out_dir: Path, state: dict) -> None:
     checkpoint). An epoch can end in the middle of an accumulation: its checkpoint resumes it exactly."""
     configurations = state["sweep"].configurations
     state["rng"] = {c.name: gathered(fabric, c.rng) for c in configurations}
-    gradients = {c.name: {"accumulated": accumulated(c.parameters())} for c in configurations}
+    accumulating = any(p.grad is not None for c in configurations for p in c.parameters())  # alike on every rank
+    gradients = {c.name: {"accumulated": accumulated(c.parameters())} for c in configurations if accumulating}
     state["gradients"] = {name: gathered(fabric, g) for name, g in gradients.items()}
     path = out_dir / f"step-{state['step_count']:06d}"
     with atomic_directory(path, fabric) as partial_dir:

@@ -111,7 +111,7 @@ def test_the_depth_features_benchmark_times_both_ways_of_feeding_a_later_place(t
         "stream kept as a cached tap": 2,
         "frozen blocks run each batch": 2,
     }
-    places = dict(skip2lora_block_indices=[0], skip2lora_output_layer="block.18")
+    places = dict(lora_r=4, skip2lora_block_indices=[0], skip2lora_output_layer="block.18")
     model = GPT(Config.from_name("pythia-14m", n_layer=30, skip2lora_enabled=True, **places)).eval()
     with torch.no_grad():
         features = model.backbone(torch.randint(0, 64, (2, 8)), Reads((0, 22), 18))

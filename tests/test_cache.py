@@ -6,8 +6,10 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -207,3 +209,23 @@ def test_on_a_gpu_a_cache_too_large_for_it_goes_to_disk(monkeypatch: pytest.Monk
     assert choose_placement("auto", 10**9, gpu, None)[0] == "device"
     placement, why = choose_placement("auto", 5 * 10**9, gpu, None)
     assert placement == "disk" and "free on the GPU" in why
+
+
+def test_each_rank_counts_its_own_share_and_the_ranks_on_a_machine_share_its_ram(monkeypatch) -> None:
+    """A rank caches its share of the samples; the ranks of one machine fill its RAM together: at one byte over
+    half of the RAM available the cache goes to disk."""
+    from litgpt_skip2lora.adapters import Reads
+    from litgpt_skip2lora.backbone import estimate_bytes
+    from litgpt_skip2lora.sampler import RankShareSampler
+
+    dataset = [{"labels": torch.ones(10, dtype=torch.long)}] * 8  # 10 rows each in a tail's layout
+    reads, layout, per_row = Reads((0, 2), 3), RowLayout(flat=False), (2 + 1) * 32 * 4 + 8
+    shares = [sorted(set(RankShareSampler(8, 2, rank).share)) for rank in (0, 1)]
+    assert [estimate_bytes(dataset, share, reads, 32, torch.float32, layout) for share in shares] == [40 * per_row] * 2
+    assert estimate_bytes(dataset, list(range(8)), reads, 32, torch.float32, layout) == 80 * per_row
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2 * 1000))
+    cpu = torch.device("cpu")
+    assert choose_placement("auto", 500, cpu, None, ranks_here=2)[0] == "memory"  # 2 x 500 = half of 2,000
+    assert choose_placement("auto", 501, cpu, None, ranks_here=2)[0] == "disk"
+    assert choose_placement("auto", 1000, cpu, None)[0] == "memory"
+    assert choose_placement("auto", 1001, cpu, None)[0] == "disk"
