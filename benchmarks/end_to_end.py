@@ -31,6 +31,7 @@ Writes ``<out>/end_to_end-<UTC timestamp>.json`` (a list of rows) and a bar plot
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -176,8 +177,16 @@ def runs(args: argparse.Namespace) -> list[tuple[str, list[str], dict]]:
     return planned
 
 
+def handed_over_val_loss(log: str) -> float | None:
+    """The validation loss of the step a Skip2-LoRA run hands over (its best, ``--sweep.best_step``), as it prints
+    it; None for a run that hands over its last step (LitGPT's LoRA)."""
+    handed = re.search(r"Handed over the parameters of step \d+, validation loss ([\d.]+)", log)
+    return float(handed[1]) if handed else None
+
+
 def timed_run(command: str, config: Path, epochs: int, out_dir: Path, options: list[str]) -> dict:
-    """One fresh process, its wall time and what its own log says of its training time."""
+    """One fresh process, its wall time and what its own log says of its training time; ``val_loss`` is the handed-
+    over model's (``last_val_loss`` the last validation's)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     args = [sys.executable, "-m", "litgpt_skip2lora", command, "--config", str(config), *options]
@@ -187,11 +196,13 @@ def timed_run(command: str, config: Path, epochs: int, out_dir: Path, options: l
         raise SystemExit(f"{' '.join(args)} failed (exit {done.returncode}); see {out_dir / 'output.log'}")
     metrics = logged_metrics(out_dir)
     row = {"wall_s": (out_dir / "final" / "lit_model.pth").stat().st_mtime - done.started, "exit_s": done.seconds}
-    row["val_loss"] = float(metrics.filter(regex="^val_loss").ffill().iloc[-1].min())
+    row["last_val_loss"] = float(metrics.filter(regex="^val_loss").ffill().iloc[-1].min())
+    row["val_loss"] = handed_over_val_loss((out_dir / "output.log").read_text()) or row["last_val_loss"]
     if (out_dir / "sweep.csv").is_file():
         table = pd.read_csv(out_dir / "sweep.csv")
         chosen = table[table["chosen"] == 1].iloc[0]
-        row.update(configurations=len(table), chosen=chosen["name"], val_loss=float(chosen["val_loss"]))
+        row.update(configurations=len(table), chosen=chosen["name"], last_val_loss=float(chosen["val_loss"]))
+        row["val_loss"] = float(chosen.get("best_val_loss", chosen["val_loss"]))
         row["sweep"] = table.to_dict(orient="records")
     if command == "finetune_lora":
         steps = metrics.dropna(subset=["iter_time"])
