@@ -104,7 +104,7 @@ class Trainer:
     sweep: Sweep
     backbone: CachedBackbone
     state: dict
-    """``sweep``, ``iter_num``, ``step_count``: what a checkpoint holds."""
+    """``sweep``, ``iter_num``, ``step_count``, and the ranks' ``rng`` and ``gradients``: what a checkpoint holds."""
     train: TrainArgs
     eval: EvalArgs
     max_steps: float
