@@ -72,6 +72,11 @@ class SweepArgs:
         """The swept options and their values, in a fixed order."""
         return {name: list(getattr(self, name)) for name in SWEPT if getattr(self, name) is not None}
 
+    @property
+    def is_sweep(self) -> bool:
+        """More than one configuration: the run chooses among them by validation. Decided here only."""
+        return len(self.grid()) > 1
+
     def grid(self) -> list[dict[str, Any]]:
         """One dict of swept values per configuration; ``[{}]`` when nothing is swept."""
         swept = self.swept()
@@ -95,9 +100,9 @@ def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool, prec
         raise ValueError(f"--sweep.keep must be in (0, 1], got {args.keep}.")
     if any(r <= 0 for r in args.lora_r or ()):
         raise ValueError(f"--sweep.lora_r values must be positive: {args.lora_r}.")
-    if len(args.grid()) > 1 and not final_validation:
+    if args.is_sweep and not final_validation:
         raise ValueError("A sweep chooses its best configuration by validation: leave --eval.final_validation true.")
-    if len(args.grid()) > 1 and precision in ("16-mixed", "16"):
+    if args.is_sweep and precision in ("16-mixed", "16"):
         raise ValueError(
             f"--precision {precision} shares one loss scale among a sweep's configurations, so none would train as"
             " alone: sweep in bf16-true, bf16-mixed or 32-true, or run each configuration by itself."
@@ -284,7 +289,7 @@ class Sweep:
 
     @property
     def is_sweep(self) -> bool:
-        return len(self.configurations) > 1
+        return self.args.is_sweep
 
     def record(self, losses: list[float], step: int, candidate: bool = True) -> dict[str, float]:
         """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged.

@@ -3,6 +3,7 @@ weaker ones, an interrupted sweep resumes exactly, and a sweep typed on the comm
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -489,15 +490,17 @@ def test_the_choice_ranks_accuracy_then_validation_loss() -> None:
 
     configurations = [scored("a", 0.5, 2.0), scored("b", 0.7, 3.0), scored("c", 0.7, 2.5), scored("d", 0.9, math.nan)]
     configurations[3].alive = False  # dropped by halving: never chosen
-    assert Sweep(None, configurations, SweepArgs(select="label_accuracy")).chosen().name == "c"  # tie: lower loss
-    assert Sweep(None, configurations, SweepArgs()).chosen().name == "a"
-    assert Sweep(None, configurations, SweepArgs()).describe_losses() == "best 2.0000 (a), 3 configurations training"
+    sweep = functools.partial(Sweep, None, configurations)
+    lrs = [0.1, 0.2, 0.3, 0.4]  # a grid of the four
+    assert sweep(SweepArgs(lr=lrs, select="label_accuracy")).chosen().name == "c"  # tie: lower loss
+    assert sweep(SweepArgs(lr=lrs)).chosen().name == "a"
+    assert sweep(SweepArgs(lr=lrs)).describe_losses() == "best 2.0000 (a), 3 configurations training"
     configurations[2].best_val_loss = 1.5  # lower at an earlier step than at its last: ranked by it unless opted out
-    assert Sweep(None, configurations, SweepArgs()).chosen().name == "c"
-    assert Sweep(None, configurations, SweepArgs(best_step=False)).chosen().name == "a"
+    assert sweep(SweepArgs(lr=lrs)).chosen().name == "c"
+    assert sweep(SweepArgs(lr=lrs, best_step=False)).chosen().name == "a"
     for c in configurations[1:]:
         c.alive = False
-    assert Sweep(None, configurations, SweepArgs()).describe_losses() == "best 2.0000 (a), 1 configuration training"
+    assert sweep(SweepArgs(lr=lrs)).describe_losses() == "best 2.0000 (a), 1 configuration training"
 
 
 def test_a_run_hands_over_its_best_validation_steps_parameters(tiny_checkpoint: Path, alpaca_file: Path, tmp_path):
