@@ -6,7 +6,6 @@ samples' entries. A sample is known by a hash of its tokens and labels (:func:`s
 """
 
 import dataclasses
-import functools
 import hashlib
 import time
 import warnings
@@ -78,7 +77,7 @@ class CachedBackbone:
 
     def __init__(
         self,
-        compute: Callable[[torch.Tensor], Features],
+        compute: Callable[[torch.Tensor, Reads], Features],
         reads: Reads,
         cache: SkipCache | None,
         device: torch.device,
@@ -143,7 +142,7 @@ class CachedBackbone:
         missing = [j for j, e in enumerate(entries) if e is None]
         input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
         t0 = self._now()
-        features = self.compute(input_ids[missing, : max(lengths[j] for j in missing)])
+        features = self.compute(input_ids[missing, : max(lengths[j] for j in missing)], self.reads)
         self.time["backbone"] += self._now() - t0
         self.time["backbone_batches"] += 1
         self.backbone_samples += len(missing)
@@ -201,8 +200,7 @@ def cached_backbone(
         with fabric.rank_zero_first():
             store = open_store(placement, fabric.device, args.directory or out_dir / "skip_cache", stamp)
         cache = SkipCache(store, max_bytes, STORAGE_DTYPES.get(args.dtype))
-    compute = functools.partial(model.backbone, reads=reads)
-    return CachedBackbone(compute, reads, cache, fabric.device, dtype, layout, args.prefetch)
+    return CachedBackbone(model.backbone, reads, cache, fabric.device, dtype, layout, args.prefetch)
 
 
 def fingerprint(

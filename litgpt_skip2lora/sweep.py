@@ -287,7 +287,7 @@ class Sweep:
     def alive(self) -> list[Configuration]:
         return [c for c in self.configurations if c.alive]
 
-    @property
+    @functools.cached_property
     def is_sweep(self) -> bool:
         return self.args.is_sweep
 
