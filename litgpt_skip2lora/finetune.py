@@ -202,8 +202,7 @@ def setup(
     with user_errors():
         check_valid_checkpoint_dir(checkpoint_dir, raise_error=True)
         check_train_args(train, eval)
-        trains_lora = any((lora_query, lora_key, lora_value, lora_projection, lora_mlp, lora_head))
-        check_sweep(sweep, trains_lora, eval.final_validation, precision)
+        check_sweep(sweep, eval.final_validation, precision)
         check_quantize(quantize, precision)
         options = Config.from_file(
             checkpoint_dir / "model_config.yaml",

@@ -151,9 +151,9 @@ class GPT(litgpt.lora.GPT):
         super().__init__(replace(config, n_layer=0, skip2lora_enabled=False))
         self.config = config
         self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        for module in self.modules():
-            if isinstance(getattr(module, "lora_dropout", None), nn.Dropout):
-                module.lora_dropout = Dropout(module.lora_dropout.p)
+        for module in self.modules():  # at rate 0 too: a sweep's configuration may set its own rate
+            if isinstance(module, litgpt.lora.LoRALayer):
+                module.lora_dropout = Dropout(getattr(module.lora_dropout, "p", 0.0))
         if config.skip2lora_enabled:
             options = (config.lora_r, config.lora_alpha, config.lora_dropout)
             self.skip2lora = Adapters(reads(config), config.n_embd, *options)

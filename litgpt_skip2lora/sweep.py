@@ -33,7 +33,8 @@ ROUTE_OPTIONS = ("skip2lora_output_layer", "skip2lora_block_indices")
 """Where the adapters' sum joins and which blocks feed them: swept, each configuration trains a tail of its own
 depth from the sweep's one Skip-Cache (:attr:`Sweep.reads`)."""
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
-"""Options that shape the Skip2-LoRA adapters; swept only when nothing else trains (no ordinary LoRA)."""
+"""Options that shape the Skip2-LoRA adapters and the tail's LoRA layers, as ``--lora_r`` and the others do in a solo
+run: each configuration has LoRA layers of its own rank, scaling and dropout (:meth:`Configuration.install`)."""
 OPTIMIZER_OPTIONS = ("lr", "weight_decay")
 SWEPT = (*ROUTE_OPTIONS, *OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")
 """Every option a sweep takes, in the order configuration names list them."""
@@ -52,11 +53,11 @@ class SweepArgs:
     weight_decay: list[float] | None = None
     """The optimizer's ``weight_decay`` values."""
     lora_r: list[int] | None = None
-    """Adapter ranks (adapters only: not with ordinary LoRA layers in the tail)."""
+    """Ranks of the adapters and of the tail's LoRA layers."""
     lora_alpha: list[int] | None = None
-    """Adapter scaling numerators (adapters only)."""
+    """Scaling numerators of the adapters and of the tail's LoRA layers."""
     lora_dropout: list[float] | None = None
-    """Adapter dropout rates (adapters only)."""
+    """Dropout rates of the adapters and of the tail's LoRA layers."""
     seed: list[int] | None = None
     """Seeds of the trained parameters' initial values and of dropout; the batches' order follows ``--seed``."""
     keep: float = 1.0
@@ -83,7 +84,7 @@ class SweepArgs:
         return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
 
 
-def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool, precision: str | None) -> None:
+def check_sweep(args: SweepArgs, final_validation: bool, precision: str | None) -> None:
     """Refuse a sweep that cannot run, in one line, before the model loads. In 16-bit mixed precision Fabric scales
     every configuration's loss by one GradScaler, which each optimizer step would update: its configurations would
     not train as their solo runs do."""
@@ -92,8 +93,6 @@ def check_sweep(args: SweepArgs, trains_lora: bool, final_validation: bool, prec
             raise ValueError(f"--sweep.{name} is an empty list: give at least one value.")
         if len({repr(v) for v in values}) != len(values):
             raise ValueError(f"--sweep.{name} repeats a value: {values}.")
-        if name in ADAPTER_OPTIONS and trains_lora:
-            raise ValueError(f"--sweep.{name} shapes the Skip2-LoRA adapters only; this run also trains LoRA layers.")
     if not all(re.fullmatch(r"block\.\d+", place) for place in args.skip2lora_output_layer or ()):
         raise ValueError(f"--sweep.skip2lora_output_layer takes block.K places: {args.skip2lora_output_layer}.")
     if not 0 < args.keep <= 1:
@@ -181,11 +180,19 @@ class Configuration:
         return {**{f"skip2lora.{k}": p for k, p in self.adapters.named_parameters()}, **self.lora}
 
     def install(self, model: GPT) -> None:
-        """Put its parameters into ``model``: from now on the model computes this configuration."""
-        model.skip2lora = self.adapters
+        """Put its parameters, and its LoRA layers' rank, scaling and dropout, into ``model``: from now on the model
+        computes this configuration."""
+        model.skip2lora, config = self.adapters, self.model_config
         for name, parameter in self.lora.items():
             module_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(module_name), attribute, parameter)
+            layer = model.get_submodule(module_name)
+            setattr(layer, attribute, parameter)
+            layer.r, layer.lora_alpha, layer.scaling = (
+                config.lora_r,
+                config.lora_alpha,
+                config.lora_alpha / config.lora_r,
+            )
+            layer.lora_dropout.p = config.lora_dropout
 
     @contextlib.contextmanager
     def random_stream(self, device: torch.device, masks: SharedMasks | None = None) -> Iterator[None]:
@@ -413,7 +420,7 @@ def build_sweep(
         options = [getattr(config, k) for k in ADAPTER_OPTIONS]
         adapters = Adapters(reads(config), config.n_embd, *options).to(like.device, like.dtype)
         tail = [name for name in trained_lora if in_tail(name, config.skip2lora_tail_start)]
-        lora = {name: nn.Parameter(model.get_parameter(name).detach().clone()) for name in tail}
+        lora = {name: own_lora_parameter(model, name, config.lora_r) for name in tail}
         swept = {k: values[k] for k in OPTIMIZER_OPTIONS if k in values}
         spec = {**optimizer, "init_args": {**optimizer["init_args"], **swept}}
         c = Configuration(configuration_name(values), values, config, adapters, lora, values.get("seed", seed), spec)
@@ -424,6 +431,15 @@ def build_sweep(
         configurations.append(c)
     configurations[0].install(model)
     return Sweep(model, configurations, args)
+
+
+def own_lora_parameter(model: GPT, name: str, r: int) -> nn.Parameter:
+    """A configuration's copy of the model's LoRA parameter ``name`` at rank ``r`` (its values drawn later, by
+    :func:`initialize`): ``lora_A`` has ``r`` rows for each projection it serves, ``lora_B`` has ``r`` columns."""
+    parameter, layer = model.get_parameter(name), model.get_submodule(name.rpartition(".")[0])
+    rows, columns = parameter.shape
+    shape = (rows // layer.r * r, columns) if name.endswith("lora_A") else (rows, r)
+    return nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))
 
 
 def in_tail(name: str, start: int) -> bool:

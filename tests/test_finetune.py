@@ -437,7 +437,7 @@ def test_a_second_run_keeps_the_first_runs_model(tiny_checkpoint: Path, alpaca_f
             "No block of [2, 3] lies at or before --sweep.skip2lora_output_layer block.1.",
         ),
         (["--sweep.skip2lora_block_indices", "[[0],[0]]"], "--sweep.skip2lora_block_indices repeats a value"),
-        (["--sweep.lora_r", "[2,4]", "--lora_head", "true"], "--sweep.lora_r shapes the Skip2-LoRA adapters only"),
+        (["--sweep.lora_r", "[0,4]"], "--sweep.lora_r values must be positive: [0, 4]."),
         (["--sweep.lr", "[0.1,0.2]", "--eval.final_validation", "false"], "leave --eval.final_validation true"),
         (
             ["--devices", "2", "--train.global_batch_size", "8", "--train.micro_batch_size", "8"],

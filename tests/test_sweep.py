@@ -48,9 +48,10 @@ from litgpt_skip2lora.training import Trainer, loss_groups
 
 TRAIN = dict(micro_batch_size=4, global_batch_size=4, lr_warmup_steps=1)
 ADAPTERS = SweepArgs(lr=[0.01, 0.05], lora_r=[4, 8])
-# block 3 trains with q/v LoRA and dropout: each configuration needs its own dropout stream
+# block 3 trains with q/v LoRA and dropout: each configuration needs its own dropout stream, and the ranks and
+# dropout rates swept shape its tail's LoRA layers as they shape its adapters
 TAIL = dict(skip2lora_output_layer="block.3", lora_query=True, lora_value=True, lora_dropout=0.2)
-TAIL_SWEEP = SweepArgs(lr=[0.01, 0.05], seed=[7, 8])
+TAIL_SWEEP = SweepArgs(lora_r=[8, 2], lora_dropout=[0.2, 0.0])
 # tails of 1 and 2 blocks from one cache; the shorter one reads blocks 0, 2 and 3, the longer drops block 3
 DEPTH = dict(lora_query=True, lora_value=True, lora_dropout=0.2, skip2lora_block_indices=[0, 2, 3])
 DEPTH_SWEEP = SweepArgs(skip2lora_output_layer=["block.3", "block.2"], seed=[7, 8])
@@ -100,7 +101,8 @@ def sweeps(tiny_checkpoint: Path, alpaca_file: Path, tmp_path_factory: pytest.Te
     [
         ("adapters", "lr=0.01,lora_r=8", dict(lora_r=8, optimizer=optimizer_at(0.01))),
         ("adapters", "lr=0.05,lora_r=4", {}),
-        ("tail", "lr=0.01,seed=7", dict(TAIL, optimizer=optimizer_at(0.01))),
+        ("tail", "lora_r=2,lora_dropout=0.2", dict(TAIL, lora_r=2)),
+        ("tail", "lora_r=8,lora_dropout=0.0", dict(TAIL, lora_r=8, lora_dropout=0.0)),
         ("depth", "skip2lora_output_layer=block.3,seed=7", dict(DEPTH, skip2lora_output_layer="block.3")),
         (
             "depth",
@@ -214,7 +216,10 @@ def test_an_interrupted_sweep_resumes_exactly(
         assert resumed[name] == row
         assert_same_parameters(saved(tmp_path / "sweep" / name), saved(sweeps["tail"] / "sweep" / name))
     last = torch.load(tmp_path / "step-000010" / "state.pth", weights_only=False)
-    assert trained(last, "lr=0.05,seed=8").keys() == saved(tmp_path / "sweep" / "lr=0.05,seed=8").keys()
+    assert (
+        trained(last, "lora_r=2,lora_dropout=0.0").keys()
+        == saved(tmp_path / "sweep" / "lora_r=2,lora_dropout=0.0").keys()
+    )
 
 
 def test_a_sweep_on_the_command_line(tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, capsys) -> None:
@@ -319,8 +324,8 @@ def test_clipping_acts_on_the_true_gradients_under_a_loss_scale() -> None:
 def test_a_sweep_in_16_bit_mixed_precision_is_refused_in_one_line() -> None:
     """Fabric scales every configuration's loss by one GradScaler, which each optimizer step would update."""
     with pytest.raises(ValueError, match="--precision 16-mixed shares one loss scale among a sweep's configurations"):
-        check_sweep(SweepArgs(lr=[0.1, 0.2]), trains_lora=False, final_validation=True, precision="16-mixed")
-    check_sweep(SweepArgs(lr=[0.1]), trains_lora=False, final_validation=True, precision="16-mixed")  # a run alone
+        check_sweep(SweepArgs(lr=[0.1, 0.2]), final_validation=True, precision="16-mixed")
+    check_sweep(SweepArgs(lr=[0.1]), final_validation=True, precision="16-mixed")  # a run alone
 
 
 def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
