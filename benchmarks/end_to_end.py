@@ -184,12 +184,14 @@ def handed_over_val_loss(log: str) -> float | None:
     return float(handed[1]) if handed else None
 
 
-def timed_run(command: str, config: Path, epochs: int, out_dir: Path, options: list[str]) -> dict:
-    """One fresh process, its wall time and what its own log says of its training time; ``val_loss`` is the handed-
-    over model's (``last_val_loss`` the last validation's)."""
+def timed_run(
+    command: str, config: Path, epochs: int, out_dir: Path, options: list[str], runner: str = "litgpt_skip2lora"
+) -> dict:
+    """One fresh process of ``python -m <runner> <command>``, its wall time and what its own log says of its
+    training time; ``val_loss`` is the handed-over model's (``last_val_loss`` the last validation's)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    args = [sys.executable, "-m", "litgpt_skip2lora", command, "--config", str(config), *options]
+    args = [sys.executable, "-m", runner, command, "--config", str(config), *options]
     args += ["--train.epochs", str(epochs), "--train.log_interval", "1", "--out_dir", str(out_dir)]
     done = run_logged(args, out_dir / "output.log", cwd=REPO)
     if done.returncode:

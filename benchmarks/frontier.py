@@ -6,7 +6,8 @@ written (:func:`benchmarks.end_to_end.timed_run`), then scored: on a label task 
 held-out items (``evaluate_accuracy --labels []``, not timed), on free text by its validation loss. Every point's
 wall time is also given over the first LoRA point's, measured in the same invocation. A sweep point with
 ``score_each: true`` has every configuration scored, each exported as a full model (``export_configuration``): the
-spread of its seeds, say, measures the noise of one score.
+spread of its seeds, say, measures the noise of one score. A point with ``runner: benchmarks.full_tail`` trains its
+tail in full (:mod:`benchmarks.full_tail`).
 
     python -m benchmarks.frontier benchmarks/frontier/supersense.yaml
 
@@ -54,7 +55,8 @@ def run_point(point: dict, configs: dict[str, Path], spec: dict, args: argparse.
     method, epochs, options = point["method"], point.get("epochs", spec["epochs"]), point.get("options", [])
     out_dir = args.work / point["name"]
     row = {"name": point["name"], "method": method, "epochs": epochs, "options": options}
-    row.update(end_to_end.timed_run(end_to_end.METHODS[method][0], configs[method], epochs, out_dir, options))
+    runner = point.get("runner", "litgpt_skip2lora")  # benchmarks.full_tail for a tail trained in full
+    row.update(end_to_end.timed_run(end_to_end.METHODS[method][0], configs[method], epochs, out_dir, options, runner))
     if spec["score"] == "exact_match":
         data = yaml.safe_load(configs[method].read_text())["data"]
         answers = args.out / f"frontier-{spec['task']}-{stamp}-{point['name']}.json"

@@ -146,7 +146,7 @@ class Configuration:
     """The model's config with this configuration's adapter options: what its checkpoint is loaded with."""
     adapters: Adapters
     lora: dict[str, nn.Parameter]
-    """Its own copies of the ordinary LoRA parameters that train, by their names in the model."""
+    """Its own copies of the tail's trained parameters (its LoRA layers'), by their names in the model."""
     seed: int
     """What its initial values and dropout draw from: its swept seed, else the run's."""
     optimizer_spec: dict
@@ -187,12 +187,9 @@ class Configuration:
             module_name, _, attribute = name.rpartition(".")
             layer = model.get_submodule(module_name)
             setattr(layer, attribute, parameter)
-            layer.r, layer.lora_alpha, layer.scaling = (
-                config.lora_r,
-                config.lora_alpha,
-                config.lora_alpha / config.lora_r,
-            )
-            layer.lora_dropout.p = config.lora_dropout
+            if isinstance(layer, LoRALayer):
+                layer.r, layer.lora_alpha = config.lora_r, config.lora_alpha
+                layer.scaling, layer.lora_dropout.p = config.lora_alpha / config.lora_r, config.lora_dropout
 
     @contextlib.contextmanager
     def random_stream(self, device: torch.device, masks: SharedMasks | None = None) -> Iterator[None]:
@@ -420,7 +417,7 @@ def build_sweep(
         options = [getattr(config, k) for k in ADAPTER_OPTIONS]
         adapters = Adapters(reads(config), config.n_embd, *options).to(like.device, like.dtype)
         tail = [name for name in trained_lora if in_tail(name, config.skip2lora_tail_start)]
-        lora = {name: own_lora_parameter(model, name, config.lora_r) for name in tail}
+        lora = {name: own_parameter(model, name, config.lora_r) for name in tail}
         swept = {k: values[k] for k in OPTIMIZER_OPTIONS if k in values}
         spec = {**optimizer, "init_args": {**optimizer["init_args"], **swept}}
         c = Configuration(configuration_name(values), values, config, adapters, lora, values.get("seed", seed), spec)
@@ -433,10 +430,13 @@ def build_sweep(
     return Sweep(model, configurations, args)
 
 
-def own_lora_parameter(model: GPT, name: str, r: int) -> nn.Parameter:
-    """A configuration's copy of the model's LoRA parameter ``name`` at rank ``r`` (its values drawn later, by
-    :func:`initialize`): ``lora_A`` has ``r`` rows for each projection it serves, ``lora_B`` has ``r`` columns."""
+def own_parameter(model: GPT, name: str, r: int) -> nn.Parameter:
+    """A configuration's copy of the model's trained parameter ``name``. A LoRA matrix is made at rank ``r``, its
+    values drawn later (:func:`initialize`): ``lora_A`` has ``r`` rows for each projection it serves, ``lora_B``
+    ``r`` columns. Any other (a tail trained in full, ``python -m benchmarks.full_tail``) starts from its values."""
     parameter, layer = model.get_parameter(name), model.get_submodule(name.rpartition(".")[0])
+    if not isinstance(layer, LoRALayer):
+        return nn.Parameter(parameter.detach().clone())
     rows, columns = parameter.shape
     shape = (rows // layer.r * r, columns) if name.endswith("lora_A") else (rows, r)
     return nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))

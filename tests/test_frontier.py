@@ -4,9 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import run
 
-from benchmarks import frontier
+import litgpt_skip2lora.finetune
+from benchmarks import frontier, full_tail
 
 
 def test_the_frontier_times_and_scores_each_point(tmp_path: Path) -> None:
@@ -43,3 +46,18 @@ def test_the_frontier_times_and_scores_each_point(tmp_path: Path) -> None:
         assert c["count"] == 2 and (tmp_path / "work" / "faithful-sweep" / f"final-{c['name']}").is_dir()
     (chosen,) = [c for c in rows[1]["sweep"] if c["name"] == rows[1]["chosen"]]
     assert chosen["exact_match"] == rows[1]["exact_match"]
+
+
+def test_a_full_tail_trains_every_weight_of_its_blocks_and_nothing_before(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks.full_tail``: blocks 2 and 3 of the 4 change in every weight, blocks 0 and 1 and the embeddings
+    and head stay the checkpoint's, and the adapters train."""
+    monkeypatch.setattr(litgpt_skip2lora.finetune, "mark_trainable", full_tail.mark_tail_trainable)
+    run(tiny_checkpoint, alpaca_file, tmp_path, epochs=1, skip2lora_output_layer="block.2")
+    base = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
+    final = torch.load(tmp_path / "final" / "lit_model.pth", weights_only=True)
+    final = {k.replace(".linear.", "."): v for k, v in final.items()}  # LoRA layers keep the weight in .linear
+    changed = {k for k in final if k not in base or not torch.equal(base[k], final[k])}
+    tail = {k for k in base if k.startswith(("transformer.h.2.", "transformer.h.3."))}
+    assert changed == tail | {"skip2lora.A", "skip2lora.B"}
