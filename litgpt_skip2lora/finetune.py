@@ -278,7 +278,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
     warmup = max(1, min(run.train.lr_warmup_steps or 0, max_steps - 1))
     schedule = partial(lr_schedule, warmup_steps=warmup, max_steps=max(max_steps, warmup + 1), min_lr=run.train.min_lr)
     sweep = build_sweep(fabric, model, run.sweep, run.grid, run.optimizer, run.seed, schedule)
-    with user_errors():
+    with user_errors(), fabric.autocast():  # the head's path depends on the dtype it computes in
         check_fits(sweep, run.train.micro_batch_size * model.max_seq_length, free_memory(fabric.device))
     fabric.print(f"Number of trainable parameters: {describe_trainable(sweep)}")
     fabric.print(f"Number of non-trainable parameters: {num_parameters(model, requires_grad=False):,}")

@@ -314,11 +314,17 @@ def pretrained_only(blocks: nn.Module) -> Iterator[None]:
 def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool) -> bool:
     """Whether ``rows`` rows of the configurations with these ``adapters`` get the factored head: where the head is
     a plain frozen float matrix after ``ln_f`` (so the rows are flat) and factoring pays
-    (:func:`~litgpt_skip2lora.head.factoring_pays`). The one place this is decided, for the step and its memory."""
+    (:func:`~litgpt_skip2lora.head.factoring_pays`). Below float32 (bf16 weights, or autocast) the two paths round
+    differently (the plain one rounds ``stream + z``, the factored one ``head(stream)``), so there the head is
+    factored wherever it can be: a configuration takes the same path in a sweep as alone. The one place this is
+    decided, for the step and its memory (measured under the run's autocast)."""
     config, weight = model.config, model.lm_head.linear.weight
     plain = model.lm_head.r == 0 and config.skip2lora_after_ln_f and config.final_logit_softcapping is None
     frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
-    return plain and frozen_float and factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
+    if not (plain and frozen_float):
+        return False
+    below_float32 = weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type)
+    return below_float32 or factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
 
 
 HEAD_ROWS = 256

@@ -556,3 +556,18 @@ def test_a_validation_again_at_its_step_keeps_one_row_and_a_non_candidate_is_no_
     sweep.record([1.5], 5, candidate=False)
     assert sweep.history == [{"step": 5, "run": 1.5}]
     assert (c.val_loss, c.best_val_loss, c.best_step) == (1.5, 2.0, 5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_a_configuration_trains_as_its_solo_run_in_bf16(
+    tiny_checkpoint: Path, alpaca_file: Path, tmp_path: Path, precision: str
+) -> None:
+    """In bf16 the head's two paths round differently (the plain one rounds ``stream + z``, the factored one
+    ``head(stream)``), so a configuration takes the same path in a sweep as alone: the same training losses, exactly."""
+    bf16 = dict(precision=precision, train=TrainArgs(epochs=2, **TRAIN))
+    run(tiny_checkpoint, alpaca_file, tmp_path / "sweep", sweep=SweepArgs(lr=[0.01, 0.05]), **bf16)
+    alone = run(tiny_checkpoint, alpaca_file, tmp_path / "solo", optimizer=optimizer_at(0.01), **bf16)
+    swept = logged_metrics(tmp_path / "sweep").dropna(subset=["iter"])
+    assert torch.equal(losses(alone), torch.tensor(swept["loss/lr=0.01"].values, dtype=torch.float32))
+    # the mean over validation batches, in float32, of a column of the sweep's losses (rounds its last bit apart)
+    assert float(table(tmp_path / "sweep")["lr=0.01"]["val_loss"]) == pytest.approx(last_val_loss(tmp_path / "solo"))
