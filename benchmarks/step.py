@@ -239,7 +239,7 @@ def skip2lora_step(
 
     def loss() -> torch.Tensor:
         # the plain head where the policy would factor it: what the factored head saves
-        never = unittest.mock.patch("litgpt_skip2lora.model.factoring_pays", return_value=False)
+        never = unittest.mock.patch("litgpt_skip2lora.execution.factoring_pays", return_value=False)
         with contextlib.nullcontext() if spec.factored_head else never:
             return next(loss_groups(model, next(iterator), layout, run))[0]
 

@@ -56,7 +56,6 @@ from litgpt_skip2lora.checks import (
     optimizer_spec,
     user_errors,
 )
-from litgpt_skip2lora.evaluate import closed_set, label_accuracy, splits
 from litgpt_skip2lora.model import (
     GPT,
     LORA_FLAGS,
@@ -68,8 +67,6 @@ from litgpt_skip2lora.model import (
 )
 from litgpt_skip2lora.sampler import RankShareSampler
 from litgpt_skip2lora.sweep import (
-    ADAPTER_OPTIONS,
-    ROUTE_OPTIONS,
     Configuration,
     Sweep,
     SweepArgs,
@@ -79,7 +76,7 @@ from litgpt_skip2lora.sweep import (
     configuration_configs,
     configuration_name,
 )
-from litgpt_skip2lora.sweep_outputs import plot, save_configuration, write_table
+from litgpt_skip2lora.sweep_outputs import recorded, save_configuration, save_sweep, select
 from litgpt_skip2lora.training import Trainer
 from litgpt_skip2lora.wallclock import WallClock, format_report
 
@@ -215,14 +212,9 @@ def setup(
         check_json_data(data)
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
-        checkpoint = latest_checkpoint(out_dir) if resume else None
-        if resume and checkpoint is None:
-            raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
-        if checkpoint is not None:
-            names = [configuration_name(values) for values, _ in grid]
-            checkpoints.check_resumable(checkpoint, names, world_size)
+        checkpoint = resumed_checkpoint(out_dir, grid, world_size) if resume else None
         check_out_dir(out_dir)  # last: it creates the folder
-    hidden = ("lora", "config", "options", "grid", "checkpoint", "world_size", "names")
+    hidden = ("lora", "config", "options", "grid", "checkpoint", "world_size")
     pprint({k: v for k, v in locals().items() if k not in hidden})
     devices = parse_devices(devices)
     precision = precision or default_precision()
@@ -252,6 +244,16 @@ def setup(
         quantize=quantize,
     )
     fabric.launch(main, run)
+
+
+def resumed_checkpoint(out_dir: Path, grid: list[tuple[dict, Config]], world_size: int) -> Path:
+    """The step checkpoint ``--resume true`` continues from, refused in one line when there is none or it was
+    taken with other options (:func:`~litgpt_skip2lora.checkpoints.check_resumable`)."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
+    checkpoints.check_resumable(checkpoint, [configuration_name(values) for values, _ in grid], world_size)
+    return checkpoint
 
 
 def bitsandbytes_plugin(quantize: str, precision: str) -> BitsandbytesPrecision:
@@ -312,10 +314,10 @@ def main(fabric: L.Fabric, run: Run) -> None:
         fabric.print(f"Interrupted; a checkpoint is saved. Resume with: {command} --resume true")
         raise SystemExit(130)
     with clock.phase("final_save"):
-        chosen = select(fabric, sweep, run, tokenizer)
+        chosen = select(fabric, sweep, run.data, tokenizer)
         final_dir = save_final(fabric, model, chosen, run)
         if sweep.is_sweep:
-            save_sweep(fabric, sweep, chosen, run, final_dir)
+            save_sweep(fabric, sweep, chosen, run.precision, final_dir)
     report_wall_clock(fabric, clock, state["iter_num"])
     if fabric.global_rank == 0:
         fabric.print(f"Saved the fine-tuned model to {str(final_dir)!r}")
@@ -403,22 +405,6 @@ def get_dataloaders(
     return fabric.setup_dataloaders(*loaders, use_distributed_sampler=False)
 
 
-def select(fabric: L.Fabric, sweep: Sweep, run: Run, tokenizer: Tokenizer) -> Configuration:
-    """The configuration ``final/`` holds: the only one, or the sweep's best by its ``select`` rule. Label accuracy
-    scores each configuration still training on the validation items (``evaluate_accuracy``'s label likelihood)."""
-    if sweep.is_sweep and run.sweep.select == "label_accuracy":
-        train_items, items = splits(run.data, tokenizer)
-        labels = closed_set(train_items)
-        if not labels:
-            warnings.warn("--sweep.select label_accuracy: the answers form no closed set of labels; chose by val_loss.")
-            run.sweep.select = "val_loss"
-        for c in sweep.alive if labels else ():
-            c.install(sweep.model)
-            c.accuracy = label_accuracy(sweep.model, tokenizer, run.data, items, labels)
-            fabric.print(f"{c.name}: label accuracy {c.accuracy:.4f} on {len(items)} validation items")
-    return sweep.chosen()
-
-
 def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) -> Path:
     """A self-contained checkpoint of the chosen configuration: the model's weights and its trained parameters,
     unmerged.
@@ -442,38 +428,9 @@ def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) ->
             copy_config_files(run.checkpoint_dir, partial_dir)
             save_hyperparameters(setup, partial_dir, known_commands=OUR_SUBCOMMANDS)
             saved = yaml.safe_load((partial_dir / "hyperparameters.yaml").read_text(encoding="utf-8"))
-            save_configuration(chosen, recorded(saved, chosen, run), partial_dir)
+            save_configuration(chosen, recorded(saved, chosen, run.precision), partial_dir)
             save_prompt_style(run.data.prompt_style, partial_dir)
     return final_dir
-
-
-def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, run: Run, final: Path):
-    """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
-    with checkpoints.atomic_directory(run.out_dir / "sweep", fabric) as partial_dir:
-        if fabric.global_rank == 0:
-            saved = yaml.safe_load((final / "hyperparameters.yaml").read_text(encoding="utf-8"))
-            for c in sweep.alive:
-                save_configuration(c, recorded(saved, c, run), partial_dir / c.name)
-            write_table(sweep, chosen, run.out_dir / "sweep.csv")
-            plot(sweep, chosen, run.out_dir / "sweep.png")
-    chosen.install(sweep.model)
-    fabric.print(f"Chose {chosen.name}; every configuration: {str(run.out_dir / 'sweep.csv')!r}")
-
-
-def recorded(saved: dict, c: Configuration, run: Run) -> dict:
-    """The hyper-parameters that train ``c`` alone, in the YAMLs' form: ``saved`` (the command line's) with its
-    swept values in place of the sweep, the optimizer as :func:`optimizer_spec` wrote it, and the precision it
-    trained in (generation uses it)."""
-    saved = {k: v for k, v in saved.items() if k != "sweep"}
-    model = {k: getattr(c.model_config, k) for k in (*ROUTE_OPTIONS, *ADAPTER_OPTIONS)}
-    model["skip2lora_block_indices"] = list(model["skip2lora_block_indices"])
-    return {
-        **saved,
-        **model,
-        "seed": c.seed,
-        "optimizer": c.optimizer_spec,
-        "precision": run.precision,
-    }
 
 
 def free_final_dir(out_dir: Path) -> Path:

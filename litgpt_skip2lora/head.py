@@ -17,22 +17,6 @@ CHUNK_BYTES = 2**21
 """A vocabulary chunk's logits, ``rows x chunk`` float32 values, take about this many bytes (a core's L2 cache)."""
 
 
-def factoring_pays(rows: int, d: int, ranks: list[int], training: bool) -> bool:
-    """Whether the factored head costs fewer multiply-adds per vocabulary entry than ``head(stream + z)`` for the
-    configurations of ranks ``k`` (``n r``) together.
-
-    The plain head costs ``rows d`` a configuration, twice when training (the gradient of ``z``). The factored one
-    costs ``rows d`` once, for the ``head(stream)`` every configuration shares, and per configuration ``d k`` for
-    ``W B`` and ``rows k`` for its logits; training doubles ``W B`` (its gradient) and quadruples the logits'
-    (recomputed in backward, then both gradients). So one configuration pays only for many rows of a small rank, and
-    a sweep pays far sooner: the shared ``head(stream)`` is its largest term.
-    """
-    passes = 2 if training else 1
-    plain = passes * len(ranks) * rows * d
-    factored = rows * d + sum(passes * d * k + passes**2 * rows * k for k in ranks)
-    return factored < plain
-
-
 def factored_cross_entropy(
     stream_logits: torch.Tensor, targets: torch.Tensor, codes: list[torch.Tensor], products: list[torch.Tensor]
 ) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ side by side, one core each, keep every core busy instead (``python -m benchmark
 So a sweep on the CPU splits its live configurations into lanes, as many as the process has threads, up to one a
 configuration: each lane computes its share one configuration after another, on its share of the cores and on a
 replica of the model that shares every weight. On a GPU, and for adapters alone (whose heads are shared,
-:mod:`litgpt_skip2lora.head`), there is one lane: the process's.
+:mod:`litgpt_skip2lora.head`), there is one lane: the process's (:func:`~litgpt_skip2lora.execution.lane_count`).
 """
 
 import copy
@@ -19,20 +19,9 @@ from typing import TypeVar
 import torch
 
 from litgpt_skip2lora.model import GPT
-from litgpt_skip2lora.rows import RowLayout
 
 Share = TypeVar("Share")
 Result = TypeVar("Result")
-
-
-def lane_count(model: GPT, configurations: int) -> int:
-    """How many lanes a sweep of ``configurations`` uses: on the CPU, when its tail has blocks, as many as the
-    process has threads (at most one a configuration); else one. The one place this is decided, for the step and its
-    memory."""
-    on_cpu = model.lm_head.linear.weight.device.type == "cpu"
-    if not on_cpu or RowLayout.of(model.config).flat:
-        return 1
-    return max(1, min(torch.get_num_threads(), configurations))
 
 
 def replica(model: GPT) -> GPT:

@@ -23,7 +23,6 @@ from typing_extensions import Self
 
 from litgpt_skip2lora.adapters import Adapters, Features, Reads
 from litgpt_skip2lora.dropout import Dropout
-from litgpt_skip2lora.head import factoring_pays
 
 LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp")
 
@@ -222,11 +221,9 @@ class GPT(litgpt.lora.GPT):
             return [self._softcap(self.lm_head(c)) for c in x.split(lm_head_chunk_size, dim=1)]
         return self._softcap(self.lm_head(x))
 
-    def shared_head(self, features: Features, adapters: list[Adapters]) -> SharedHead | None:
+    def shared_head(self, features: Features, adapters: list[Adapters]) -> SharedHead:
         """What every configuration's factored head shares (:mod:`litgpt_skip2lora.head`): ``head(stream)``,
-        outside autograd, and every ``W B_c`` from one matmul. None where :func:`factors_head` says no."""
-        if not factors_head(self, features.stream.numel() // self.config.n_embd, adapters, torch.is_grad_enabled()):
-            return None
+        outside autograd, and every ``W B_c`` from one matmul."""
         with torch.no_grad():
             stream_logits = self.lm_head.linear(features.stream)
         ranks = [a.B.size(1) for a in adapters]
@@ -309,39 +306,6 @@ def pretrained_only(blocks: nn.Module) -> Iterator[None]:
     finally:
         for layer, r in ranks.items():
             layer.r = r
-
-
-def factors_head(model: GPT, rows: int, adapters: list[Adapters], training: bool) -> bool:
-    """Whether ``rows`` rows of the configurations with these ``adapters`` get the factored head: where the head is
-    a plain frozen float matrix after ``ln_f`` (so the rows are flat) and factoring pays
-    (:func:`~litgpt_skip2lora.head.factoring_pays`). Below float32 (bf16 weights, or autocast) the two paths round
-    differently (the plain one rounds ``stream + z``, the factored one ``head(stream)``), so there the head is
-    factored wherever it can be: a configuration takes the same path in a sweep as alone. The one place this is
-    decided, for the step and its memory (measured under the run's autocast)."""
-    config, weight = model.config, model.lm_head.linear.weight
-    plain = model.lm_head.r == 0 and config.skip2lora_after_ln_f and config.final_logit_softcapping is None
-    frozen_float = not weight.requires_grad and weight.is_floating_point()  # 4-bit weights have no matrix
-    if not (plain and frozen_float):
-        return False
-    below_float32 = weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type)
-    return below_float32 or factoring_pays(rows, config.n_embd, [a.B.size(1) for a in adapters], training)
-
-
-HEAD_ROWS = 256
-"""Rows that share one pass of a frozen head over the vocabulary. On few rows the pass costs mostly the reading of
-the ``vocabulary x d`` matrix, so configurations with few supervised rows each, as on a label task, share that read;
-the bound keeps a group's logits as small as a few hundred rows'."""
-
-
-def head_group_size(model: GPT, rows: int, count: int, training: bool) -> int:
-    """How many of ``count`` configurations, ``rows`` rows each, share one pass of the plain head: in validation as
-    many as fit in :data:`HEAD_ROWS`. A training step takes one at a time: a group would keep its configurations'
-    graphs alive together, and on the CPU its larger logits, softmax and gradient cost about what the shared read
-    saves. A head with a trained part (``lora_head``) is each configuration's own. The one place this is decided,
-    for the step and its memory."""
-    if training or any(p.requires_grad for p in model.lm_head.parameters()):
-        return 1
-    return max(1, min(count, HEAD_ROWS // max(1, rows)))
 
 
 def save_model_config(config: Config, directory: Path) -> None:

@@ -26,8 +26,9 @@ from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters, Reads
 from litgpt_skip2lora.dropout import SharedMasks, drawing_from
-from litgpt_skip2lora.lanes import Lanes, lane_count
-from litgpt_skip2lora.model import GPT, Config, factors_head, head_group_size, output_block, reads
+from litgpt_skip2lora.execution import factors_head, head_group_size, lane_count
+from litgpt_skip2lora.lanes import Lanes
+from litgpt_skip2lora.model import GPT, Config, output_block, reads
 
 ROUTE_OPTIONS = ("skip2lora_output_layer", "skip2lora_block_indices")
 """Where the adapters' sum joins and which blocks feed them: swept, each configuration trains a tail of its own
@@ -387,9 +388,9 @@ def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
     """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head each
-    lane (:func:`~litgpt_skip2lora.lanes.lane_count`) holds, in a step, one configuration's logits over ``rows``
+    lane (:func:`~litgpt_skip2lora.execution.lane_count`) holds, in a step, one configuration's logits over ``rows``
     rows, their softmax and gradient in float32, and in a validation the logits of a group of its configurations
-    (:func:`~litgpt_skip2lora.model.head_group_size`) with one configuration's log-softmax at a time, counted here
+    (:func:`~litgpt_skip2lora.execution.head_group_size`) with one configuration's log-softmax at a time, counted here
     as the group's; the factored head never stores the logits whole."""
     vocab, count = sweep.model.config.padded_vocab_size, len(sweep.configurations)
     factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)

@@ -1,5 +1,6 @@
-"""What a sweep leaves in ``out_dir`` besides ``final/`` (the chosen configuration): ``sweep.csv``, ``sweep.png``, and
-``sweep/<name>/`` for every configuration that trained to the end.
+"""What a run hands over: the configuration ``final/`` holds (:func:`select`), what each configuration's folder records,
+and what a sweep leaves besides ``final/``: ``sweep.csv``, ``sweep.png``, and ``sweep/<name>/`` for every
+configuration that trained to the end.
 
 A ``sweep/<name>/`` folder holds that configuration's trained parameters and its hyper-parameters only, not a copy
 of the frozen model: sixteen full copies of a 7B model would be 200 GB. ``litgpt-skip2lora export_configuration
@@ -12,15 +13,59 @@ import shutil
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
+from litgpt.data import DataModule
+from litgpt.tokenizer import Tokenizer
 
 from litgpt_skip2lora.checkpoints import atomic_directory
+from litgpt_skip2lora.evaluate import closed_set, label_accuracy, splits
 from litgpt_skip2lora.model import save_model_config
-from litgpt_skip2lora.sweep import Configuration, Sweep
+from litgpt_skip2lora.sweep import ADAPTER_OPTIONS, ROUTE_OPTIONS, Configuration, Sweep
 
 TRAINED = "lit_model.pth.lora"
 """A configuration's trained parameters, as ``{"model": {name: tensor}}``, the form of LitGPT's LoRA files."""
+
+
+def select(fabric: L.Fabric, sweep: Sweep, data: DataModule, tokenizer: Tokenizer) -> Configuration:
+    """The configuration ``final/`` holds: the only one, or the sweep's best by its ``select`` rule. Label accuracy
+    scores each configuration still training on the validation items (``evaluate_accuracy``'s label likelihood)."""
+    if sweep.is_sweep and sweep.args.select == "label_accuracy":
+        train_items, items = splits(data, tokenizer)
+        labels = closed_set(train_items)
+        if not labels:
+            warnings.warn("--sweep.select label_accuracy: the answers form no closed set of labels; chose by val_loss.")
+            sweep.args.select = "val_loss"
+        for c in sweep.alive if labels else ():
+            c.install(sweep.model)
+            c.accuracy = label_accuracy(sweep.model, tokenizer, data, items, labels)
+            fabric.print(f"{c.name}: label accuracy {c.accuracy:.4f} on {len(items)} validation items")
+    return sweep.chosen()
+
+
+def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, precision: str, final: Path) -> None:
+    """``sweep.csv``, ``sweep.png`` and ``sweep/<name>/`` for each configuration that trained to the end."""
+    out_dir = final.parent
+    with atomic_directory(out_dir / "sweep", fabric) as partial_dir:
+        if fabric.global_rank == 0:
+            saved = yaml.safe_load((final / "hyperparameters.yaml").read_text(encoding="utf-8"))
+            for c in sweep.alive:
+                save_configuration(c, recorded(saved, c, precision), partial_dir / c.name)
+            write_table(sweep, chosen, out_dir / "sweep.csv")
+            plot(sweep, chosen, out_dir / "sweep.png")
+    chosen.install(sweep.model)
+    fabric.print(f"Chose {chosen.name}; every configuration: {str(out_dir / 'sweep.csv')!r}")
+
+
+def recorded(saved: dict, c: Configuration, precision: str) -> dict:
+    """The hyper-parameters that train ``c`` alone, in the YAMLs' form: ``saved`` (the command line's) with its
+    swept values in place of the sweep, the optimizer as :func:`~litgpt_skip2lora.checks.optimizer_spec` wrote it,
+    and the precision it trained in (generation uses it)."""
+    saved = {k: v for k, v in saved.items() if k != "sweep"}
+    model = {k: getattr(c.model_config, k) for k in (*ROUTE_OPTIONS, *ADAPTER_OPTIONS)}
+    model["skip2lora_block_indices"] = list(model["skip2lora_block_indices"])
+    return {**saved, **model, "seed": c.seed, "optimizer": c.optimizer_spec, "precision": precision}
 
 
 def write_table(sweep: Sweep, chosen: Configuration, path: Path) -> None:

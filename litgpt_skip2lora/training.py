@@ -25,8 +25,9 @@ from tqdm import tqdm
 from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
 from litgpt_skip2lora.dropout import SharedMasks
+from litgpt_skip2lora.execution import factors_head, head_group_size
 from litgpt_skip2lora.head import factored_cross_entropy
-from litgpt_skip2lora.model import GPT, head_group_size
+from litgpt_skip2lora.model import GPT
 from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep
 from litgpt_skip2lora.wallclock import WallClock
@@ -53,15 +54,17 @@ def loss_groups(
     ``autocast``, in groups that share no graph: a step back-propagates each group before the next one is computed,
     so only one group's activations are alive at a time. The configurations of a group share the head's pass over the
     vocabulary: with a factored head all of them (``head(stream)`` and the ``W B`` products,
-    :mod:`litgpt_skip2lora.head`), with the plain one as many as :func:`~litgpt_skip2lora.model.head_group_size`
+    :mod:`litgpt_skip2lora.head`), with the plain one as many as :func:`~litgpt_skip2lora.execution.head_group_size`
     says. The features are shared either way."""
-    device = batch.targets.device
+    device, adapters = batch.targets.device, [c.adapters for c in configurations]
     with autocast():
-        shared = model.shared_head(batch.features, [c.adapters for c in configurations]) if layout.flat else None
-    if shared is None:
+        rows = batch.features.stream.numel() // model.config.n_embd
+        factored = layout.flat and factors_head(model, rows, adapters, torch.is_grad_enabled())
+    if not factored:
         yield from plain_loss_groups(model, batch, layout, configurations, autocast, masks)
         return
     with autocast():
+        shared = model.shared_head(batch.features, adapters)
         codes = []
         for c in configurations:
             with c.random_stream(device, masks):
@@ -238,8 +241,8 @@ class Trainer:
         with self.clock.phase("validation"):
             self.sweep.set_training(False)
             batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
-            configurations = alive[:1] if untrained else alive
-            losses = [torch.stack(self.sweep.lanes.map(partial(self.losses, b), configurations)) for b in batches]
+            scored, lane = alive[:1] if untrained else alive, partial(validation_losses, self.layout)
+            losses = [torch.stack(self.sweep.lanes.map(partial(lane, b), scored)) for b in batches]
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
@@ -248,20 +251,14 @@ class Trainer:
             metrics = self.sweep.record(means * len(alive) if untrained else means, done[0], candidate)
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
-    def backward(
-        self, batch: Batch, masks: SharedMasks, model: GPT, configurations: list[Configuration]
-    ) -> list[torch.Tensor]:
-        """The configurations' losses on a micro-batch, computed by ``model``, each group back-propagated before the
-        next one is computed."""
+    def backward(self, batch: Batch, masks: SharedMasks, model: GPT, share: list[Configuration]) -> list[torch.Tensor]:
+        """A lane's ``share`` of the configurations: their losses on a micro-batch, computed by ``model``, each group
+        back-propagated before the next one is computed."""
         losses = []
-        for group in loss_groups(model, batch, self.layout, configurations, self.fabric.autocast, masks):
+        for group in loss_groups(model, batch, self.layout, share, self.fabric.autocast, masks):
             self.fabric.backward(torch.stack(group).sum() / self.accum)
             losses += [loss.detach() for loss in group]
         return losses
-
-    def losses(self, batch: Batch, model: GPT, configurations: list[Configuration]) -> list[torch.Tensor]:
-        """The configurations' losses on a validation batch, computed by ``model``."""
-        return sum(loss_groups(model, batch, self.layout, configurations), [])
 
     def log(self, losses: torch.Tensor, iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
         """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
@@ -269,11 +266,15 @@ class Trainer:
         alive, losses = self.sweep.alive, losses.tolist()
         metrics = {"iter": self.state["iter_num"], "step": self.state["step_count"], "epoch": epoch + 1}
         metrics.update(iter_time=iter_time, feature_wait=batch.wait, tokens_per_sec=batch.tokens / iter_time)
-        metrics.update(self.backbone.counters())
-        metrics.update({c.tagged("loss"): loss for c, loss in zip(alive, losses)})
+        metrics.update(self.backbone.counters(), **{c.tagged("loss"): loss for c, loss in zip(alive, losses)})
         metrics.update({c.tagged("learning_rate"): c.scheduler.get_last_lr()[0] for c in alive})
         self.fabric.log_dict(metrics, step=self.state["iter_num"])
         bar.set_postfix(loss=f"{min(losses):.3f}", ms=f"{iter_time * 1000:.0f}", hits=hits, **self.sweep.progress())
+
+
+def validation_losses(layout: RowLayout, batch: Batch, model: GPT, share: list[Configuration]) -> list[torch.Tensor]:
+    """A lane's ``share`` of the configurations: their losses on a validation batch, computed by ``model``."""
+    return sum(loss_groups(model, batch, layout, share), [])
 
 
 def rank_counts(fabric: L.Fabric, backbone: CachedBackbone) -> dict[str, int]:

@@ -113,10 +113,10 @@ def test_more_devices_than_the_yamls_batch_splits_over_is_one_line(name: str, tm
     )
 
 
-RECIPES = sorted(HUB.glob("*/skip2lora_labels.yaml"))
+RECIPES = sorted([*HUB.glob("*/skip2lora_labels.yaml"), *HUB.glob("*/skip2lora_text.yaml")])
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_a_recipe_runs_on_a_users_json_data(recipe: Path, tmp_path, alpaca_writer, monkeypatch) -> None:
     """The recipe as a user runs it, on a random model deep enough for its tail: their data and checkpoint on the
     command line, nothing else to tune; final/ holds the recipe's tail, trained on their data."""

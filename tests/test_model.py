@@ -10,7 +10,7 @@ from litgpt.generate.base import generate
 
 from litgpt_skip2lora import GPT, Adapters, Config, head
 from litgpt_skip2lora.adapters import Features, Reads
-from litgpt_skip2lora.head import factoring_pays
+from litgpt_skip2lora.execution import factoring_pays
 from litgpt_skip2lora.model import mark_trainable, save_model_config, trainable_state
 from litgpt_skip2lora.rows import RowLayout
 

@@ -24,6 +24,7 @@ from lightning.fabric.plugins import MixedPrecision
 from litgpt.args import EvalArgs, TrainArgs
 
 import litgpt_skip2lora.__main__
+import litgpt_skip2lora.execution
 import litgpt_skip2lora.finetune
 import litgpt_skip2lora.model
 import litgpt_skip2lora.sweep_outputs
@@ -31,8 +32,9 @@ from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
 from litgpt_skip2lora.dropout import SharedMasks
-from litgpt_skip2lora.lanes import Lanes, lane_count, replica
-from litgpt_skip2lora.model import GPT, HEAD_ROWS, Config, factors_head, head_group_size, mark_trainable
+from litgpt_skip2lora.execution import HEAD_ROWS, factors_head, head_group_size, lane_count
+from litgpt_skip2lora.lanes import Lanes, replica
+from litgpt_skip2lora.model import GPT, Config, mark_trainable
 from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import (
     Configuration,
@@ -192,6 +194,18 @@ def test_halving_drops_the_weaker_configurations(sweeps, tiny_checkpoint: Path, 
     assert rows[survivor]["chosen"] == "1"
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == [survivor]
     assert_same_parameters(saved(tmp_path / "sweep" / survivor), saved(sweeps["adapters"] / "sweep" / survivor))
+
+
+def test_the_same_command_reproduces_every_row_exactly(sweeps, tiny_checkpoint, alpaca_file, tmp_path) -> None:
+    """A tail sweep's configurations compute in lanes, on fewer threads each than a solo run, so they round apart
+    from their solo runs; the sweep's own command on the same number of threads reproduces every row of
+    ``sweep.csv`` and every configuration's parameters bit for bit (SKIP2LORA_README.md, Sweeps)."""
+    train = TrainArgs(epochs=2, **TRAIN, save_interval=3)
+    run(tiny_checkpoint, alpaca_file, tmp_path, train=train, sweep=TAIL_SWEEP, **TAIL)
+    assert (tmp_path / "sweep.csv").read_text() == (sweeps["tail"] / "sweep.csv").read_text()
+    for name in table(tmp_path):
+        again, first = saved(tmp_path / "sweep" / name), saved(sweeps["tail"] / "sweep" / name)
+        assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_an_interrupted_sweep_resumes_exactly(
@@ -390,7 +404,7 @@ def test_in_validation_configurations_share_the_heads_pass_and_keep_their_own_lo
     batch = Batch(Features(torch.randn(2, 3, 32), torch.randn(3, 32)), torch.tensor([5, -100, 7]), 3, 0.0)
 
     def losses(head_rows: int) -> list[list[float]]:
-        monkeypatch.setattr(litgpt_skip2lora.model, "HEAD_ROWS", head_rows)
+        monkeypatch.setattr(litgpt_skip2lora.execution, "HEAD_ROWS", head_rows)
         groups = loss_groups(sweep.model, batch, RowLayout.of(sweep.model.config), sweep.configurations)
         return [[loss.item() for loss in group] for group in groups]
 
