@@ -13,7 +13,8 @@ would (``python -m benchmarks.shared_masks`` times a tail sweep's step with and 
 
 import contextlib
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 
 import torch
@@ -23,12 +24,24 @@ _thread = threading.local()
 Draw = Callable[[torch.Generator | None], torch.Tensor]
 
 
-class SharedMasks:
-    """One step's masks, each kept for the streams that reach it from the same state by the same draws."""
+def root(state: torch.Tensor) -> bytes:
+    """A generator state as a key: streams that begin a step in the same state can share its masks."""
+    return bytes(state.cpu().numpy())
 
-    def __init__(self) -> None:
+
+class SharedMasks:
+    """One step's masks, each kept for the streams that reach it from the same state by the same draws. Given the
+    ``roots`` the step's streams begin in, a stream alone in its state keeps none (in a seed sweep, every stream):
+    no other will take them, and they would be held until the step ends."""
+
+    def __init__(self, roots: Iterable[bytes] | None = None) -> None:
         self._lock = threading.Lock()
         self._drawn: dict[Hashable, Future] = {}
+        self._shared = None if roots is None else {r for r, n in Counter(roots).items() if n > 1}
+
+    def shares(self, root: bytes) -> bool:
+        """Whether a stream beginning in ``root`` may meet others (with no ``roots`` given, any may)."""
+        return self._shared is None or root in self._shared
 
     def get(
         self, key: Hashable, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -55,8 +68,8 @@ class Stream:
     drawn so far, the key under which streams share a mask."""
 
     def __init__(self, generator: torch.Generator, masks: SharedMasks | None = None) -> None:
-        self.generator, self.masks = generator, masks
-        self.drawn: Hashable = None if masks is None else bytes(generator.get_state().cpu().numpy())
+        self.drawn: Hashable = None if masks is None else root(generator.get_state())
+        self.generator, self.masks = generator, masks if masks is not None and masks.shares(self.drawn) else None
         self.after: torch.Tensor | None = None
         """The generator's state after the stream's last mask, whichever stream drew it: its own generator lags
         behind when the mask was taken from another."""

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from litgpt_skip2lora import checkpoints
 from litgpt_skip2lora.backbone import Batch, CachedBackbone
-from litgpt_skip2lora.dropout import SharedMasks
+from litgpt_skip2lora.dropout import SharedMasks, root
 from litgpt_skip2lora.execution import factors_head, head_group_size
 from litgpt_skip2lora.head import factored_cross_entropy
 from litgpt_skip2lora.model import GPT
@@ -176,7 +176,8 @@ class Trainer:
         sharing the dropout masks they draw alike; optimizer steps when due."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
-        losses = self.sweep.lanes.map(partial(self.backward, batch, SharedMasks()), alive)
+        masks = SharedMasks(root(c.rng[self.fabric.device.type]) for c in alive)
+        losses = self.sweep.lanes.map(partial(self.backward, batch, masks), alive)
         if state["iter_num"] % self.accum == 0:
             for c in alive:
                 c.optimizer_step(self.fabric, self.model, self.train.max_norm)

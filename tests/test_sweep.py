@@ -31,7 +31,7 @@ import litgpt_skip2lora.sweep_outputs
 from benchmarks.runs import logged_metrics
 from litgpt_skip2lora.adapters import Features
 from litgpt_skip2lora.backbone import Batch
-from litgpt_skip2lora.dropout import SharedMasks
+from litgpt_skip2lora.dropout import SharedMasks, root
 from litgpt_skip2lora.execution import HEAD_ROWS, factors_head, head_group_size, lane_count
 from litgpt_skip2lora.lanes import Lanes, replica
 from litgpt_skip2lora.model import GPT, Config, mark_trainable
@@ -452,11 +452,11 @@ def test_lanes_compute_each_configuration_as_the_processs_own_thread_does() -> N
     assert lane_count(two_learning_rates((0.01, 0.02, 0.03)).model, 3) == 1  # adapters alone: one lane
 
 
-@pytest.mark.parametrize(("lrs", "seeds", "drawn"), [((0.01, 0.02, 0.03), None, 2), ((0.01,), [7, 8, 9], 6)])
-def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list[int] | None, drawn: int) -> None:
+@pytest.mark.parametrize(("lrs", "seeds", "kept"), [((0.01, 0.02, 0.03), None, 2), ((0.01,), [7, 8, 9], 0)])
+def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list[int] | None, kept: int) -> None:
     """A tail step of three configurations in two lanes draws its two masks (the adapters', q and v's) once for all
-    when the configurations share a seed, and once each when they do not; either way each configuration's stream,
-    losses and gradients are exactly those it gets drawing alone."""
+    when the configurations share a seed, and keeps them for the step; when they do not, each draws its own and keeps
+    none. Either way each configuration's stream, losses and gradients are exactly those it gets drawing alone."""
     tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True, lora_dropout=0.2)
     batch = Batch(Features(torch.randn(2, 3, 10, 32), torch.randn(3, 10, 32)), torch.randint(0, 96, (3, 10)), 30, 0.0)
 
@@ -477,9 +477,10 @@ def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list
             [[p.grad for p in c.parameters()] for c in sweep.configurations],
         )
 
-    masks = SharedMasks()
+    torch.manual_seed(0)
+    masks = SharedMasks(root(c.rng["cpu"]) for c in two_learning_rates(lrs, seeds, **tail).configurations)
     shared = stepped(masks)
-    assert len(masks) == drawn
+    assert len(masks) == kept
     torch.testing.assert_close(shared, stepped(None), rtol=0, atol=0)
 
 
