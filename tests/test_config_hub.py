@@ -13,10 +13,12 @@ import pytest
 import yaml
 from conftest import TINY, WORDS, in_process
 
+from benchmarks.end_to_end import set_key
 from benchmarks.random_checkpoint import SPECIAL, write_checkpoint
 from litgpt_skip2lora.configs import shipped_configs
 
-HUB = Path(__file__).parent.parent / "config_hub" / "finetune"
+REPO = Path(__file__).parent.parent
+HUB = REPO / "config_hub" / "finetune"
 YAMLS = sorted(HUB.glob("*/*.yaml"))
 
 
@@ -135,3 +137,23 @@ def test_a_recipe_runs_on_a_users_json_data(recipe: Path, tmp_path, alpaca_write
     saved = yaml.safe_load((final / "hyperparameters.yaml").read_text())
     assert saved["skip2lora_output_layer"] == yaml.safe_load(recipe.read_text())["skip2lora_output_layer"]
     assert saved["data"]["init_args"]["json_path"] == str(data) and (final / "lit_model.pth").is_file()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "frontier", "point"), [("labels", "supersense", "tail12"), ("text", "definitions", "tail20-lr0.001")]
+)
+def test_a_recipe_is_the_frontier_point_it_cites(recipe: str, frontier: str, point: str) -> None:
+    """SmolLM2-135M-Instruct's recipe is the tail YAML with the frontier's settings and the point's options, as the
+    frontier measured it (its out_dir aside)."""
+    spec = yaml.safe_load((REPO / "benchmarks" / "frontier" / f"{frontier}.yaml").read_text())
+    (options,) = [p.get("options", []) for p in spec["points"] if p["name"] == point]
+    measured = yaml.safe_load((HUB / "SmolLM2-135M-Instruct" / "skip2lora_tail.yaml").read_text())
+    sets = [s for s in spec["end_to_end"] if s != "--set"]
+    flags = [
+        (flag.removeprefix("--").replace("optimizer.", "optimizer.init_args."), v)
+        for flag, v in zip(options[::2], options[1::2])
+    ]
+    for dotted, value in [*(s.split("=") for s in sets), ("train.epochs", spec["epochs"]), *flags]:
+        set_key(measured, dotted, yaml.safe_load(value) if isinstance(value, str) else value)
+    shipped = yaml.safe_load((HUB / "SmolLM2-135M-Instruct" / f"skip2lora_{recipe}.yaml").read_text())
+    assert {**shipped, "out_dir": None} == {**measured, "out_dir": None}
