@@ -31,26 +31,34 @@ def root(state: torch.Tensor) -> bytes:
 
 class SharedMasks:
     """One step's masks, each kept for the streams that reach it from the same state by the same draws. Given the
-    ``roots`` the step's streams begin in, a stream alone in its state keeps none (in a seed sweep, every stream):
-    no other will take them, and they would be held until the step ends."""
+    ``roots`` the step's streams begin in, a mask is let go once every stream of its state has taken it, and a stream
+    alone in its state (each of a seed sweep's) keeps none: what stays held is what the configurations' graphs hold
+    anyway. Without ``roots`` every mask is kept until the step ends."""
 
     def __init__(self, roots: Iterable[bytes] | None = None) -> None:
         self._lock = threading.Lock()
         self._drawn: dict[Hashable, Future] = {}
-        self._shared = None if roots is None else {r for r, n in Counter(roots).items() if n > 1}
+        self._taken: Counter = Counter()
+        self._streams = None if roots is None else Counter(roots)
+        self.count = 0
+        """Masks drawn this step to be shared."""
 
-    def shares(self, root: bytes) -> bool:
-        """Whether a stream beginning in ``root`` may meet others (with no ``roots`` given, any may)."""
-        return self._shared is None or root in self._shared
+    def takers(self, root: bytes) -> int | None:
+        """How many of the step's streams begin in ``root`` (None when not told)."""
+        return None if self._streams is None else self._streams[root]
 
     def get(
-        self, key: Hashable, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+        self, key: Hashable, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], takers: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask and generator state at ``key``: ``draw()``'s, by whichever stream gets there first. Other keys
-        are drawn meanwhile: only the streams waiting for this one wait."""
+        """The mask and generator state at ``key``: ``draw()``'s, by whichever stream gets there first, let go once
+        ``takers`` streams have taken it. Other keys are drawn meanwhile: only the streams waiting for this one wait."""
         with self._lock:
             first = key not in self._drawn
             drawn = self._drawn.setdefault(key, Future())
+            self.count += first
+            self._taken[key] += 1
+            if self._taken[key] == takers:
+                del self._drawn[key], self._taken[key]
         if first:
             try:
                 drawn.set_result(draw())
@@ -59,7 +67,7 @@ class SharedMasks:
         return drawn.result()
 
     def __len__(self) -> int:
-        """Masks drawn (or being drawn) this step."""
+        """Masks held now."""
         return len(self._drawn)
 
 
@@ -69,7 +77,8 @@ class Stream:
 
     def __init__(self, generator: torch.Generator, masks: SharedMasks | None = None) -> None:
         self.drawn: Hashable = None if masks is None else root(generator.get_state())
-        self.generator, self.masks = generator, masks if masks is not None and masks.shares(self.drawn) else None
+        self.takers = None if masks is None else masks.takers(self.drawn)
+        self.generator, self.masks = generator, None if self.takers == 1 else masks
         self.after: torch.Tensor | None = None
         """The generator's state after the stream's last mask, whichever stream drew it: its own generator lags
         behind when the mask was taken from another."""
@@ -80,7 +89,7 @@ class Stream:
         if self.masks is None:
             return draw(self.generator)
         self.drawn = (self.drawn, signature)
-        mask, self.after = self.masks.get(self.drawn, lambda: self._own(draw))
+        mask, self.after = self.masks.get(self.drawn, lambda: self._own(draw), self.takers)
         return mask
 
     def state(self) -> torch.Tensor:

@@ -452,11 +452,12 @@ def test_lanes_compute_each_configuration_as_the_processs_own_thread_does() -> N
     assert lane_count(two_learning_rates((0.01, 0.02, 0.03)).model, 3) == 1  # adapters alone: one lane
 
 
-@pytest.mark.parametrize(("lrs", "seeds", "kept"), [((0.01, 0.02, 0.03), None, 2), ((0.01,), [7, 8, 9], 0)])
-def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list[int] | None, kept: int) -> None:
+@pytest.mark.parametrize(("lrs", "seeds", "drawn"), [((0.01, 0.02, 0.03), None, 2), ((0.01,), [7, 8, 9], 0)])
+def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list[int] | None, drawn: int) -> None:
     """A tail step of three configurations in two lanes draws its two masks (the adapters', q and v's) once for all
-    when the configurations share a seed, and keeps them for the step; when they do not, each draws its own and keeps
-    none. Either way each configuration's stream, losses and gradients are exactly those it gets drawing alone."""
+    when the configurations share a seed; when they do not, each draws its own. Either way no mask is held once the
+    step is done with it, and each configuration's stream, losses and gradients are exactly those it gets drawing
+    alone."""
     tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True, lora_dropout=0.2)
     batch = Batch(Features(torch.randn(2, 3, 10, 32), torch.randn(3, 10, 32)), torch.randint(0, 96, (3, 10)), 30, 0.0)
 
@@ -480,7 +481,7 @@ def test_configurations_whose_streams_agree_draw_each_mask_once(lrs, seeds: list
     torch.manual_seed(0)
     masks = SharedMasks(root(c.rng["cpu"]) for c in two_learning_rates(lrs, seeds, **tail).configurations)
     shared = stepped(masks)
-    assert len(masks) == kept
+    assert (masks.count, len(masks)) == (drawn, 0)  # drawn to be shared; held after the step
     torch.testing.assert_close(shared, stepped(None), rtol=0, atol=0)
 
 
