@@ -25,6 +25,7 @@ import yaml
 
 from benchmarks import end_to_end
 from benchmarks.runs import run_logged
+from litgpt_skip2lora.sweep_outputs import export_configuration
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,14 +63,7 @@ def run_point(point: dict, configs: dict[str, Path], spec: dict, args: argparse.
         answers = args.out / f"frontier-{spec['task']}-{stamp}-{point['name']}.json"
         row.update(scored(out_dir / "final", data, answers, out_dir))
         for c in row.get("sweep", []) if point.get("score_each") else []:  # e.g. the seeds of one configuration
-            export = [
-                sys.executable,
-                "-m",
-                "litgpt_skip2lora",
-                "export_configuration",
-                str(out_dir / "sweep" / c["name"]),
-            ]
-            run_logged(export, out_dir / "export.log", cwd=REPO)
+            export_configuration(out_dir / "sweep" / c["name"])
             answers = answers.with_name(f"frontier-{spec['task']}-{stamp}-{point['name']}-{c['name']}.json")
             c.update(scored(out_dir / f"final-{c['name']}", data, answers, out_dir))
     return row
