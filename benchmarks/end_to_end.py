@@ -53,6 +53,8 @@ METHODS = {  # name: (subcommand, the YAML users run, under --configs)
     "tail": ("finetune_skip2lora", "skip2lora_tail.yaml"),
 }
 VAL_FRACTION = 0.05
+RUNNER = "litgpt_skip2lora"
+"""The module a run's command is given to (``python -m <runner> <command>``): the package's CLI."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,9 +186,7 @@ def handed_over_val_loss(log: str) -> float | None:
     return float(handed[1]) if handed else None
 
 
-def timed_run(
-    command: str, config: Path, epochs: int, out_dir: Path, options: list[str], runner: str = "litgpt_skip2lora"
-) -> dict:
+def timed_run(command: str, config: Path, epochs: int, out_dir: Path, options: list[str], runner: str = RUNNER) -> dict:
     """One fresh process of ``python -m <runner> <command>``, its wall time and what its own log says of its
     training time; ``val_loss`` is the handed-over model's (``last_val_loss`` the last validation's)."""
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -56,7 +56,7 @@ def run_point(point: dict, configs: dict[str, Path], spec: dict, args: argparse.
     method, epochs, options = point["method"], point.get("epochs", spec["epochs"]), point.get("options", [])
     out_dir = args.work / point["name"]
     row = {"name": point["name"], "method": method, "epochs": epochs, "options": options}
-    runner = point.get("runner", "litgpt_skip2lora")  # benchmarks.full_tail for a tail trained in full
+    runner = point.get("runner", end_to_end.RUNNER)  # benchmarks.full_tail for a tail trained in full
     row.update(end_to_end.timed_run(end_to_end.METHODS[method][0], configs[method], epochs, out_dir, options, runner))
     if spec["score"] == "exact_match":
         data = yaml.safe_load(configs[method].read_text())["data"]

@@ -1,6 +1,7 @@
 """A tail trained in full, measured against the tail's LoRA layers on the frontier: the blocks from the output
 place on train every weight (with the adapters); the blocks before it stay frozen, never back-propagated, and cached.
-The package offers it only where it wins (``full-tail`` points of ``benchmarks/frontier/*.yaml``).
+On the definitions task it lost to the tail's LoRA layers (the ``full-tail`` points of
+``benchmarks/frontier/definitions.yaml``, EVALUATION_GUIDE.md §8), so the package does not offer it.
 
     python -m benchmarks.full_tail finetune_skip2lora --config <tail YAML> --lora_query false --lora_key false \\
         --lora_value false --lora_projection false --lora_mlp false ...
