@@ -14,6 +14,7 @@ import functools
 import itertools
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from litgpt.lora import LoRALayer
 from litgpt.utils import instantiate_torch_optimizer
 
 from litgpt_skip2lora.adapters import Adapters, Reads
-from litgpt_skip2lora.dropout import SharedMasks, drawing_from
+from litgpt_skip2lora.dropout import SharedMasks, drawing_from, root
 from litgpt_skip2lora.execution import factors_head, head_group_size, lane_count
 from litgpt_skip2lora.lanes import Lanes
 from litgpt_skip2lora.model import GPT, Config, output_block, reads
@@ -387,22 +388,60 @@ def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
 
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
-    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes. With the plain head each
-    lane (:func:`~litgpt_skip2lora.execution.lane_count`) holds, in a step, one configuration's logits over ``rows``
-    rows, their softmax and gradient in float32, and in a validation the logits of a group of its configurations
-    (:func:`~litgpt_skip2lora.execution.head_group_size`) with one configuration's log-softmax at a time, counted here
-    as the group's; the factored head never stores the logits whole."""
-    vocab, count = sweep.model.config.padded_vocab_size, len(sweep.configurations)
-    factored = factors_head(sweep.model, rows, [c.adapters for c in sweep.configurations], training=True)
-    lanes = lane_count(sweep.model, count)
-    validation_rows = rows * head_group_size(sweep.model, rows, math.ceil(count / lanes), training=False)
-    logits = 0 if factored else lanes * 4 * vocab * max(3 * rows, 2 * validation_rows)
-    needed = logits + sum(configuration_bytes(c, vocab, factored) for c in sweep.configurations)
+    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes: their trained state
+    (:func:`configuration_bytes`), the masks the step's configurations share (:func:`shared_mask_bytes`), and the
+    head's values. With the plain head each lane (:func:`~litgpt_skip2lora.execution.lane_count`) holds one
+    configuration's logits over ``rows`` rows, their softmax and gradient in float32, and in a validation the logits
+    of a group (:func:`~litgpt_skip2lora.execution.head_group_size`), with as much again for a log-softmax. The
+    factored head holds ``head(stream)`` once and every configuration's graph through the step, never its logits. A
+    lane's graph of the tail is what a solo run holds too, and is not counted."""
+    model, count = sweep.model, len(sweep.configurations)
+    vocab, value = model.config.padded_vocab_size, head_value_bytes(model)
+    factored = factors_head(model, rows, [c.adapters for c in sweep.configurations], training=True)
+    if factored:  # a graph keeps its dropped-out taps, or its share of the sweep's taps
+        kept = [c for c in sweep.configurations if c.model_config.lora_dropout or c.adapters.reads != sweep.reads]
+        head = value * rows * vocab + sum(dropout_input_bytes(model, c, rows) for c in kept)
+    else:
+        lanes = lane_count(model, count)
+        validation_rows = rows * head_group_size(model, rows, math.ceil(count / lanes), training=False)
+        head = lanes * 4 * vocab * max(3 * rows, 2 * validation_rows)
+    trained = sum(configuration_bytes(c, vocab, factored) for c in sweep.configurations)
+    needed = head + trained + shared_mask_bytes(sweep, rows)
     if sweep.is_sweep and needed > available:
         raise MemoryError(
             f"The sweep's {count} configurations need about {needed / 1e9:.1f} GB for {rows} rows a micro-batch, more"
             f" than the {available / 1e9:.1f} GB free: sweep fewer values or lower --train.micro_batch_size."
         )
+
+
+def head_value_bytes(model: GPT) -> int:
+    """The size of a value the head computes: in the autocast's dtype when there is one, else in its weights'."""
+    weight = model.lm_head.linear.weight
+    autocast = torch.is_autocast_enabled(weight.device.type)
+    return torch.get_autocast_dtype(weight.device.type).itemsize if autocast else weight.element_size()
+
+
+def dropout_input_bytes(model: GPT, c: Configuration, rows: int) -> int:
+    """What ``c``'s dropout layers read in a step of ``rows`` rows, so the size of its masks: the taps its adapters
+    read, and the input of each of its tail's LoRA layers."""
+    layers = {model.get_submodule(name.rpartition(".")[0]) for name in c.lora}
+    features = len(c.adapters.reads.blocks) * model.config.n_embd
+    features += sum(layer.linear.in_features for layer in layers if isinstance(layer, LoRALayer))
+    return rows * features * model.lm_head.linear.weight.element_size()
+
+
+def shared_mask_bytes(sweep: Sweep, rows: int) -> int:
+    """What :class:`~litgpt_skip2lora.dropout.SharedMasks` holds through a step: configurations that begin it in one
+    random state share the masks they draw alike, each kept until the last of them has taken it. So at most one
+    configuration's masks for each way of drawing (rate, blocks) in each state that two or more begin in."""
+    device = sweep.model.lm_head.linear.weight.device.type
+    states = Counter(root(c.rng[device]) for c in sweep.configurations)
+    ways = {}
+    for c in sweep.configurations:
+        state = root(c.rng[device])
+        if states[state] > 1 and c.model_config.lora_dropout:
+            ways.setdefault((state, c.model_config.lora_dropout, c.adapters.reads), c)
+    return sum(dropout_input_bytes(sweep.model, c, rows) for c in ways.values())
 
 
 def build_sweep(

@@ -350,9 +350,10 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
     assert factors_head(model, 64, adapters, training=True) and not factors_head(model, 2, adapters, training=True)
     assert configuration_bytes(c, 96, factored=True) == parameters + 4 * 2 * 96 * 4  # W B and its gradient
     assert configuration_bytes(c, 96, factored=False) == parameters
-    check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4))
+    factored_step = 2 * (parameters + 4 * 2 * 96 * 4) + 4 * 64 * 96  # and head(stream), once, never their logits
+    check_fits(sweep, 64, factored_step)
     with pytest.raises(MemoryError, match="2 configurations need about"):
-        check_fits(sweep, 64, 2 * (parameters + 4 * 2 * 96 * 4) - 1)
+        check_fits(sweep, 64, factored_step - 1)
     # the larger of a step's logits, softmax and gradient for one configuration's 2 rows, and a validation's logits
     # for both configurations' 2 rows, which share the head's pass, with as much again bounding its log-softmax
     plain_step = 2 * parameters + 4 * 96 * max(3 * 2, 2 * 2 * 2)
@@ -361,17 +362,35 @@ def test_the_memory_estimate_follows_the_head_the_step_takes() -> None:
         check_fits(sweep, 2, plain_step - 1)
 
 
+@pytest.mark.parametrize(("lrs", "seeds", "shared"), [((0.01, 0.02), None, 1), ((0.01,), [7, 8], 0)])
+def test_the_masks_a_factored_step_holds_are_counted(lrs: tuple, seeds: list | None, shared: int) -> None:
+    """Two configurations of adapters with dropout, 64 rows, the factored head: each graph keeps its dropped-out
+    taps (2 blocks x 64 rows x 32 features in float32) through the step. Of one seed they also share one set of
+    masks, held until both have taken it; a seed sweep's configurations share none."""
+    sweep = two_learning_rates(lrs, seeds, lora_dropout=0.1)
+    taps = 4 * 2 * 64 * 32
+    trained = sum(configuration_bytes(c, 96, factored=True) for c in sweep.configurations)
+    needed = trained + 4 * 64 * 96 + 2 * taps + shared * taps
+    check_fits(sweep, 64, needed)
+    with pytest.raises(MemoryError, match="2 configurations need about"):
+        check_fits(sweep, 64, needed - 1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize(("threads", "logits"), [(1, 4 * 96 * 2 * 6), (2, 2 * 4 * 96 * 2 * 4)])
-def test_each_lane_holds_its_own_logits(threads: int, logits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_lane_holds_its_own_logits(threads: int, logits: int, dropout: float, monkeypatch) -> None:
     """A tail's 3 configurations, 2 rows each, on one lane (a validation shares the head's pass over their 6 rows)
-    or on two (a lane's 2 configurations share it over 4 rows, and both lanes hold theirs at once)."""
-    tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True)
+    or on two (a lane's 2 configurations share it over 4 rows, and both lanes hold theirs at once). With dropout
+    the step also holds one configuration's masks, which all three share: over the taps of blocks 0 and 1 and the
+    input of block 1's q/v LoRA layer, 2 rows of 32 features each, in float32."""
+    tail = dict(skip2lora_output_layer="block.1", lora_query=True, lora_value=True, lora_dropout=dropout)
     sweep = two_learning_rates((0.01, 0.02, 0.03), **tail)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     parameters = sum(configuration_bytes(c, 96, factored=False) for c in sweep.configurations)
-    check_fits(sweep, 2, parameters + logits)
+    needed = parameters + logits + (4 * 2 * (2 * 32 + 32) if dropout else 0)
+    check_fits(sweep, 2, needed)
     with pytest.raises(MemoryError, match="3 configurations need about"):
-        check_fits(sweep, 2, parameters + logits - 1)
+        check_fits(sweep, 2, needed - 1)
 
 
 @pytest.mark.parametrize(("rows", "groups"), [(64, [2]), (2, [1, 1])])  # the factored head; the plain one
