@@ -41,7 +41,7 @@ from benchmarks.compare import cpu_name, environment
 from litgpt_skip2lora.backbone import CachedBackbone
 from litgpt_skip2lora.cache import SkipCache, open_store
 from litgpt_skip2lora.finetune import bitsandbytes_plugin
-from litgpt_skip2lora.model import GPT, Config, default_precision, mark_trainable, spaced_blocks
+from litgpt_skip2lora.model import GPT, Config, default_blocks, default_precision, mark_trainable
 from litgpt_skip2lora.rows import IGNORE_INDEX, RowLayout
 from litgpt_skip2lora.sweep import Configuration, rng_state
 from litgpt_skip2lora.training import loss_groups
@@ -78,7 +78,7 @@ class Spec:
 
 def blocks_for(count: str, n_layer: int) -> tuple[int, ...]:
     """``count`` evenly spaced blocks starting at 0, or ``all``."""
-    return tuple(spaced_blocks(n_layer if count == "all" else int(count), n_layer))
+    return tuple(default_blocks(n_layer, n_layer if count == "all" else int(count)))
 
 
 def model_config(args: argparse.Namespace, spec: Spec) -> litgpt.lora.Config:

@@ -1,10 +1,6 @@
-"""``litgpt-skip2lora``: LitGPT's CLI with Skip2-LoRA added.
-
-Every ``litgpt`` subcommand is here with its own arguments. Added: ``finetune_skip2lora``, ``convert_gguf``,
-``convert_smollm2``, ``evaluate_accuracy`` and ``export_configuration`` (a sweep's configuration as a full model).
-``finetune`` takes LitGPT's LoRA arguments plus the Skip2-LoRA ones and runs Skip2-LoRA only when
-``skip2lora_enabled`` is true. ``generate``, ``chat`` and ``serve`` build this package's ``GPT`` and ``Config``
-(:mod:`litgpt_skip2lora.api`), which load plain LitGPT checkpoints as well as Skip2-LoRA ones.
+"""``litgpt-skip2lora``: every ``litgpt`` subcommand, plus ``finetune_skip2lora``, ``convert_gguf``,
+``convert_smollm2``, ``evaluate_accuracy`` and ``export_configuration``. ``finetune`` runs Skip2-LoRA when
+``skip2lora_enabled`` is true; ``generate``, ``chat`` and ``serve`` load plain and Skip2-LoRA checkpoints alike.
 """
 
 import contextlib
@@ -54,9 +50,8 @@ class _WithoutConfigDump(io.TextIOBase):
 
 
 def _generation_command(fn: Callable, module: ModuleType) -> Callable:
-    """LitGPT's ``generate`` or ``chat`` for this package's checkpoints: its classes, the precision the model was
-    trained in unless ``--precision`` is given, no dump of the arguments and the config, and the end of the input
-    ends a chat as ``!quit`` does."""
+    """LitGPT's ``generate`` or ``chat`` with this package's classes, the precision the model trained in unless
+    told, no dump of the arguments and config, and the end of the input ending a chat."""
 
     @wraps(fn)
     def run(**kwargs: Any) -> Any:
@@ -72,8 +67,8 @@ def _generation_command(fn: Callable, module: ModuleType) -> Callable:
 
 
 def _optimizer_from_any_form(fn: Callable) -> Callable:
-    """LitGPT's training command, taking ``--optimizer.lr 0.003`` and the other forms its own CLI fails on (its
-    issue #1905), and recording the optimizer in ``final/hyperparameters.yaml`` in the YAMLs' form."""
+    """LitGPT's training command taking every form of ``--optimizer`` (its CLI fails on some, issue #1905), and
+    recording it in ``final/hyperparameters.yaml`` in the YAMLs' form."""
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:

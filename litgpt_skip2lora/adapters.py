@@ -1,9 +1,6 @@
-"""What produces ``z``: the Skip2-LoRA adapters, one per selected block, summed.
-
-Adapter ``i`` maps the input ``x_i`` of selected block ``i`` to ``B_i A_i dropout(x_i) * alpha / r``; ``z`` is their
-sum. The ``A_i`` are stacked in one ``(n, r, d)`` parameter and the ``B_i`` side by side in one ``(d, n r)``
-parameter, so ``z = codes @ B^T`` is two batched matmuls whatever ``n`` is, where ``codes`` are the ``n r`` rank-r
-values of a row. Reference: Matsutani et al., ASP-DAC 2025, arXiv 2410.21073.
+"""The Skip2-LoRA adapters (Matsutani et al., ASP-DAC 2025, arXiv 2410.21073): ``z`` is the sum over selected blocks
+``i`` of ``B_i A_i dropout(x_i) * alpha / r``, ``x_i`` block ``i``'s input. The ``A_i`` are stacked ``(n, r, d)``
+and the ``B_i`` side by side ``(d, n r)``, so ``z = codes @ B^T`` is two batched matmuls whatever ``n`` is.
 """
 
 import math
@@ -26,10 +23,8 @@ class Reads(NamedTuple):
 
 @dataclass
 class Features:
-    """What the tail needs from the frozen backbone: ``taps``, the inputs of ``reads.blocks`` stacked ``(n, ..., d)``,
-    and ``stream``, the residual stream at ``reads.start``, to which ``z`` is added. A sweep whose configurations
-    read different blocks or start at different places caches the union (:meth:`of` gives each its share); ``None``
-    means exactly what the reader asks for."""
+    """What the tail needs from the backbone: ``taps``, the inputs of ``reads.blocks`` stacked ``(n, ..., d)``, and
+    ``stream`` at ``reads.start``; a sweep's union, of which :meth:`of` gives each configuration its share."""
 
     taps: torch.Tensor
     stream: torch.Tensor

@@ -1,9 +1,6 @@
-"""LitGPT's Python API and its generation commands for this package's checkpoints.
-
-LitGPT's ``LLM``, ``generate``, ``chat`` and ``serve`` build ``litgpt.GPT(litgpt.Config...)`` from names in their
-own modules, which cannot hold the adapters of a ``final/``. Here they build this package's classes instead, only
-for the duration of a call (:func:`swapped`): importing this package changes nothing in LitGPT. A tuned
-model runs in the precision it was trained in (recorded in ``final/hyperparameters.yaml``) unless one is given.
+"""LitGPT's ``LLM``, ``generate``, ``chat`` and ``serve`` for this package's checkpoints: they build this package's
+``GPT`` and ``Config`` for the duration of a call only (:func:`swapped`), and a tuned model runs in the precision it
+was trained in unless one is given.
 """
 
 import contextlib

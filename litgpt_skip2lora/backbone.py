@@ -1,8 +1,5 @@
-"""The frozen backbone behind the Skip-Cache: what the training loop asks for each batch's features.
-
-A batch whose samples are all cached is read, collated and copied ahead of need by background threads (into
-pinned memory for a GPU), ``prefetch`` batches ahead of the step; any other runs the backbone once and caches its
-samples' entries. A sample is known by a hash of its tokens and labels (:func:`sample_key`).
+"""The frozen backbone behind the Skip-Cache: each batch's features, read ahead by background threads when every
+sample is cached, else computed by one backbone pass whose entries are then cached.
 """
 
 import dataclasses
@@ -49,8 +46,7 @@ def to_features(batch: Entry, device: torch.device, dtype: torch.dtype, reads: R
 
 
 def sample_key(split: str, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
-    """A sample's identity: its split and a hash of its tokens and labels, all that its entry depends on besides the
-    fingerprint. A run whose selection of samples grew, shrank or was reshuffled reuses every entry it shares."""
+    """Its split and a hash of its tokens and labels: a run over other samples reuses every entry it shares."""
     digest = hashlib.blake2b(digest_size=16)
     for t in (input_ids, labels):
         digest.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
@@ -68,12 +64,8 @@ class Batch(NamedTuple):
 
 
 class CachedBackbone:
-    """The frozen backbone behind the Skip-Cache: each batch's features from the cache when every sample is there,
-    else from one backbone pass (whose entries are then cached).
-
-    The entries of the next ``prefetch`` batches are read (and collated, into pinned memory on a GPU) by
-    background threads while the current batch trains.
-    """
+    """Each batch's features, from the cache or one backbone pass; the next ``prefetch`` batches' entries are read
+    and collated (pinned, for a GPU) by background threads while the current one trains."""
 
     def __init__(
         self,
@@ -116,8 +108,7 @@ class CachedBackbone:
             self.cache.close()
 
     def _read(self, batch: dict, split: str) -> tuple[list[str], list[Entry | None], Entry | None]:
-        """The samples' keys (hashing them is off the training loop too) and the entries found in the cache;
-        collated as well when every sample was found."""
+        """The samples' keys and cached entries, collated when every sample was found."""
         if self.cache is None:
             return [], [None] * len(batch["length"]), None
         input_ids, labels, lengths = batch["input_ids"], batch["labels"], batch["length"].tolist()
@@ -170,7 +161,7 @@ class CachedBackbone:
             self._slow_warned = True
 
     def _now(self) -> float:
-        """The time once queued GPU work is done, so that the backbone's time is its real cost."""
+        """The time once queued GPU work is done."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
@@ -179,8 +170,7 @@ class CachedBackbone:
 def cached_backbone(
     fabric: L.Fabric, sweep: Sweep, args: CacheArgs, out_dir: Path, checkpoint_dir: Path, quantize: str | None, loader
 ) -> CachedBackbone:
-    """The backbone of the sweep's model, keeping what its configurations read (:attr:`Sweep.reads`), with its
-    Skip-Cache, placed where the whole of the training ``loader``'s fits best."""
+    """The sweep's backbone, keeping what its configurations read, with a Skip-Cache placed where it fits best."""
     model, reads = sweep.model, sweep.reads
     dtype, layout = model.transformer.wte.weight.dtype, RowLayout.of(model.config)
     cache = None
@@ -219,17 +209,10 @@ def fingerprint(
 
 
 def estimate_bytes(
-    dataset: Dataset,
-    indices: list[int],
-    reads: Reads,
-    n_embd: int,
-    dtype: torch.dtype,
-    layout: RowLayout,
-    sample: int = 256,
+    dataset: Dataset, indices: list[int], reads: Reads, n_embd: int, dtype: torch.dtype, layout: RowLayout
 ) -> int:
-    """The cache size of the samples at ``indices`` (a rank's share), from the rows of up to ``sample`` of them
-    (tokenising them is cheap)."""
-    taken = [dataset[i] for i in indices[:: max(1, len(indices) // sample)]]
+    """The cache size of the samples at ``indices`` (a rank's share), from the rows of about 256 of them."""
+    taken = [dataset[i] for i in indices[:: max(1, len(indices) // 256)]]
     rows = [layout.row_count(s["labels"]) for s in taken]
     per_row = (len(reads.blocks) + 1) * n_embd * dtype.itemsize + 8
     return int(sum(rows) / max(1, len(rows)) * len(indices) * per_row)

@@ -1,13 +1,9 @@
 """The Skip-Cache: per-sample backbone activations, kept because the frozen backbone never changes them.
 
-An entry holds one sample's tail input (:mod:`litgpt_skip2lora.rows`); :class:`MemoryStore` keeps entries on the
-GPU or in host RAM, :class:`DiskStore` in shard files; :class:`SkipCache` adds the size limit and a bounded
-background writer, so that writes never stall a step. Reads are :mod:`litgpt_skip2lora.backbone`'s.
-
-On disk, entries are appended to shard files read through memory maps as zero-copy views. A shard's ``.idx``
-lists its entries, one JSON line each, written after the entry's bytes: a crash leaves an entry whole or absent.
-Each entry's CRC-32 (``zlib`` releases the GIL) is checked the first time it is read in a run, in a reader
-thread: a damaged entry is recomputed, never used, without a checksum pass on every later epoch.
+:class:`MemoryStore` keeps entries on the GPU or in host RAM, :class:`DiskStore` in shard files read through memory
+maps, whose ``.idx`` line is written after the entry's bytes, so a crash leaves an entry whole or absent; its CRC-32
+is checked at its first read in a run, and a damaged entry is recomputed. :class:`SkipCache` adds the size limit and
+a background writer, so that writes never stall a step.
 """
 
 import hashlib
@@ -40,12 +36,10 @@ class CacheArgs:
     enabled: bool = True
     """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
     placement: Literal["auto", "device", "memory", "disk"] = "auto"
-    """Where entries live: ``device``, the training device's memory (on a CPU run that is host RAM, as ``memory``);
-    ``memory``, host RAM; ``disk``, ``directory``. ``auto``: on a GPU, GPU memory when the whole cache fits half of
-    what is free there, else disk; on the CPU, host RAM when the cache fits half of what is available, else disk."""
+    """``device``: the training device's memory (host RAM on a CPU run); ``memory``: host RAM; ``disk``:
+    ``directory``. ``auto``: the device's memory (host RAM on the CPU) when the cache fits half of it, else disk."""
     directory: Path | None = None
-    """The disk placement's folder; default ``<out_dir>/skip_cache``. A later run with the same fingerprint reuses
-    it."""
+    """The disk placement's folder, reused by a later run of the same fingerprint; default ``<out_dir>/skip_cache``."""
     max_size_gb: float | None = None
     """Size limit; samples that do not fit are recomputed each time."""
     dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = None
@@ -109,8 +103,7 @@ def check_writable(directory: Path) -> None:
 
 
 class MemoryStore:
-    """Entries as tensors in GPU memory or host RAM. Host entries are not pinned one by one (each pinning is a slow,
-    synchronising allocation): the reader collates a batch into one pinned buffer instead."""
+    """Entries as tensors in GPU memory or host RAM (unpinned: the reader collates a batch into pinned memory)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.entries, self.bytes = device, {}, 0
@@ -136,11 +129,8 @@ class Record(NamedTuple):
 
 
 class DiskStore:
-    """Entries appended to shard files, listed in per-shard ``.idx`` files, read as zero-copy memory-map views.
-
-    Every process writes a shard of its own (created exclusively), so concurrent ranks never share a file; reads
-    see the shards found when the store opened plus what this process wrote.
-    """
+    """Entries appended to shard files, one per process (created exclusively), listed in ``.idx`` files and read as
+    zero-copy memory-map views."""
 
     def __init__(self, directory: Path, fingerprint: dict) -> None:
         self.directory, self.records, self.verified, self.maps = directory, {}, set(), {}
@@ -246,12 +236,8 @@ class DiskStore:
 
 
 class SkipCache:
-    """A key -> entry store with a size limit and a bounded background writer.
-
-    When the limit or the disk would be exceeded, ``put`` declines with one warning and the caller recomputes
-    those samples on every epoch: the run slows down but never fails. Entries waiting for the writer are served
-    from memory, so a sample is never computed twice because its entry was still being written.
-    """
+    """A store with a size limit and a background writer. Past the limit or the disk's room ``put`` declines, with
+    one warning: those samples are recomputed each epoch. Entries waiting for the writer are served from memory."""
 
     def __init__(self, store: MemoryStore | DiskStore, max_bytes: int | None = None, dtype: torch.dtype | None = None):
         self.store, self.max_bytes, self.dtype, self.bytes = store, max_bytes, dtype, store.bytes
@@ -324,13 +310,9 @@ class SkipCache:
 def choose_placement(
     wanted: str, estimate: int, device: torch.device, max_bytes: int | None, ranks_here: int = 1
 ) -> tuple[str, str]:
-    """The placement and the reason, in words: the fastest store a rank's whole cache (``estimate`` bytes) fits in,
-    at most half of its room.
-
-    On a GPU that is its own memory, else the disk: on an H200 host RAM filled more slowly than the page-cached disk
-    (``docs/gpu-h200/cache_placement_run2.json``). On the CPU, host RAM, which the ``ranks_here`` ranks on this
-    machine share, else the disk.
-    """
+    """The placement and why: the fastest store half of which holds a rank's cache. On a GPU its memory, else the
+    disk (host RAM filled more slowly, ``docs/gpu-h200/cache_placement_run2.json``); on the CPU host RAM, shared
+    by the ``ranks_here`` ranks, else the disk."""
     if wanted != "auto":
         return wanted, "chosen by --cache.placement"
     need = estimate if max_bytes is None else min(estimate, max_bytes)

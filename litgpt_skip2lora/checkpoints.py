@@ -1,11 +1,6 @@
-"""Stopping and resuming a run exactly.
-
-A step checkpoint holds every configuration's trained parameters (nothing frozen), optimizer, scheduler and every
-rank's dropout streams, and the counters. It is written under a temporary name and renamed, so a crash never leaves
-half of one behind; one is written at every epoch's end, every ``train.save_interval`` steps and when SIGINT or
-SIGTERM stops the run.
-A resumed run passes over the batches it already trained without computing them (the samplers' order depends on
-the seed and the epoch only), with the dropout streams as they were: its losses are those of an uninterrupted run.
+"""Stopping and resuming a run exactly. A step checkpoint holds every configuration's trained state, every rank's
+dropout streams and accumulated gradients, and the counters, written atomically at each epoch's end, every
+``train.save_interval`` steps and on SIGINT or SIGTERM. A resumed run passes over the batches it already trained.
 """
 
 import contextlib
@@ -27,12 +22,11 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def check_resumable(path: Path, names: list[str], world_size: int) -> None:
-    """Refuse, in one line, to resume ``path`` with another sweep or on another number of devices: a resumed run
-    continues exactly only with the configurations it saved, and each rank's samples and random streams depend on
-    how many ranks there are."""
+    """Refuse, in one line, to resume ``path`` with another sweep or on another number of devices (each rank's
+    samples and streams depend on how many there are)."""
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     saved = list(state["sweep"]["configurations"])
-    if "gradients" not in state:
+    if "best_val_loss" not in state["sweep"]["configurations"][saved[0]]:
         raise ValueError(f"--resume true: {path.parent.name} was written by an earlier version: start the run anew.")
     if sorted(saved) != sorted(names):
         raise ValueError(
@@ -48,8 +42,7 @@ def check_resumable(path: Path, names: list[str], world_size: int) -> None:
 
 
 def load(fabric: L.Fabric, path: Path, state: dict) -> None:
-    """Fill ``state`` from a step checkpoint: every configuration's parameters, optimizer, scheduler and this rank's
-    dropout streams and gradients."""
+    """Fill ``state`` from a step checkpoint, with this rank's dropout streams and gradients."""
     fabric.load(path, state, strict=True)
     rank = fabric.global_rank
     for c in state["sweep"].configurations:
@@ -62,10 +55,8 @@ def load(fabric: L.Fabric, path: Path, state: dict) -> None:
 
 
 def save(fabric: L.Fabric, out_dir: Path, state: dict) -> None:
-    """Write ``out_dir/step-<step_count>/state.pth`` atomically, with every rank's dropout streams under
-    ``state["rng"]`` and the gradients it has accumulated towards the next optimizer step under
-    ``state["gradients"]`` (each rank draws numbers and computes gradients of its own, and only rank 0 writes the
-    checkpoint). An epoch can end in the middle of an accumulation: its checkpoint resumes it exactly."""
+    """Write ``out_dir/step-<step_count>/state.pth`` atomically, with every rank's dropout streams and, in the middle
+    of an accumulation, its gradients (only rank 0 writes)."""
     configurations = state["sweep"].configurations
     state["rng"] = {c.name: gathered(fabric, c.rng) for c in configurations}
     accumulating = any(p.grad is not None for c in configurations for p in c.parameters())  # alike on every rank
@@ -78,8 +69,7 @@ def save(fabric: L.Fabric, out_dir: Path, state: dict) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: Path, fabric: L.Fabric | None = None) -> Iterator[Path]:
-    """A folder written under a temporary name and renamed when whole: a crash never leaves half of one at
-    ``path``. Every rank of ``fabric`` (or this process alone) may write into it; rank 0 renames it."""
+    """A folder written under a temporary name and renamed by rank 0 when whole: a crash never leaves half of one."""
     partial_dir = path.with_name(f".{path.name}.partial")
     first, barrier = (True, lambda: None) if fabric is None else (fabric.global_rank == 0, fabric.barrier)
     if first:
@@ -95,8 +85,7 @@ def atomic_directory(path: Path, fabric: L.Fabric | None = None) -> Iterator[Pat
 
 
 class Replay:
-    """The batches a resumed run already trained: ``skip`` passes over them, epoch by epoch, without computing
-    them."""
+    """The batches a resumed run already trained, passed over epoch by epoch."""
 
     def __init__(self, state: dict) -> None:
         self.remaining = state["iter_num"]

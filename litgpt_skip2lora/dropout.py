@@ -1,14 +1,7 @@
-"""Dropout that draws its masks from the running configuration's own random stream.
-
-A sweep trains its configurations side by side, on threads of their own (:mod:`litgpt_skip2lora.lanes`), and each
-must draw the masks its solo run would draw. torch's global generator is one per process, so the layers that train
-(the adapters', the tail's LoRA layers') draw from the stream that :func:`drawing_from` set on their thread, and from
-the global generator outside it, as ``torch.nn.Dropout`` does.
-
-Configurations whose streams are in the same state draw the same masks: in a sweep whose seed is not swept, all of
-them. So a step's streams can share :class:`SharedMasks`: the first configuration to need a mask draws it, the others
-take it together with the state it left the generator in, and every stream still ends the step where its solo run's
-would (``python -m benchmarks.shared_masks`` times a tail sweep's step with and without them).
+"""Dropout that draws its masks from the running configuration's own random stream, set on its thread by
+:func:`drawing_from` (outside it, torch's global generator), so that each configuration of a sweep draws what its
+solo run would. Streams in the same state draw the same masks (a sweep whose seed is not swept): the first to need a
+mask draws it and the others take it with the state it left (:class:`SharedMasks`; ``benchmarks.shared_masks``).
 """
 
 import contextlib
@@ -30,10 +23,8 @@ def root(state: torch.Tensor) -> bytes:
 
 
 class SharedMasks:
-    """One step's masks, each kept for the streams that reach it from the same state by the same draws. Given the
-    ``roots`` the step's streams begin in, a mask is let go once every stream of its state has taken it, and a stream
-    alone in its state (each of a seed sweep's) keeps none: what stays held is what the configurations' graphs hold
-    anyway. Without ``roots`` every mask is kept until the step ends."""
+    """One step's masks, each kept for the streams that reach it from the same state by the same draws, until every
+    stream that began in that state (of ``roots``) has taken it; a stream alone in its state keeps none."""
 
     def __init__(self, roots: Iterable[bytes] | None = None) -> None:
         self._lock = threading.Lock()
@@ -50,8 +41,7 @@ class SharedMasks:
     def get(
         self, key: Hashable, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], takers: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask and generator state at ``key``: ``draw()``'s, by whichever stream gets there first, let go once
-        ``takers`` streams have taken it. Other keys are drawn meanwhile: only the streams waiting for this one wait."""
+        """The mask and generator state at ``key``, drawn by the first stream there, let go once ``takers`` took it."""
         with self._lock:
             first = key not in self._drawn
             drawn = self._drawn.setdefault(key, Future())
@@ -72,20 +62,17 @@ class SharedMasks:
 
 
 class Stream:
-    """A configuration's random stream on the thread that runs it: its generator, and with ``masks`` what it has
-    drawn so far, the key under which streams share a mask."""
+    """A configuration's random stream on its thread: its generator, and with ``masks`` what it drew so far."""
 
     def __init__(self, generator: torch.Generator, masks: SharedMasks | None = None) -> None:
         self.drawn: Hashable = None if masks is None else root(generator.get_state())
         self.takers = None if masks is None else masks.takers(self.drawn)
         self.generator, self.masks = generator, None if self.takers == 1 else masks
         self.after: torch.Tensor | None = None
-        """The generator's state after the stream's last mask, whichever stream drew it: its own generator lags
-        behind when the mask was taken from another."""
+        """The generator's state after its last mask, whichever stream drew it."""
 
     def mask(self, draw: Draw, *signature: Hashable) -> torch.Tensor:
-        """``draw(generator)``, or the same mask drawn by a stream that began in this one's state and drew the same
-        ``signature`` (kind, probability, shape) each time."""
+        """``draw(generator)``, or the mask of a stream that began in this state and drew the same ``signature``s."""
         if self.masks is None:
             return draw(self.generator)
         self.drawn = (self.drawn, signature)
@@ -121,10 +108,8 @@ def drawn_mask(draw: Draw, *signature: Hashable) -> torch.Tensor:
 
 
 class BernoulliDropout(nn.Dropout):
-    """``torch.nn.Dropout``'s masks, value for value on a contiguous input (the same ``bernoulli_`` draw, then
-    scaled), from this thread's stream. The adapters use it: the faithful method trains as it always has. The mask is
-    drawn in the input's logical order, whatever its memory layout, so that a sweep's configuration, which reads its
-    share of the features (:meth:`~litgpt_skip2lora.adapters.Features.of`), draws what its solo run draws."""
+    """``torch.nn.Dropout``'s masks, value for value, from this thread's stream, drawn in the input's logical order
+    whatever its layout (a configuration reads its share of the features). The adapters use it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -142,9 +127,8 @@ class BernoulliDropout(nn.Dropout):
 
 
 class Dropout(BernoulliDropout):
-    """The same distribution with the mask drawn by ``torch.rand``: on the CPU ``bernoulli_`` is the slower draw, and
-    a tail's LoRA layers draw a mask over every position of every block (``python -m benchmarks.dropout`` times a tail
-    step with each). The LoRA layers use it."""
+    """The same distribution drawn by ``torch.rand``, faster than ``bernoulli_`` on the CPU for the tail's LoRA
+    layers, which use it (``python -m benchmarks.dropout``)."""
 
     def mask(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         keep = torch.rand(x.shape, device=x.device, generator=generator).ge_(self.p)

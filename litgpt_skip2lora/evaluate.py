@@ -1,15 +1,7 @@
-"""How often a fine-tuned model gives the right answer on held-out items: greedy exact match and, for labels,
-label likelihood.
-
-Validation loss says how likely the right answer is; a user of a label task wants to know how often the model
-gives it. ``evaluate_accuracy`` reads the validation split of any LitGPT data module (``JSON`` included), builds
-each prompt with the data's prompt style, as training did, and scores two ways:
-
-- **exact match**: the greedy answer's first line, stripped, equals the expected output;
-- **label likelihood**, when the answers form a closed set of labels (``--labels``, or the training answers when
-  each distinct one occurs 10 times on average): the label whose tokens, as training saw them (the end-of-text
-  token included), have the highest log-likelihood after the prompt, as lm-eval-harness scores multiple choice.
-  A malformed generation cannot lose it an item.
+"""How often a fine-tuned model gives the right answer on the validation items of any LitGPT data module, prompted
+as training was: **exact match** (the greedy answer's first line equals the expected output) and, when the answers
+form a closed set of labels, **label likelihood** (the label whose tokens, end-of-text included, are likeliest after
+the prompt, as lm-eval-harness scores multiple choice: a malformed generation cannot lose an item).
 """
 
 import json
@@ -119,8 +111,7 @@ def score(
     answers: list[torch.Tensor],
     max_new: int,
 ) -> dict:
-    """``item``'s greedy answer (exact match) and, with ``labels`` (encoded as ``answers``), its label of highest
-    likelihood."""
+    """``item``'s greedy answer and, with ``labels`` (encoded as ``answers``), its likeliest label."""
     out = generate(model, prompt, prompt.size(0) + max_new, top_k=1, eos_id=tokenizer.eos_id, include_prompt=False)
     answer = tokenizer.decode(out).strip().split("\n")[0].strip()
     expected = item["output"].strip()
@@ -132,12 +123,8 @@ def score(
 
 
 def label_log_likelihoods(model: GPT, prompt: torch.Tensor, answers: list[torch.Tensor]) -> torch.Tensor:
-    """Each label's summed log-probability after ``prompt``, its tokens ``answers`` (:func:`label_tokens`).
-
-    The prompt runs once, on row 0 of the KV cache; its keys and values are copied to every other row, and all
-    labels' tokens then run as one batch, one label a row (padding after a label's end cannot reach its tokens).
-    Attention reads the cache up to the last position used, not its whole length.
-    """
+    """Each label's summed log-probability after ``prompt``: the prompt runs once, on row 0 of the KV cache, copied
+    to every other row, then all labels' tokens (``answers``) run as one batch, one label a row."""
     n, width = prompt.size(0), max(a.size(0) for a in answers)
     device = prompt.device
     prompt_logits = model(prompt[None], input_pos=torch.arange(n, device=device), input_pos_maxp1=n)[0, -1]
@@ -157,8 +144,7 @@ def label_log_likelihoods(model: GPT, prompt: torch.Tensor, answers: list[torch.
 
 @torch.no_grad()
 def label_accuracy(model: GPT, tokenizer: Tokenizer, data: DataModule, items: list[dict], labels: list[str]) -> float:
-    """The fraction of ``items`` whose expected answer is the label of highest likelihood; ``model`` is left in
-    evaluation mode."""
+    """The fraction of ``items`` whose expected answer is the likeliest label (``model`` left in evaluation mode)."""
     device = model.lm_head.linear.weight.device
     model.eval()
     model.set_kv_cache(batch_size=len(labels), device=device)

@@ -1,8 +1,5 @@
-"""finetune_skip2lora: train Skip2-LoRA adapters without ever back-propagating the backbone, with the Skip-Cache.
-
-Epoch 1 runs the frozen backbone once per sample (under ``no_grad``) and stores what the tail needs; every later
-visit of a sample reads it back and runs only the adapters, the head and the loss. LitGPT's machinery is reused:
-data modules, ``TrainArgs``/``EvalArgs``, loggers, ``chunked_cross_entropy``, ``get_lr_scheduler``, checkpoints.
+"""finetune_skip2lora: train Skip2-LoRA adapters without ever back-propagating the backbone. Epoch 1 runs the frozen
+backbone once per sample and keeps what the tail needs in the Skip-Cache; later epochs run only the tail.
 """
 
 import dataclasses
@@ -90,7 +87,6 @@ class Run:
     config: Config
     """The model's: a sweep's longest tail."""
     grid: list[tuple[dict, Config]]
-    """Each configuration's swept values and model config (:func:`configuration_configs`)."""
     checkpoint_dir: Path
     out_dir: Path
     data: DataModule
@@ -98,11 +94,9 @@ class Run:
     eval: EvalArgs
     cache: CacheArgs
     optimizer: dict
-    """``{"class_path": ..., "init_args": {...}}``, whatever form the user typed (:func:`optimizer_spec`)."""
     sweep: SweepArgs
     seed: int
     resume_from: Path | None
-    """The step checkpoint to continue from."""
     precision: str
     """The precision the adapters train in, recorded in ``final/`` for generation."""
     quantize: str | None
@@ -247,8 +241,7 @@ def setup(
 
 
 def resumed_checkpoint(out_dir: Path, grid: list[tuple[dict, Config]], world_size: int) -> Path:
-    """The step checkpoint ``--resume true`` continues from, refused in one line when there is none or it was
-    taken with other options (:func:`~litgpt_skip2lora.checkpoints.check_resumable`)."""
+    """The step checkpoint ``--resume true`` continues from, refused in one line when none fits."""
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"--resume true, but {str(out_dir)!r} holds no step-*/state.pth to resume from.")
@@ -289,18 +282,7 @@ def main(fabric: L.Fabric, run: Run) -> None:
         checkpoints.load(fabric, run.resume_from, state)
 
     backbone = cached_backbone(fabric, sweep, run.cache, run.out_dir, run.checkpoint_dir, run.quantize, train_loader)
-    trainer = Trainer(
-        fabric=fabric,
-        sweep=sweep,
-        backbone=backbone,
-        state=state,
-        train=run.train,
-        eval=run.eval,
-        max_steps=max_steps,
-        accum=accum,
-        out_dir=run.out_dir,
-        clock=clock,
-    )
+    trainer = Trainer(fabric, sweep, backbone, state, run.train, run.eval, max_steps, accum, run.out_dir, clock)
     clock.started()
     try:
         finished = trainer.fit(train_loader, val_loader)
@@ -325,9 +307,8 @@ def main(fabric: L.Fabric, run: Run) -> None:
 
 
 def print_greedy_answer(fabric: L.Fabric, model: GPT, tokenizer: Tokenizer, eval: EvalArgs, data: DataModule) -> None:
-    """The tuned model's greedy answer to LitGPT's example prompt, what ``generate --temperature 0`` on ``final/``
-    answers. (LitGPT's own example samples at temperature 0.8, which on a small model often trails off into
-    repeated tokens that say nothing about what was learned.)"""
+    """The tuned model's greedy answer to LitGPT's example prompt (LitGPT samples at temperature 0.8, which on a
+    small model often trails off into repeated tokens)."""
     instruction = select_sft_generate_example(eval, data)
     encoded = tokenizer.encode(data.prompt_style.apply(instruction), device=fabric.device)
     if len(encoded) + eval.max_new_tokens > model.max_seq_length:
@@ -390,8 +371,7 @@ def collate_with_lengths(samples: list[dict], collate_fn) -> dict:
 def get_dataloaders(
     fabric: L.Fabric, data: DataModule, tokenizer: Tokenizer, train: TrainArgs, seed: int
 ) -> tuple[DataLoader, DataLoader]:
-    """The data module's datasets and collation, with sample lengths added to each batch, and samplers that keep
-    each rank's share of the samples for the whole run (:mod:`litgpt_skip2lora.sampler`)."""
+    """The data module's loaders, with sample lengths in each batch, sampling each rank's share for the whole run."""
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first(), user_errors(), download_hint(data):
         data.prepare_data()
@@ -406,14 +386,9 @@ def get_dataloaders(
 
 
 def save_final(fabric: L.Fabric, model: GPT, chosen: Configuration, run: Run) -> Path:
-    """A self-contained checkpoint of the chosen configuration: the model's weights and its trained parameters,
-    unmerged.
-
-    Nothing is merged: Skip2-LoRA's adapters read block inputs that no single weight matrix at the output place
-    sees, and a 4-bit backbone has no matrix to merge a tail's LoRA into; so the adapters stay modules of their
-    own. A quantized model cannot give its float weights back: they come from the checkpoint file instead, so
-    the result is the same for a bf16 and a 4-bit run. It loads with this package's ``GPT``.
-    """
+    """A self-contained checkpoint of the chosen configuration, unmerged: the adapters read block inputs that no
+    weight at the output place sees, and a 4-bit backbone has no matrix to merge into. A quantized run's float
+    weights come from the checkpoint file. It loads with this package's ``GPT``."""
     chosen.install(model)
     final_dir = free_final_dir(run.out_dir)
     with checkpoints.atomic_directory(final_dir, fabric) as partial_dir:

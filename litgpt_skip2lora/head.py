@@ -1,12 +1,7 @@
 """The head and its loss for many configurations at once, factored: ``head(stream + z_c) = head(stream) +
-codes_c (W B_c)^T`` for a frozen float head ``W``.
-
-``head(stream)`` is the same for every configuration, and each ``W B_c`` is a thin ``(vocabulary, k)`` matrix, so a
-configuration's logits cost ``rows x k`` multiply-adds per vocabulary entry instead of ``rows x d``. What remains is
-memory: a configuration's logits are ``rows x vocabulary`` floats, read and written about ten times by a plain
-cross-entropy and its backward. :class:`FactoredCrossEntropy` never stores them whole: it walks the vocabulary in
-chunks small enough to stay in cache, keeps a running log-sum-exp per row, and recomputes each chunk in backward, so
-``head(stream)`` is read once per pass for all configurations and each configuration's logits never leave the cache.
+codes_c (W B_c)^T`` for a frozen float head ``W``, so a configuration's logits cost ``rows x k`` multiply-adds per
+vocabulary entry instead of ``rows x d``. :class:`FactoredCrossEntropy` never stores them whole: it walks the
+vocabulary in cache-sized chunks with a running log-sum-exp per row, and recomputes each chunk in backward.
 """
 
 import torch

@@ -1,12 +1,7 @@
-"""Lanes: a sweep's configurations side by side on the CPU's cores.
-
-With a trainable tail every configuration runs transformer blocks of its own: a few hundred operations on a
-micro-batch, many of them too small to spread well over the cores, or serial (the dropout draws). Configurations
-side by side, one core each, keep every core busy instead (``python -m benchmarks.lanes`` times both ways).
-So a sweep on the CPU splits its live configurations into lanes, as many as the process has threads, up to one a
-configuration: each lane computes its share one configuration after another, on its share of the cores and on a
-replica of the model that shares every weight. On a GPU, and for adapters alone (whose heads are shared,
-:mod:`litgpt_skip2lora.head`), there is one lane: the process's (:func:`~litgpt_skip2lora.execution.lane_count`).
+"""Lanes: a sweep's configurations side by side on the CPU's cores. A tail's operations on a micro-batch are too
+small to spread well over the cores, or serial (the dropout draws), so each lane computes its share of the
+configurations on its share of the cores, with a replica of the model sharing every weight (``benchmarks.lanes``
+times both ways; :func:`~litgpt_skip2lora.execution.lane_count` says how many).
 """
 
 import copy
@@ -25,15 +20,13 @@ Result = TypeVar("Result")
 
 
 def replica(model: GPT) -> GPT:
-    """A model of its own modules over the same tensors: installing a configuration into it leaves ``model`` as
-    it was, and it costs no weight memory."""
+    """A model of its own modules over the same tensors, costing no weight memory."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo=shared)
 
 
 class Lanes:
-    """``count`` replicas of the model (the first is the model itself), each with a thread of its own that computes
-    on an equal share of the process's cores (one each on a CPU with as many cores as lanes)."""
+    """``count`` replicas of the model (the first is itself), each with a thread on an equal share of the cores."""
 
     def __init__(self, model: GPT, count: int) -> None:
         self.models = [model, *(replica(model) for _ in range(count - 1))]
@@ -44,8 +37,7 @@ class Lanes:
             weakref.finalize(self, self.pool.shutdown, wait=False)
 
     def map(self, work: Callable[[GPT, list[Share]], list[Result]], items: list[Share]) -> list[Result]:
-        """``work(model, share)`` for each lane's share of ``items``, on the lanes' threads with the caller's grad
-        mode; the results in ``items``' order. One share runs on the caller's thread, on every core."""
+        """``work(model, share)`` for each lane's share of ``items``, with the caller's grad mode, in order."""
         bounds = [len(items) * k // len(self.models) for k in range(len(self.models) + 1)]
         shares = [items[start:end] for start, end in itertools.pairwise(bounds) if end > start]
         if self.pool is None or len(shares) == 1:

@@ -1,9 +1,5 @@
-"""Skip2-LoRA on top of LitGPT's LoRA model.
-
-The adapters (:mod:`litgpt_skip2lora.adapters`) read the inputs of the selected blocks, and their sum ``z`` is
-added once, at the output place. Nothing inside the backbone changes, so the backbone needs no backward pass, and
-its activations for a sample never change: they can be cached (:mod:`litgpt_skip2lora.cache`).
-``forward(x) == tail(backbone(x))``: ``backbone`` runs the frozen part once, ``tail`` the rest.
+"""Skip2-LoRA on top of LitGPT's LoRA model: the adapters' sum ``z`` is added once, at the output place, so the
+backbone needs no backward pass and its activations can be cached. ``forward(x) == tail(backbone(x))``.
 """
 
 import contextlib
@@ -49,13 +45,10 @@ class Config(litgpt.lora.Config):
     """LitGPT's LoRA config plus Skip2-LoRA.
 
     Args:
-        skip2lora_enabled: add Skip2-LoRA adapters (rank ``lora_r``, scaling ``lora_alpha / lora_r``,
-            dropout ``lora_dropout``).
-        skip2lora_block_indices: blocks whose input feeds an adapter; negative indices count from the end,
-            as in Python. Stored sorted and non-negative.
-        skip2lora_output_layer: where ``z`` is added. ``"lm_head"``: ``lm_head(ln_f(h) + z)``, the paper's design,
-            the tail is one matmul. ``"ln_f"``: ``lm_head(ln_f(h + z))``. ``"block.K"``: ``z`` joins the input of
-            block K, and blocks K.. run in the tail with gradients (ordinary LoRA flags apply to them only).
+        skip2lora_enabled: add Skip2-LoRA adapters (rank ``lora_r``, ``lora_alpha``, ``lora_dropout``).
+        skip2lora_block_indices: blocks whose input feeds an adapter (negative from the end); stored sorted.
+        skip2lora_output_layer: where ``z`` is added: ``"lm_head"``, ``lm_head(ln_f(h) + z)`` (the paper's);
+            ``"ln_f"``, ``lm_head(ln_f(h + z))``; ``"block.K"``, block K's input, blocks K.. then train in the tail.
     """
 
     skip2lora_enabled: bool = False
@@ -120,9 +113,8 @@ class Block(litgpt.lora.Block):
         input_pos_maxp1: int | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """LitGPT's block; with ``rows``, a ``(B, T)`` mask, only those rows come out. Attention still reads every
-        position, but the MLP, most of a block's cost, runs on the kept rows alone: in the tail's last block they
-        are the rows the loss reads."""
+        """LitGPT's block; with ``rows``, a ``(B, T)`` mask, only those rows come out, so the MLP runs on them alone
+        (in the tail's last block, the rows the loss reads)."""
         if rows is None:
             return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)
         x_normed = self.norm_1(x)
@@ -138,12 +130,9 @@ class Block(litgpt.lora.Block):
 
 
 class GPT(litgpt.lora.GPT):
-    """LitGPT's LoRA GPT whose forward adds ``z = self.skip2lora(taps)`` at the output place. Its LoRA layers drop
-    out with :class:`~litgpt_skip2lora.dropout.Dropout`, from the running configuration's random stream.
-
-    ``backbone``/``tail`` follow the steps of LitGPT 0.5.13's ``GPT.forward`` (embedding, scaling, blocks with their
-    RoPE tables and mask, ``ln_f``, ``lm_head``, softcapping), split at the output place.
-    """
+    """LitGPT's LoRA GPT whose forward adds ``z = self.skip2lora(taps)`` at the output place: ``backbone`` and
+    ``tail`` are LitGPT 0.5.13's ``GPT.forward`` split there. Its LoRA layers drop out from the running
+    configuration's stream (:class:`~litgpt_skip2lora.dropout.Dropout`)."""
 
     def __init__(self, config: Config) -> None:
         # LitGPT's LoRA GPT would build blocks of its own class: build it without any, so no weight exists twice
@@ -197,12 +186,8 @@ class GPT(litgpt.lora.GPT):
     def tail_rows(
         self, features: Features, supervised: torch.Tensor | None = None, rope: Rope | None = None
     ) -> torch.Tensor:
-        """What the head reads: ``z`` added at the output place and the tail's blocks run.
-
-        ``features`` are ``(B, T)`` sequences, or flat rows for a tail without blocks
-        (:class:`~litgpt_skip2lora.rows.RowLayout`); ``supervised``, a ``(B, T)`` mask, keeps only the rows the loss
-        reads for the costly head.
-        """
+        """What the head reads: ``z`` added at the output place and the tail's blocks run; ``supervised``, a
+        ``(B, T)`` mask, keeps only the rows the loss reads."""
         features, n_layer = features.of(self.skip2lora.reads), self.config.n_layer
         start = self.skip2lora.reads.start
         x = features.stream + self.skip2lora(features.taps)
@@ -236,8 +221,8 @@ class GPT(litgpt.lora.GPT):
         return any(p.requires_grad for m in frozen_part for p in m.parameters())
 
     def _backbone(self, idx: torch.Tensor, rope: Rope, reads: Reads) -> Features:
-        """The inputs of ``reads.blocks`` and the stream at ``reads.start``. A block with LoRA layers (the tail of a
-        sweep's longest configuration) runs here as the frozen block it is for a shorter one."""
+        """The inputs of ``reads.blocks`` and the stream at ``reads.start``; a block with LoRA layers (a longer
+        tail's) runs as the frozen block it is here."""
         last = max(reads.start, *reads.blocks)
         grad = torch.is_grad_enabled() and self.backbone_requires_grad()
         with torch.set_grad_enabled(grad), pretrained_only(self.transformer.h[self.config.skip2lora_tail_start : last]):
@@ -267,8 +252,7 @@ class GPT(litgpt.lora.GPT):
         return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1, rows)
 
     def _rope_and_mask(self, T: int, input_pos: torch.Tensor | None, input_pos_maxp1: int | None) -> Rope:
-        """RoPE tables and attention mask for T tokens, as LitGPT 0.5.13's forward makes them; with ``input_pos``
-        the KV cache is used."""
+        """RoPE tables and attention mask for T tokens, as LitGPT 0.5.13's forward makes them."""
         if T > self.max_seq_length:
             raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {self.max_seq_length}.")
         if input_pos is None:
@@ -331,11 +315,6 @@ def default_precision() -> str:
     return "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def default_blocks(n_layer: int) -> list[int]:
-    """The blocks whose inputs feed an adapter unless told: four evenly spaced, e.g. [0, 8, 16, 24] for 32 layers."""
-    return spaced_blocks(4, n_layer)
-
-
-def spaced_blocks(count: int, n_layer: int) -> list[int]:
-    """``count`` evenly spaced block indices starting at 0, e.g. [0, 8, 16, 24] for 4 of 32 layers."""
+def default_blocks(n_layer: int, count: int = 4) -> list[int]:
+    """The blocks whose inputs feed an adapter unless told: ``count`` evenly spaced from 0, [0, 8, 16, 24] of 32."""
     return sorted({i * n_layer // count for i in range(count)})

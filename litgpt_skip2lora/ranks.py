@@ -1,10 +1,6 @@
-"""A rank lost alone: the others stop within seconds, with one line saying which, and the run resumes from its last
-step checkpoint (``--resume true``).
-
-Without this, a surviving rank either fails at its next collective with a traceback about a reset connection, or is
-killed without a word by Lightning's observer of its children, or, with a collective that never returns, waits out
-the process group's timeout. Each rank watches what it can see: rank 0 the processes Lightning launched for the
-other ranks, every other rank its parent, rank 0.
+"""A rank lost alone: the others stop within seconds with one line saying which (not a traceback, a silent kill or
+the process group's timeout), and the run resumes with ``--resume true``. Rank 0 watches the processes Lightning
+launched; every other rank its parent, rank 0.
 """
 
 import os

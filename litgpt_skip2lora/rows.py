@@ -1,10 +1,6 @@
-"""Which rows of a sample the tail reads: decided here once, for the model, the Skip-Cache and the training loop.
-
-Position ``t`` is trained to predict token ``t + 1`` (:func:`shifted_targets`, the one place the shift is written).
-A tail without blocks treats every position alone, so only the supervised positions matter: a sample keeps just
-those rows, and a batch is every sample's rows end to end (``flat``). A tail with blocks attends across positions:
-a sample keeps every real position, and a batch is padded ``(B, T)`` sequences; the tail picks the supervised rows
-after its blocks.
+"""Which rows of a sample the tail reads, decided here once. A tail without blocks treats each position alone, so a
+sample keeps its supervised rows only, end to end in a batch (``flat``); a tail with blocks attends across
+positions, so a sample keeps every real position, in padded ``(B, T)`` batches.
 """
 
 from dataclasses import dataclass
@@ -48,9 +44,7 @@ class RowLayout:
         return None if self.flat else targets != IGNORE_INDEX
 
     def collate(self, entries: list[Entry], pin: bool) -> Entry:
-        """A batch of entries. Taps keep their ``n`` in front (their rows are dim 1). With ``pin`` the batch lands
-        in pinned host memory, ready for a ``non_blocking`` copy to the GPU; flat rows are concatenated straight
-        into it."""
+        """A batch of entries (taps keep their ``n`` in front), in pinned host memory with ``pin``."""
         batch = {}
         for name in entries[0]:
             parts = [e[name] for e in entries]

@@ -1,10 +1,5 @@
-"""Which samples each process trains on: a fixed share per rank, so that every rank's Skip-Cache stays useful.
-
-LitGPT's loaders under DDP deal the samples out anew each epoch (``DistributedSampler``), so from epoch 2 on a rank
-mostly meets samples that another rank cached. Here the samples are split into ``world_size`` shares once, from the
-run's seed; each rank keeps its share for the whole run and visits it in a new order every epoch. What changes
-against LitGPT's order: a sample meets only the samples of its own share in a micro-batch, and the ranks' shares
-do not mix between epochs. With one process the share is the whole data set, shuffled every epoch.
+"""Which samples each process trains on: a fixed share per rank for the whole run, in a new order each epoch, so
+that every rank's Skip-Cache stays useful (LitGPT's ``DistributedSampler`` deals samples out anew each epoch).
 """
 
 from collections.abc import Iterator
@@ -14,12 +9,8 @@ from torch.utils.data import Sampler
 
 
 class RankShareSampler(Sampler[int]):
-    """Rank ``rank``'s fixed share of ``size`` samples, in a new order each epoch when ``shuffle`` is set.
-
-    Shares are equal in length, as DDP needs: a short share repeats its first samples (they are cache hits by then,
-    unless the share is shorter than a micro-batch). The order depends on ``seed`` and the epoch only, so a resumed
-    run sees the same order as an uninterrupted one.
-    """
+    """Rank ``rank``'s fixed share of ``size`` samples, in an order that depends on ``seed`` and the epoch only.
+    Shares are equal in length, as DDP needs: a short share repeats its first samples."""
 
     def __init__(self, size: int, world_size: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
         if not 0 <= rank < world_size:

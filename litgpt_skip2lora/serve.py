@@ -1,8 +1,5 @@
-"""``litgpt-skip2lora serve``: LitGPT's LitServe server for this package's checkpoints.
-
-LitGPT's server sets its model up in worker processes through ``litgpt.deploy.serve.LLM``. The API classes here are
-LitGPT's own, with this package's :class:`~litgpt_skip2lora.api.LLM` in that name while a worker sets up; they live
-at module level, so that LitServe can hand them to its workers.
+"""``litgpt-skip2lora serve``: LitGPT's LitServe server, its API classes loading this package's
+:class:`~litgpt_skip2lora.api.LLM` in its workers (at module level, so that LitServe can hand them over).
 """
 
 import os
@@ -24,8 +21,8 @@ class _LoadsOurLLM:
 
 
 class _ChecksPrompts(_LoadsOurLLM):
-    """A request is ``{"prompt": "..."}``; anything else is answered 400 with one line. LitGPT's API would answer a
-    missing prompt with a 500 and silently ignore any other field, such as a ``max_new_tokens`` of its own."""
+    """A request is ``{"prompt": "..."}``; anything else is answered 400 with one line (LitGPT's API answers a
+    missing prompt with a 500 and ignores other fields)."""
 
     def decode_request(self, request: dict[str, Any]) -> str:
         from fastapi import HTTPException  # LitServe's, there whenever a server runs
@@ -79,9 +76,8 @@ serve.__signature__ = RUN_SERVER.replace(
 
 
 def _stop_as_on_ctrl_c(server_pid: int):
-    """SIGTERM (``kill``, systemd, Docker, Kubernetes) stops the server as Ctrl-C does: LitServe then stops every
-    worker and frees the port. By default SIGTERM would end the main process alone and leave its workers serving.
-    A worker forked with this handler dies of SIGTERM as usual."""
+    """SIGTERM stops the server as Ctrl-C does, workers and port included (by default it would end the main process
+    alone); a worker forked with this handler dies of SIGTERM as usual."""
 
     def handle(signum: int, frame) -> None:
         if os.getpid() == server_pid:

@@ -1,12 +1,7 @@
-"""Sweeps: many configurations trained in one process, in lockstep, from the same Skip-Cache.
-
-The backbone's features do not depend on the adapters, so every configuration can train on the same batches: the
-backbone runs once per sample for the whole sweep, and each step reads each batch's features once. A configuration
-is the run's options with one value of each swept option; it has its own trained parameters, optimizer, scheduler
-and dropout random stream, so it trains exactly as its solo run would. A run without a sweep is a sweep of one.
-As in DINOv2's linear evaluation (many heads over frozen features, the best kept by validation), the best
-configuration is chosen by validation; ``keep`` below 1 drops the weaker ones at each validation (successive
-halving), so they stop costing compute.
+"""Sweeps: many configurations trained in lockstep on the same batches, so the backbone runs once per sample for
+all. Each has its own trained parameters, optimizer, scheduler and dropout stream, so it trains as its solo run
+would; a run is a sweep of one. As in DINOv2's linear evaluation, validation chooses the best; ``keep`` below 1
+drops the weaker ones at each validation (successive halving).
 """
 
 import contextlib
@@ -31,15 +26,10 @@ from litgpt_skip2lora.execution import factors_head, head_group_size, lane_count
 from litgpt_skip2lora.lanes import Lanes
 from litgpt_skip2lora.model import GPT, Config, output_block, reads
 
-ROUTE_OPTIONS = ("skip2lora_output_layer", "skip2lora_block_indices")
-"""Where the adapters' sum joins and which blocks feed them: swept, each configuration trains a tail of its own
-depth from the sweep's one Skip-Cache (:attr:`Sweep.reads`)."""
-ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")
-"""Options that shape the Skip2-LoRA adapters and the tail's LoRA layers, as ``--lora_r`` and the others do in a solo
-run: each configuration has LoRA layers of its own rank, scaling and dropout (:meth:`Configuration.install`)."""
+ROUTE_OPTIONS = ("skip2lora_output_layer", "skip2lora_block_indices")  # each tail from the one Skip-Cache
+ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")  # shape the adapters and the tail's LoRA layers
 OPTIMIZER_OPTIONS = ("lr", "weight_decay")
-SWEPT = (*ROUTE_OPTIONS, *OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")
-"""Every option a sweep takes, in the order configuration names list them."""
+SWEPT = (*ROUTE_OPTIONS, *OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")  # in the order names list them
 
 
 @dataclass
@@ -65,11 +55,9 @@ class SweepArgs:
     keep: float = 1.0
     """At each validation, the best fraction of the configurations still training goes on (at least one)."""
     best_step: bool = True
-    """Each configuration hands over its trained parameters at its lowest validation loss, not at its last step;
-    halving and the choice rank that loss. The cost: one copy of the trained parameters per configuration."""
+    """Hand over each configuration's parameters at its lowest validation loss, which halving and the choice rank."""
     select: Literal["val_loss", "label_accuracy"] = "val_loss"
-    """How the chosen configuration is picked: the lowest validation loss, or the most validation items whose
-    answer has the highest likelihood among the task's labels (a task with a closed set of answers)."""
+    """Choose by the lowest validation loss, or by the most validation answers likeliest among the task's labels."""
 
     def swept(self) -> dict[str, list]:
         """The swept options and their values, in a fixed order."""
@@ -87,9 +75,8 @@ class SweepArgs:
 
 
 def check_sweep(args: SweepArgs, final_validation: bool, precision: str | None) -> None:
-    """Refuse a sweep that cannot run, in one line, before the model loads. In 16-bit mixed precision Fabric scales
-    every configuration's loss by one GradScaler, which each optimizer step would update: its configurations would
-    not train as their solo runs do."""
+    """Refuse a sweep that cannot run, in one line, before the model loads (16-bit mixed precision: Fabric's one
+    GradScaler, updated by each configuration's step)."""
     for name, values in args.swept().items():
         if not values:
             raise ValueError(f"--sweep.{name} is an empty list: give at least one value.")
@@ -111,16 +98,14 @@ def check_sweep(args: SweepArgs, final_validation: bool, precision: str | None) 
 
 
 def configuration_name(values: dict[str, Any]) -> str:
-    """Readable and stable: ``lr=0.003,lora_r=8``, blocks as ``skip2lora_block_indices=0+6+12``; ``run`` when
-    nothing is swept."""
+    """``lr=0.003,lora_r=8``, blocks as ``skip2lora_block_indices=0+6+12``; ``run`` when nothing is swept."""
     shown = {k: "+".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
     return ",".join(f"{k}={v}" for k, v in shown.items()) or "run"
 
 
 def configuration_configs(config: Config, args: SweepArgs) -> list[tuple[dict[str, Any], Config]]:
-    """Each configuration's swept values and model config: the run's ``config`` with its swept adapter options and
-    output place. Its adapters read the blocks of its list at or before its output place; where that drops some,
-    its values, and so its name, list the blocks it reads."""
+    """Each configuration's swept values and model config. Its adapters read the blocks of its list at or before its
+    output place; where that drops some, its values, and so its name, list the blocks it reads."""
     grid = []
     for values in args.grid():
         given = list(values.get("skip2lora_block_indices", config.skip2lora_block_indices))
@@ -145,30 +130,25 @@ class Configuration:
     name: str
     values: dict[str, Any]
     model_config: Config
-    """The model's config with this configuration's adapter options: what its checkpoint is loaded with."""
+    """The model's config with its adapter options: what its checkpoint is loaded with."""
     adapters: Adapters
     lora: dict[str, nn.Parameter]
-    """Its own copies of the tail's trained parameters (its LoRA layers'), by their names in the model."""
+    """Its own copies of the tail's LoRA parameters, by their names in the model."""
     seed: int
-    """What its initial values and dropout draw from: its swept seed, else the run's."""
     optimizer_spec: dict
-    """Its optimizer, ``{"class_path": ..., "init_args": {...}}``: the run's with its swept values."""
+    """The run's optimizer, ``{"class_path": ..., "init_args": {...}}``, with its swept values."""
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Its dropout random stream: the state of its device's generator it continues from."""
+    """Its dropout stream: the generator state it continues from."""
     alive: bool = True
     steps: int = 0
-    """Optimizer steps trained."""
     val_loss: float = math.nan
-    """Its last validation loss."""
     best_val_loss: float = math.nan
-    """Its lowest validation loss so far, and the optimizer step it was reached at."""
     best_step: int = 0
     best: list[torch.Tensor] | None = None
-    """Copies of its trained parameters at ``best_step``, with ``--sweep.best_step``."""
+    """Its trained parameters at ``best_step``, with ``--sweep.best_step``."""
     accuracy: float = math.nan
-    """Its label accuracy, with ``--sweep.select label_accuracy``."""
 
     def tagged(self, metric: str) -> str:
         """Its metric's name in the logs: ``loss`` in a run, ``loss/lr=0.003`` in a sweep."""
@@ -182,8 +162,7 @@ class Configuration:
         return {**{f"skip2lora.{k}": p for k, p in self.adapters.named_parameters()}, **self.lora}
 
     def install(self, model: GPT) -> None:
-        """Put its parameters, and its LoRA layers' rank, scaling and dropout, into ``model``: from now on the model
-        computes this configuration."""
+        """From now on ``model`` computes this configuration: its parameters, LoRA rank, scaling and dropout."""
         model.skip2lora, config = self.adapters, self.model_config
         for name, parameter in self.lora.items():
             module_name, _, attribute = name.rpartition(".")
@@ -195,8 +174,7 @@ class Configuration:
 
     @contextlib.contextmanager
     def random_stream(self, device: torch.device, masks: SharedMasks | None = None) -> Iterator[None]:
-        """Draw its dropout masks from its own stream, on whichever thread it runs, sharing the step's ``masks`` with
-        the configurations whose streams draw the same; torch's global generator is left as it was."""
+        """Draw its dropout masks from its own stream, sharing the step's ``masks``; the global generator is left."""
         generator = torch.Generator(device)
         generator.set_state(self.rng[device.type])
         with drawing_from(generator, masks) as stream:
@@ -226,34 +204,27 @@ class Configuration:
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "adapters": self.adapters.state_dict(),
-            "lora": {name: p.detach() for name, p in self.lora.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "alive": self.alive,
-            "steps": self.steps,
-            "val_loss": self.val_loss,
-            "accuracy": self.accuracy,
-            "best": {"val_loss": self.best_val_loss, "step": self.best_step, "parameters": self.best},
-        }
+        modules = {name: getattr(self, name).state_dict() for name in ("adapters", "optimizer", "scheduler")}
+        return {**modules, "lora": {n: p.detach() for n, p in self.lora.items()}, **self.progress_state()}
+
+    def progress_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of its progress: whether it trains, its steps, losses, best step and accuracy."""
+        names = ("alive", "steps", "val_loss", "best_val_loss", "best_step", "best", "accuracy")
+        return {name: getattr(self, name) for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.adapters.load_state_dict(state["adapters"])
+        for name in ("adapters", "optimizer", "scheduler"):
+            getattr(self, name).load_state_dict(state[name])
         with torch.no_grad():
             for name, p in self.lora.items():
                 p.copy_(state["lora"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.alive, self.steps = state["alive"], state["steps"]
-        self.val_loss, self.accuracy = state["val_loss"], state["accuracy"]
-        best = state["best"]
-        self.best_val_loss, self.best_step, self.best = best["val_loss"], best["step"], best["parameters"]
+        for name in self.progress_state():
+            setattr(self, name, state[name])
 
 
 def average_gradients(fabric: L.Fabric, parameters: list[nn.Parameter]) -> None:
-    """Under DDP, the gradients averaged over the ranks, as DDP averages them: the loop calls the model itself, so
-    that a configuration dropped by halving needs no more collective than it takes."""
+    """Under DDP, the gradients averaged over the ranks, as DDP does: the loop calls the model itself, so that a
+    configuration dropped by halving takes no collective."""
     if fabric.world_size == 1:
         return
     grads = [p.grad for p in parameters]
@@ -268,8 +239,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 class Sweep:
-    """The configurations of a run, and what they share: the model, whose frozen weights they all read, in its
-    lanes (:mod:`litgpt_skip2lora.lanes`)."""
+    """The configurations of a run, and the model whose frozen weights they share, in its lanes."""
 
     def __init__(self, model: GPT, configurations: list[Configuration], args: SweepArgs) -> None:
         self.model, self.configurations, self.args = model, configurations, args
@@ -278,13 +248,13 @@ class Sweep:
 
     @functools.cached_property
     def lanes(self) -> Lanes:
-        """Where its configurations are computed: made at first use, once the model is where it trains."""
+        """Made at first use, once the model is where it trains."""
         return Lanes(self.model, lane_count(self.model, len(self.configurations)))
 
     @functools.cached_property
     def reads(self) -> Reads:
-        """What the backbone keeps for the whole sweep, once per sample: every block a configuration reads, and the
-        stream at the earliest output place; a later one's stream is the input of its block, kept as a tap."""
+        """What the backbone keeps for the whole sweep: every block a configuration reads, and the stream at the
+        earliest output place (a later one's is the input of its block, a tap)."""
         starts = {c.adapters.reads.start for c in self.configurations}
         blocks = {b for c in self.configurations for b in c.adapters.reads.blocks} | (starts - {min(starts)})
         return Reads(tuple(sorted(blocks)), min(starts))
@@ -298,8 +268,8 @@ class Sweep:
         return self.args.is_sweep
 
     def record(self, losses: list[float], step: int, candidate: bool = True) -> dict[str, float]:
-        """The live configurations' validation losses at ``step``; returns them, and their perplexities, as logged.
-        Only a ``candidate`` validation can become a best step (:meth:`Trainer.validate` says which)."""
+        """The live configurations' validation losses at ``step``, returned with perplexities as logged. Only a
+        ``candidate`` validation can become a best step."""
         for c, loss in zip(self.alive, losses):
             c.val_loss = loss
             if candidate:
@@ -319,19 +289,17 @@ class Sweep:
         return alive[kept:]
 
     def rank_key(self, c: Configuration) -> tuple[float, float]:
-        """Best first: by accuracy when it selects, then by validation loss, its best step's with ``best_step`` (a
-        NaN loss ranks last)."""
+        """Best first: by accuracy when it selects, then by :meth:`loss` (NaN last)."""
         loss = self.loss(c)
         loss = math.inf if math.isnan(loss) else loss
         accuracy = c.accuracy if self.args.select == "label_accuracy" and not math.isnan(c.accuracy) else 0.0
         return (-accuracy, loss)
 
     def loss(self, c: Configuration) -> float:
-        """The validation loss ``c`` is ranked and reported by: at its best step, or with ``best_step`` off its last."""
+        """The validation loss ``c`` is ranked by: its best step's, or with ``best_step`` off its last."""
         return c.best_val_loss if self.args.best_step else c.val_loss
 
     def restore_best(self) -> None:
-        """Every configuration still training back to its best step's parameters (a no-op with ``best_step`` off)."""
         for c in self.alive:
             c.restore_best()
 
@@ -355,7 +323,7 @@ class Sweep:
         return f"best {self.loss(best):.4f} ({best.name}), {alive} configuration{'s' * (alive != 1)} training"
 
     def progress(self) -> dict[str, str]:
-        """For a sweep's progress bar: the configurations still training, and the best validation loss so far."""
+        """For a sweep's progress bar."""
         if not self.is_sweep:
             return {}
         known = [c.val_loss for c in self.alive if not math.isnan(c.val_loss)]
@@ -363,8 +331,7 @@ class Sweep:
         return {"alive": f"{len(self.alive)}/{len(self.configurations)}", "best_val": best}
 
     def set_training(self, mode: bool) -> None:
-        """Dropout on in the parts that train (every configuration's adapters, the tail's blocks) with ``mode``, and
-        always off in the frozen part. The one place a run's train and eval modes are set."""
+        """Dropout on with ``mode`` in what trains, always off in the frozen part: the one place modes are set."""
         for model in self.lanes.models:
             model.eval()
         tails = [module for model in self.lanes.models for module in model.tail_modules]
@@ -381,20 +348,16 @@ class Sweep:
 
 
 def configuration_bytes(c: Configuration, vocab: int, factored: bool) -> int:
-    """What one configuration keeps in memory: its parameters, their gradients and AdamW's two moments; with the
-    factored head (:mod:`litgpt_skip2lora.head`) also its ``W B`` and their gradient."""
+    """Its parameters, their gradients and AdamW's two moments; with the factored head its ``W B`` and gradient."""
     parameters = sum(p.numel() * p.element_size() for p in c.parameters())
     return 4 * parameters + (4 * 2 * vocab * c.adapters.B.size(1) if factored else 0)
 
 
 def check_fits(sweep: Sweep, rows: int, available: int) -> None:
-    """Refuse, in one line, a sweep whose configurations would not fit ``available`` bytes: their trained state
-    (:func:`configuration_bytes`), the masks the step's configurations share (:func:`shared_mask_bytes`), and the
-    head's values. With the plain head each lane (:func:`~litgpt_skip2lora.execution.lane_count`) holds one
-    configuration's logits over ``rows`` rows, their softmax and gradient in float32, and in a validation the logits
-    of a group (:func:`~litgpt_skip2lora.execution.head_group_size`), with as much again for a log-softmax. The
-    factored head holds ``head(stream)`` once and every configuration's graph through the step, never its logits. A
-    lane's graph of the tail is what a solo run holds too, and is not counted."""
+    """Refuse, in one line, a sweep that would not fit ``available`` bytes: its trained state, shared masks, and
+    head. The plain head holds in each lane one configuration's logits, softmax and gradient in float32, and in a
+    validation a group's logits and as much again; the factored one ``head(stream)`` and every configuration's
+    graph. A lane's graph of the tail, which a solo run holds too, is not counted."""
     model, count = sweep.model, len(sweep.configurations)
     vocab, value = model.config.padded_vocab_size, head_value_bytes(model)
     factored = factors_head(model, rows, [c.adapters for c in sweep.configurations], training=True)
@@ -422,8 +385,7 @@ def head_value_bytes(model: GPT) -> int:
 
 
 def dropout_input_bytes(model: GPT, c: Configuration, rows: int) -> int:
-    """What ``c``'s dropout layers read in a step of ``rows`` rows, so the size of its masks: the taps its adapters
-    read, and the input of each of its tail's LoRA layers."""
+    """The size of ``c``'s masks on ``rows`` rows: the taps its adapters read and its LoRA layers' inputs."""
     layers = {model.get_submodule(name.rpartition(".")[0]) for name in c.lora}
     features = len(c.adapters.reads.blocks) * model.config.n_embd
     features += sum(layer.linear.in_features for layer in layers if isinstance(layer, LoRALayer))
@@ -431,9 +393,8 @@ def dropout_input_bytes(model: GPT, c: Configuration, rows: int) -> int:
 
 
 def shared_mask_bytes(sweep: Sweep, rows: int) -> int:
-    """What :class:`~litgpt_skip2lora.dropout.SharedMasks` holds through a step: configurations that begin it in one
-    random state share the masks they draw alike, each kept until the last of them has taken it. So at most one
-    configuration's masks for each way of drawing (rate, blocks) in each state that two or more begin in."""
+    """What :class:`~litgpt_skip2lora.dropout.SharedMasks` holds through a step: a mask is kept until every stream
+    that began in its state took it, so one configuration's masks per way of drawing in each shared state."""
     device = sweep.model.lm_head.linear.weight.device.type
     states = Counter(root(c.rng[device]) for c in sweep.configurations)
     ways = {}
@@ -471,9 +432,8 @@ def build_sweep(
 
 
 def own_parameter(model: GPT, name: str, r: int) -> nn.Parameter:
-    """A configuration's copy of the model's trained parameter ``name``. A LoRA matrix is made at rank ``r``, its
-    values drawn later (:func:`initialize`): ``lora_A`` has ``r`` rows for each projection it serves, ``lora_B``
-    ``r`` columns. Any other (a tail trained in full, ``python -m benchmarks.full_tail``) starts from its values."""
+    """A configuration's copy of the trained parameter ``name``: a LoRA matrix at rank ``r``, drawn later
+    (:func:`initialize`); any other (``benchmarks.full_tail``'s) from its values."""
     parameter, layer = model.get_parameter(name), model.get_submodule(name.rpartition(".")[0])
     if not isinstance(layer, LoRALayer):
         return nn.Parameter(parameter.detach().clone())
@@ -489,8 +449,7 @@ def in_tail(name: str, start: int) -> bool:
 
 
 def initialize(model: GPT, parameters: list[nn.Parameter], seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Draw the installed configuration's initial ``parameters`` from ``seed``, in the order its solo model draws
-    them (what the checkpoint does not hold starts the same on any number of devices); return the random stream
+    """Draw the installed configuration's ``parameters`` from ``seed`` in its solo model's order; return the stream
     its dropout continues from."""
     own = {id(p) for p in parameters}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -1,10 +1,7 @@
-"""What a run hands over: the configuration ``final/`` holds (:func:`select`), what each configuration's folder records,
-and what a sweep leaves besides ``final/``: ``sweep.csv``, ``sweep.png``, and ``sweep/<name>/`` for every
-configuration that trained to the end.
-
-A ``sweep/<name>/`` folder holds that configuration's trained parameters and its hyper-parameters only, not a copy
-of the frozen model: sixteen full copies of a 7B model would be 200 GB. ``litgpt-skip2lora export_configuration
-out_dir/sweep/<name>`` makes a full checkpoint of it, beside ``final/``, from ``final/``'s frozen weights.
+"""What a run hands over: the configuration ``final/`` holds, and a sweep's ``sweep.csv``, ``sweep.png`` and
+``sweep/<name>/`` for every configuration that trained to the end. Those hold trained parameters and
+hyper-parameters only (sixteen copies of a 7B model would be 200 GB): ``export_configuration`` makes a full
+checkpoint of one from ``final/``'s frozen weights.
 """
 
 import csv
@@ -29,8 +26,7 @@ TRAINED = "lit_model.pth.lora"
 
 
 def select(fabric: L.Fabric, sweep: Sweep, data: DataModule, tokenizer: Tokenizer) -> Configuration:
-    """The configuration ``final/`` holds: the only one, or the sweep's best by its ``select`` rule. Label accuracy
-    scores each configuration still training on the validation items (``evaluate_accuracy``'s label likelihood)."""
+    """The configuration ``final/`` holds: the only one, or the sweep's best by its ``select`` rule."""
     if sweep.is_sweep and sweep.args.select == "label_accuracy":
         train_items, items = splits(data, tokenizer)
         labels = closed_set(train_items)
@@ -59,9 +55,8 @@ def save_sweep(fabric: L.Fabric, sweep: Sweep, chosen: Configuration, precision:
 
 
 def recorded(saved: dict, c: Configuration, precision: str) -> dict:
-    """The hyper-parameters that train ``c`` alone, in the YAMLs' form: ``saved`` (the command line's) with its
-    swept values in place of the sweep, the optimizer as :func:`~litgpt_skip2lora.checks.optimizer_spec` wrote it,
-    and the precision it trained in (generation uses it)."""
+    """The hyper-parameters that train ``c`` alone: ``saved`` with its swept values in place of the sweep, its
+    optimizer, and the precision it trained in (generation uses it)."""
     saved = {k: v for k, v in saved.items() if k != "sweep"}
     model = {k: getattr(c.model_config, k) for k in (*ROUTE_OPTIONS, *ADAPTER_OPTIONS)}
     model["skip2lora_block_indices"] = list(model["skip2lora_block_indices"])
@@ -69,9 +64,7 @@ def recorded(saved: dict, c: Configuration, precision: str) -> dict:
 
 
 def write_table(sweep: Sweep, chosen: Configuration, path: Path) -> None:
-    """One row per configuration: its name, swept values, last validation loss, with ``best_step`` the step it was
-    handed over at and that step's loss, its label accuracy when it selects by it, optimizer steps and whether it was
-    chosen (exactly one row)."""
+    """One row per configuration: name, swept values, validation losses, accuracy when it selects, steps, chosen."""
     swept = list(sweep.args.swept())
     best = ["best_step", "best_val_loss"] if sweep.args.best_step else []
     accuracy = ["accuracy"] if sweep.args.select == "label_accuracy" else []
@@ -118,8 +111,7 @@ def plot(sweep: Sweep, chosen: Configuration, path: Path) -> None:
 
 
 def save_configuration(c: Configuration, hyperparameters: dict, folder: Path) -> None:
-    """``folder``: the configuration's trained parameters, its model config and its hyper-parameters (what
-    ``final/`` and ``sweep/<name>/`` both hold)."""
+    """What ``final/`` and ``sweep/<name>/`` both hold: trained parameters, model config, hyper-parameters."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {k: v.detach().cpu() for k, v in c.trained_state().items()}}, folder / TRAINED)
     save_model_config(c.model_config, folder)
@@ -127,9 +119,7 @@ def save_configuration(c: Configuration, hyperparameters: dict, folder: Path) ->
 
 
 def export_configuration(configuration_dir: Path, final_dir: Path | None = None, out_dir: Path | None = None) -> Path:
-    """Make a full checkpoint of one configuration of a sweep.
-
-    ``generate``, ``chat``, ``serve``, ``LLM`` and ``evaluate_accuracy`` load it as they load ``final/``.
+    """Make a full checkpoint of one configuration of a sweep, loaded as ``final/`` is.
 
     Args:
         configuration_dir: ``<out_dir>/sweep/<name>``, written by a sweep.

@@ -1,9 +1,5 @@
-"""The training loop, as LitGPT's LoRA ``fit`` reads, with the backbone behind the Skip-Cache.
-
-Each batch's features come from :class:`~litgpt_skip2lora.backbone.CachedBackbone` (epoch 1 runs the backbone,
-later epochs read the cache); the step is then the tail, the loss and the optimizer only, for every configuration
-of the sweep still training (:mod:`litgpt_skip2lora.sweep`; a run without a sweep has one), computed in the sweep's
-lanes (:mod:`litgpt_skip2lora.lanes`).
+"""The training loop, as LitGPT's LoRA ``fit`` reads: each batch's features come from the backbone behind the
+Skip-Cache, and a step is the tail, loss and optimizer of every live configuration, in the sweep's lanes.
 """
 
 import contextlib
@@ -32,9 +28,7 @@ from litgpt_skip2lora.rows import RowLayout
 from litgpt_skip2lora.sweep import Configuration, Sweep
 from litgpt_skip2lora.wallclock import WallClock
 
-SETTINGS_CHECK_BATCHES = 2
-"""Validation batches run before training when ``eval.initial_validation`` is off, as LitGPT's check of the
-settings."""
+SETTINGS_CHECK_BATCHES = 2  # validated before training without eval.initial_validation, as LitGPT checks settings
 
 
 def rows_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,12 +44,9 @@ def loss_groups(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     masks: SharedMasks | None = None,
 ) -> Iterator[list[torch.Tensor]]:
-    """Each configuration's loss on one batch, each with its own dropout stream (sharing ``masks``), computed under
-    ``autocast``, in groups that share no graph: a step back-propagates each group before the next one is computed,
-    so only one group's activations are alive at a time. The configurations of a group share the head's pass over the
-    vocabulary: with a factored head all of them (``head(stream)`` and the ``W B`` products,
-    :mod:`litgpt_skip2lora.head`), with the plain one as many as :func:`~litgpt_skip2lora.execution.head_group_size`
-    says. The features are shared either way."""
+    """Each configuration's loss on one batch, each from its own dropout stream (sharing ``masks``), under
+    ``autocast``, in groups that share no graph: a step back-propagates each before computing the next. A group
+    shares the head's pass: the factored head's for all of them, the plain one's for ``head_group_size``."""
     device, adapters = batch.targets.device, [c.adapters for c in configurations]
     with autocast():
         rows = batch.features.stream.numel() // model.config.n_embd
@@ -81,8 +72,7 @@ def plain_loss_groups(
     autocast: Callable[[], contextlib.AbstractContextManager],
     masks: SharedMasks | None,
 ) -> Iterator[list[torch.Tensor]]:
-    """``loss_groups`` with the plain head: each group's tails run one configuration after another, then the head
-    runs once over all their supervised rows."""
+    """``loss_groups`` with the plain head: a group's tails one after another, then the head over all their rows."""
     supervised = layout.supervised(batch.targets)
     targets = batch.targets if supervised is None else batch.targets[supervised]
     size = head_group_size(model, targets.numel(), len(configurations), torch.is_grad_enabled())
@@ -111,8 +101,7 @@ class Trainer:
     train: TrainArgs
     eval: EvalArgs
     max_steps: float
-    accum: int
-    """Micro-batches per optimizer step (``finetune.main`` decides it, with the steps the schedule runs for)."""
+    accum: int  # micro-batches per optimizer step, decided in finetune.main only
     out_dir: Path
     clock: WallClock
 
@@ -172,8 +161,7 @@ class Trainer:
         return True
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """Every live configuration's loss on a micro-batch, back-propagated by group in its lane, the configurations
-        sharing the dropout masks they draw alike; optimizer steps when due."""
+        """Every live configuration's loss on a micro-batch, back-propagated in its lane; optimizer steps when due."""
         state, alive = self.state, self.sweep.alive
         state["iter_num"] += 1
         masks = SharedMasks(root(c.rng[self.fabric.device.type]) for c in alive)
@@ -224,37 +212,29 @@ class Trainer:
 
     @torch.no_grad()
     def validate(
-        self,
-        val_loader: DataLoader,
-        max_batches: int,
-        record: bool = True,
-        untrained: bool = False,
-        resumed: bool = False,
+        self, loader: DataLoader, max_batches: int, record: bool = True, untrained: bool = False, resumed: bool = False
     ) -> None:
-        """Each live configuration's mean of per-batch losses over the first ``max_batches`` batches, as LitGPT's
-        ``validate``, recorded. ``untrained``: all are still the base model (trained changes start at zero);
-        ``resumed``: the validation at resume. A validation can be a best step when it covers the whole validation
-        set, as every candidate must to be compared, and is not the one at resume, which the uninterrupted run never
-        had."""
-        alive, done = self.sweep.alive, (self.state["step_count"], min(max_batches, len(val_loader)))
+        """Each live configuration's mean loss over the first ``max_batches`` batches, as LitGPT's ``validate``.
+        ``untrained``: all are still the base model. A best step must cover the whole validation set, and is never
+        the validation at resume, which the uninterrupted run did not have."""
+        alive, done = self.sweep.alive, (self.state["step_count"], min(max_batches, len(loader)))
         if record and done == self.validated:
             return  # the same as the last one (the final validation after a due one): its losses stand
         with self.clock.phase("validation"):
             self.sweep.set_training(False)
-            batches = self.backbone.batches(itertools.islice(val_loader, max_batches), "val")
+            batches = self.backbone.batches(itertools.islice(loader, max_batches), "val")
             scored, lane = alive[:1] if untrained else alive, partial(validation_losses, self.layout)
             losses = [torch.stack(self.sweep.lanes.map(partial(lane, b), scored)) for b in batches]
             self.sweep.set_training(True)
             means = self.fabric.all_reduce(torch.stack(losses).mean(0), reduce_op="mean").tolist()
         if record:
             self.validated = done
-            candidate = done[1] == len(val_loader) and not resumed
+            candidate = done[1] == len(loader) and not resumed
             metrics = self.sweep.record(means * len(alive) if untrained else means, done[0], candidate)
             self.fabric.log_dict(metrics, step=self.state["iter_num"])
 
     def backward(self, batch: Batch, masks: SharedMasks, model: GPT, share: list[Configuration]) -> list[torch.Tensor]:
-        """A lane's ``share`` of the configurations: their losses on a micro-batch, computed by ``model``, each group
-        back-propagated before the next one is computed."""
+        """A lane's ``share`` of the configurations: their losses, each group back-propagated before the next."""
         losses = []
         for group in loss_groups(model, batch, self.layout, share, self.fabric.autocast, masks):
             self.fabric.backward(torch.stack(group).sum() / self.accum)
@@ -262,8 +242,7 @@ class Trainer:
         return losses
 
     def log(self, losses: torch.Tensor, iter_time: float, batch: Batch, epoch: int, bar: tqdm, hits: int) -> None:
-        """The step's metrics, each configuration's tagged with its name; ``hits`` counts this epoch's training
-        samples read from the Skip-Cache."""
+        """The step's metrics, each configuration's tagged; ``hits``: this epoch's samples from the Skip-Cache."""
         alive, losses = self.sweep.alive, losses.tolist()
         metrics = {"iter": self.state["iter_num"], "step": self.state["step_count"], "epoch": epoch + 1}
         metrics.update(iter_time=iter_time, feature_wait=batch.wait, tokens_per_sec=batch.tokens / iter_time)

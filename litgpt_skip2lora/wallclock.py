@@ -1,10 +1,5 @@
-"""Where a run's wall-clock time goes, from the moment its process started until the tuned model is saved.
-
-A user waits for all of it, not only for the training steps: process start and model load, validation (which also
-fills the validation entries of the Skip-Cache), the first epoch (which fills the training entries), the later
-epochs, checkpoints and the final save. Every phase boundary waits for the GPU's queued work first, so each phase
-holds the work it launched. Phases are exclusive: a validation inside an epoch counts as validation, not as the
-epoch.
+"""Where a run's wall-clock time goes, from its process's start until the tuned model is saved, in exclusive
+phases; every boundary waits for the GPU's queued work first.
 """
 
 import contextlib

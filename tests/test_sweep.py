@@ -584,6 +584,21 @@ def test_a_resume_with_changed_options_is_one_line(sweeps, tiny_checkpoint: Path
     assert refused.value.code.endswith(message)
 
 
+def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(sweeps, tiny_checkpoint, alpaca_file, tmp_path):
+    """A step checkpoint whose configurations keep their progress in another form (before this one's)."""
+    state = torch.load(sweeps["adapters"] / "step-000010" / "state.pth", weights_only=False)
+    for configuration in state["sweep"]["configurations"].values():
+        del configuration["best_val_loss"]
+    (tmp_path / "step-000010").mkdir()
+    torch.save(state, tmp_path / "step-000010" / "state.pth")
+    options = ["--data", "JSON", "--data.json_path", str(alpaca_file), "--out_dir", str(tmp_path), "--resume", "true"]
+    with pytest.raises(SystemExit) as refused:
+        in_process("finetune_skip2lora", str(tiny_checkpoint), "--sweep.lr", "[0.01,0.05]", *options)
+    assert (
+        refused.value.code == "error: --resume true: step-000010 was written by an earlier version: start the run anew."
+    )
+
+
 def test_a_validation_again_at_its_step_keeps_one_row_and_a_non_candidate_is_no_best_step() -> None:
     c = Configuration("run", {}, None, None, {}, 7, {})
     sweep = Sweep(None, [c], SweepArgs(best_step=False))

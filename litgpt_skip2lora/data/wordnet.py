@@ -1,12 +1,7 @@
-"""Word-knowledge instructions built offline from WordNet 3.0: free text or a label.
+"""Word-knowledge instructions built offline from WordNet 3.0 (Debian's `wordnet-base`): free text or a label.
 
-Debian's `wordnet-base` package ships the WordNet database as plain text. Each `index.<pos>` line lists a
-lemma's synsets most frequent sense first, with the byte offset of each synset's line in `data.<pos>`;
-a data line holds the synset's lexicographer file (its supersense, e.g. `noun.animal`), its lemmas and its gloss:
-a definition followed by quoted examples.
-
-:class:`InstructData` holds what an offline instruction module needs besides its samples: grouped train/val
-splits, cached as JSON and served by LitGPT's ``JSON`` module.
+Each `index.<pos>` line lists a lemma's synsets, most frequent first, with each synset's byte offset in
+`data.<pos>`, whose line holds its lexicographer file (its supersense, e.g. `noun.animal`), its lemmas and its gloss.
 """
 
 import json
@@ -33,12 +28,8 @@ def shuffled(items: Iterable[T], seed: int) -> list[T]:
 
 
 def split_groups(groups: Iterable[list[T]], num_train: int, num_val: int) -> tuple[list[T], list[T]]:
-    """Fill the validation split, then the training split, from whole groups.
-
-    A group (all samples about one word, one passage, one play) never lands in both splits, so the
-    validation loss measures generalisation to unseen groups. `groups` is consumed lazily: only as many
-    groups as needed are built.
-    """
+    """Fill the validation split, then the training split, from whole groups (all samples about one word), so that
+    validation measures generalisation to unseen words. ``groups`` is consumed lazily."""
     train, val = [], []
     for group in groups:
         (val if len(val) < num_val else train).extend(group)
@@ -53,18 +44,43 @@ def write_json(path: Path, samples: list[dict[str, str]]) -> None:
     path.write_text(json.dumps(samples, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-@dataclass
-class InstructData(DataModule):
-    """An instruction data set built offline, cached as `train.json`/`val.json` and served by LitGPT's `JSON`.
+POS_FILES = {"noun": "noun", "verb": "verb", "adjective": "adj", "adverb": "adv"}
+INSTALL_HINT = "Install it with `apt-get install -y wordnet-base` (Debian/Ubuntu)."
+WORD = re.compile(r"[a-z]{3,}")
+# WordNet's 45 lexicographer files, numbered as in the second field of a `data.<pos>` line (lexnames(5WN))
+SUPERSENSES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
+    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
+    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
+    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
 
-    Subclasses only say how to build the samples (`groups`); splitting, caching, tokenizing and batching
-    are shared.
+
+class Synset(NamedTuple):
+    supersense: str
+    lemmas: list[str]
+    definition: str
+    examples: list[str]
+
+
+@dataclass
+class WordNetInstruct(DataModule):
+    """Alpaca-format instructions about English words, split by word (validation words never appear in training),
+    cached as `train.json`/`val.json` and served by LitGPT's `JSON`.
+
+    ``task="words"``: define the word, give a synonym, use it in a sentence (free text). ``task="supersense"``:
+    name the word's category, one of WordNet's 45 supersenses such as ``noun.animal`` (a label, scored by exact
+    match).
     """
 
+    task: Literal["words", "supersense"] = "words"
+    """Free-text answers about words, or a label per word and part of speech."""
     num_train: int = 1200
     """Number of training samples."""
     num_val: int = 200
-    """Number of validation samples (from groups that never appear in training)."""
+    """Number of validation samples (of words that never appear in training)."""
     seed: int = 42
     """Seed of the train/val split and of the training-loader shuffle."""
     mask_prompt: bool = True
@@ -75,8 +91,10 @@ class InstructData(DataModule):
     """The index to use for elements to be ignored in the label."""
     num_workers: int = 4
     """How many DataLoader processes to use for loading."""
-    splits_dir: Path = Path("data")
-    """Where the built splits are kept, each in a folder named by its parameters."""
+    splits_dir: Path = Path("data/wordnet")
+    """Where the built splits are kept, a folder per task and parameters."""
+    wordnet_dir: Path = Path("/usr/share/wordnet")
+    """The WordNet database (`index.noun`, `data.noun`, ...)."""
 
     tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
     batch_size: int = field(default=1, init=False, repr=False)
@@ -91,11 +109,18 @@ class InstructData(DataModule):
     @property
     def split_dir(self) -> Path:
         """The cache folder of this split: changing its parameters never reuses a stale one."""
-        return self.splits_dir / f"train{self.num_train}-val{self.num_val}-seed{self.seed}"
+        return self.splits_dir / self.task / f"train{self.num_train}-val{self.num_val}-seed{self.seed}"
 
     def groups(self) -> Iterator[list[dict[str, str]]]:
-        """Alpaca-format samples, grouped by what must not straddle train and val, in seeded order."""
-        raise NotImplementedError
+        """The samples about each word, words in seeded order."""
+        senses = common_senses(self.wordnet_dir)
+        samples = supersense_sample if self.task == "supersense" else word_samples
+        for word in shuffled(senses, self.seed):
+            yield [
+                dict(sample, word=word)
+                for pos, offset in senses[word]
+                for sample in samples(word, pos, read_synset(self.wordnet_dir, pos, offset))
+            ]
 
     def connect(
         self, tokenizer: Tokenizer | None = None, batch_size: int = 1, max_seq_length: int | None = None
@@ -141,63 +166,9 @@ class InstructData(DataModule):
         return self.json_data.val_dataloader()
 
 
-POS_FILES = {"noun": "noun", "verb": "verb", "adjective": "adj", "adverb": "adv"}
-INSTALL_HINT = "Install it with `apt-get install -y wordnet-base` (Debian/Ubuntu)."
-WORD = re.compile(r"[a-z]{3,}")
-# WordNet's 45 lexicographer files, numbered as in the second field of a `data.<pos>` line (lexnames(5WN))
-SUPERSENSES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
-    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
-    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
-    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
-    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
-    "verb.social verb.stative verb.weather adj.ppl"
-).split()
-
-
-class Synset(NamedTuple):
-    supersense: str
-    lemmas: list[str]
-    definition: str
-    examples: list[str]
-
-
-@dataclass
-class WordNetInstruct(InstructData):
-    """Alpaca-format instructions about English words; validation words never appear in training.
-
-    ``task="words"``: define the word, give a synonym, use it in a sentence (free text). ``task="supersense"``:
-    name the word's category, one of WordNet's 45 supersenses such as ``noun.animal`` (a label, scored by exact
-    match).
-    """
-
-    task: Literal["words", "supersense"] = "words"
-    """Free-text answers about words, or a label per word and part of speech."""
-    splits_dir: Path = Path("data/wordnet")
-    """Where the built splits are kept, a folder per task."""
-    wordnet_dir: Path = Path("/usr/share/wordnet")
-    """The WordNet database (`index.noun`, `data.noun`, ...)."""
-
-    @property
-    def split_dir(self) -> Path:
-        return self.splits_dir / self.task / super().split_dir.name
-
-    def groups(self) -> Iterator[list[dict[str, str]]]:
-        senses = common_senses(self.wordnet_dir)
-        samples = supersense_sample if self.task == "supersense" else word_samples
-        for word in shuffled(senses, self.seed):
-            yield [
-                dict(sample, word=word)
-                for pos, offset in senses[word]
-                for sample in samples(word, pos, read_synset(self.wordnet_dir, pos, offset))
-            ]
-
-
 def common_senses(wordnet_dir: Path) -> dict[str, list[tuple[str, int]]]:
-    """Each common single word -> (part of speech, offset of its most frequent synset) per part of speech.
-
-    A word counts as common when at least one of its senses is tagged in WordNet's sense-tagged corpus.
-    """
+    """Each common word (one of its senses tagged in WordNet's corpus) -> (part of speech, offset of its most
+    frequent synset) per part of speech."""
     senses: dict[str, list[tuple[str, int]]] = {}
     for pos, suffix in POS_FILES.items():
         for line in wordnet_lines(wordnet_dir / f"index.{suffix}"):
