@@ -36,8 +36,8 @@ class CacheArgs:
     enabled: bool = True
     """Keep each sample's backbone activations and skip the backbone whenever the sample comes again."""
     placement: Literal["auto", "device", "memory", "disk"] = "auto"
-    """``device``: the training device's memory (host RAM on a CPU run); ``memory``: host RAM; ``disk``:
-    ``directory``. ``auto``: the device's memory (host RAM on the CPU) when the cache fits half of it, else disk."""
+    """``device``: the training device's memory (on a CPU run that is host RAM); ``memory``: host RAM; ``disk``:
+    ``directory``. ``auto``: the device's memory when the cache fits half of it, else disk."""
     directory: Path | None = None
     """The disk placement's folder, reused by a later run of the same fingerprint; default ``<out_dir>/skip_cache``."""
     max_size_gb: float | None = None

@@ -35,19 +35,11 @@ def check_train_args(train: TrainArgs, eval: EvalArgs) -> None:
     """Refuse settings that would train nothing or that this loop does not read, in one line each."""
     if not train.epochs and not train.max_steps:
         raise ValueError(f"--train.epochs must be at least 1 (or set --train.max_steps); got epochs={train.epochs}.")
-    positive = {
-        "train.epochs": train.epochs,
-        "train.max_steps": train.max_steps,
-        "train.micro_batch_size": train.micro_batch_size,
-        "train.global_batch_size": train.global_batch_size,
-        "train.log_interval": train.log_interval,
-        "train.save_interval": train.save_interval,
-        "eval.interval": eval.interval,
-        "eval.max_iters": eval.max_iters,
-    }
-    for name, value in positive.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}.")
+    counts = "epochs max_steps micro_batch_size global_batch_size log_interval save_interval".split()
+    for group, args, names in (("train", train, counts), ("eval", eval, ["interval", "max_iters"])):
+        for name in names:
+            if (value := getattr(args, name)) is not None and value < 1:
+                raise ValueError(f"--{group}.{name} must be at least 1, got {value}.")
     if (train.lr_warmup_steps or 0) < 0:
         raise ValueError(f"--train.lr_warmup_steps must not be negative, got {train.lr_warmup_steps}.")
     if eval.max_new_tokens is None:

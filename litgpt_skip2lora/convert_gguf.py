@@ -42,8 +42,7 @@ def convert_gguf(gguf_path: Path, checkpoint_dir: Path, model_name: str | None =
     Args:
         gguf_path: The Llama-family `.gguf` file to convert.
         checkpoint_dir: The folder to write the checkpoint into (created if missing).
-        model_name: The LitGPT config name (e.g. "SmolLM2-135M-Instruct"). Inferred from the file name or
-            the GGUF's `general.name` when not given.
+        model_name: The LitGPT config name (e.g. "SmolLM2-135M-Instruct"); default: from the file's name.
     """
     reader = gguf.GGUFReader(gguf_path)
     check_supported(reader)

@@ -32,14 +32,11 @@ def evaluate_accuracy(
 
     Args:
         checkpoint_dir: A ``final/`` folder of ``finetune_skip2lora`` or ``finetune_lora``, or a base checkpoint.
-        data: The LitGPT data module whose validation split is scored, with its prompt style, e.g. ``JSON`` with
-            ``--data.json_path`` or ``litgpt_skip2lora.data.WordNetInstruct`` with ``--data.task supersense``.
-        labels: The closed set of answers for label likelihood; default: the training answers, when they form one;
-            ``[]``: exact match only.
+        data: The LitGPT data module whose validation split is scored, with its prompt style, e.g. ``JSON``.
+        labels: The closed set of answers; default: the training answers, when they form one; ``[]``: none.
         max_new_tokens: The longest greedy answer.
         limit: Score only the first ``limit`` items.
-        out_file: The per-item answers as JSON; default ``evaluate_accuracy.json`` in the model's own folder,
-            ``checkpoint_dir``, replacing an earlier one there.
+        out_file: The per-item answers as JSON; default ``evaluate_accuracy.json`` in ``checkpoint_dir``, replaced.
     """
     if data is None:
         refuse(ValueError("--data is required: the data module whose validation split is scored, e.g. --data JSON."))
@@ -48,13 +45,13 @@ def evaluate_accuracy(
     items = items[:limit]
     labels = closed_set(train_items) if labels is None else labels
     prompts = [encoded_prompt(tokenizer, data, item) for item in items]
-    answers = label_tokens(tokenizer, labels)
-    answer_width = max([max_new_tokens, *(a.size(0) for a in answers)])
+    encoded = label_tokens(tokenizer, labels)
+    answer_width = max([max_new_tokens, *(a.size(0) for a in encoded.values())])
     # the KV cache as long as the longest item needs, one row for greedy generation and one a label for scoring
     model.max_seq_length = min(max((p.size(0) for p in prompts), default=0) + answer_width, model.config.block_size)
     model.set_kv_cache(batch_size=max(1, len(labels)))
     scored = tqdm(zip(items, prompts), total=len(items), desc="Scoring")
-    results = [score(model, tokenizer, item, prompt, labels, answers, max_new_tokens) for item, prompt in scored]
+    results = [score(model, tokenizer, item, prompt, encoded, max_new_tokens) for item, prompt in scored]
     report = summary(results, labels)
     out_file = out_file or Path(checkpoint_dir) / "evaluate_accuracy.json"
     out_file.write_text(json.dumps({**report, "items": results}, indent=1) + "\n", encoding="utf-8")
@@ -96,30 +93,29 @@ def encoded_prompt(tokenizer: Tokenizer, data: DataModule, item: dict, device: t
     return tokenizer.encode(data.prompt_style.apply(prompt=item["instruction"], **item), device=device)
 
 
-def label_tokens(tokenizer: Tokenizer, labels: list[str]) -> list[torch.Tensor]:
+def label_tokens(tokenizer: Tokenizer, labels: list[str]) -> dict[str, torch.Tensor]:
     """Each label's tokens as training encodes an answer, the end-of-text token included."""
-    return [tokenizer.encode(label, bos=False, eos=True) for label in labels]
+    return {label: tokenizer.encode(label, bos=False, eos=True) for label in labels}
 
 
 @torch.no_grad()
 def score(
-    model: GPT,
-    tokenizer: Tokenizer,
-    item: dict,
-    prompt: torch.Tensor,
-    labels: list[str],
-    answers: list[torch.Tensor],
-    max_new: int,
+    model: GPT, tokenizer: Tokenizer, item: dict, prompt: torch.Tensor, labels: dict[str, torch.Tensor], max_new: int
 ) -> dict:
-    """``item``'s greedy answer and, with ``labels`` (encoded as ``answers``), its likeliest label."""
+    """``item``'s greedy answer and, with ``labels`` (:func:`label_tokens`), its likeliest label."""
     out = generate(model, prompt, prompt.size(0) + max_new, top_k=1, eos_id=tokenizer.eos_id, include_prompt=False)
     answer = tokenizer.decode(out).strip().split("\n")[0].strip()
     expected = item["output"].strip()
     result = {"instruction": item["instruction"], "expected": expected, "answer": answer, "exact": answer == expected}
     if labels:
-        chosen = labels[int(label_log_likelihoods(model, prompt, answers).argmax())]
+        chosen = likeliest(model, prompt, labels)
         result.update(chosen=chosen, label_correct=chosen == expected)
     return result
+
+
+def likeliest(model: GPT, prompt: torch.Tensor, labels: dict[str, torch.Tensor]) -> str:
+    """The label whose tokens are likeliest after ``prompt``."""
+    return list(labels)[int(label_log_likelihoods(model, prompt, list(labels.values())).argmax())]
 
 
 def label_log_likelihoods(model: GPT, prompt: torch.Tensor, answers: list[torch.Tensor]) -> torch.Tensor:
@@ -148,11 +144,10 @@ def label_accuracy(model: GPT, tokenizer: Tokenizer, data: DataModule, items: li
     device = model.lm_head.linear.weight.device
     model.eval()
     model.set_kv_cache(batch_size=len(labels), device=device)
-    correct, answers = 0, [a.to(device) for a in label_tokens(tokenizer, labels)]
+    encoded = {label: tokens.to(device) for label, tokens in label_tokens(tokenizer, labels).items()}
+    correct = 0
     for item in tqdm(items, desc="Label accuracy", leave=False):
-        prompt = encoded_prompt(tokenizer, data, item, device)
-        chosen = labels[int(label_log_likelihoods(model, prompt, answers).argmax())]
-        correct += chosen == item["output"].strip()
+        correct += likeliest(model, encoded_prompt(tokenizer, data, item, device), encoded) == item["output"].strip()
     model.clear_kv_cache()
     return correct / max(1, len(items))
 

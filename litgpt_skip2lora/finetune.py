@@ -84,8 +84,7 @@ OUR_SUBCOMMANDS = ["finetune_skip2lora", "finetune"]  # what save_hyperparameter
 class Run:
     """Everything ``main`` needs, decided and checked by ``setup`` before any output is written."""
 
-    config: Config
-    """The model's: a sweep's longest tail."""
+    config: Config  # the model's: a sweep's longest tail
     grid: list[tuple[dict, Config]]
     checkpoint_dir: Path
     out_dir: Path
@@ -97,8 +96,7 @@ class Run:
     sweep: SweepArgs
     seed: int
     resume_from: Path | None
-    precision: str
-    """The precision the adapters train in, recorded in ``final/`` for generation."""
+    precision: str  # what the adapters train in, recorded in final/ for generation
     quantize: str | None
 
 
@@ -125,13 +123,7 @@ def setup(
     sweep: SweepArgs = SweepArgs(),
     data: DataModule | None = None,
     train: TrainArgs = TrainArgs(
-        save_interval=1000,
-        log_interval=1,
-        global_batch_size=16,
-        micro_batch_size=1,
-        lr_warmup_steps=100,
-        epochs=5,
-        max_seq_length=None,
+        save_interval=1000, log_interval=1, global_batch_size=16, micro_batch_size=1, lr_warmup_steps=100, epochs=5
     ),
     log: LogArgs = LogArgs(),
     eval: EvalArgs = EvalArgs(interval=100, max_new_tokens=100, max_iters=100),
@@ -160,22 +152,19 @@ def setup(
         lora_mlp: Ordinary LoRA on the MLP, in the tail's blocks.
         lora_head: Ordinary LoRA on ``lm_head``.
         skip2lora_enabled: Train Skip2-LoRA adapters. With ``false`` this runs LitGPT's own ``finetune_lora``.
-        skip2lora_block_indices: Blocks whose input feeds an adapter (negative counts from the end). Default: four
-            evenly spaced blocks, the first being 0.
+        skip2lora_block_indices: Blocks feeding the adapters (negative from the end); default four spaced from 0.
         skip2lora_output_layer: Where the adapters' sum is added: ``lm_head``, ``ln_f`` or ``block.K``.
         cache: Skip-Cache options.
-        sweep: Options swept in this one run, each a list: every combination trains on the same cached features,
-            and the best by validation becomes ``final/`` (``<out_dir>/sweep.csv`` lists them all).
-        data: A LitGPT data module. The default, Alpaca, is downloaded from the internet; offline, use
-            ``litgpt_skip2lora.data.WordNetInstruct`` or ``JSON`` with ``--data.json_path``.
+        sweep: Options swept in one run, each a list: the best combination by validation becomes ``final/``.
+        data: A LitGPT data module; the default, Alpaca, downloads. Offline: ``JSON`` or ``WordNetInstruct``.
         train: Training settings (epochs, batch sizes, learning-rate warm-up, save interval, ...).
         log: Logger settings.
         eval: Validation settings.
         optimizer: A torch optimizer name, or a class path with its arguments; ``--optimizer.lr 0.003`` sets one.
         logger_name: Where metrics go: ``csv``, ``tensorboard``, ``wandb``, ``mlflow`` or ``litlogger``.
         seed: Random seed.
-        resume: Continue from the newest ``step-*`` checkpoint in ``out_dir`` (one is written at every epoch's end,
-            every ``train.save_interval`` steps and on Ctrl-C or SIGTERM).
+        resume: Continue from the newest ``step-*`` checkpoint in ``out_dir`` (written at each epoch's end, every
+            ``train.save_interval`` steps and on Ctrl-C or SIGTERM).
         access_token: Hugging Face token, only for downloading a checkpoint.
     """
     world_size = parse_devices(devices) * num_nodes
@@ -206,36 +195,20 @@ def setup(
         check_json_data(data)
         if cache.enabled and cache.placement in ("auto", "disk"):
             check_writable(cache.directory or out_dir / "skip_cache")
-        checkpoint = resumed_checkpoint(out_dir, grid, world_size) if resume else None
+        resume_from = resumed_checkpoint(out_dir, grid, world_size) if resume else None
         check_out_dir(out_dir)  # last: it creates the folder
-    hidden = ("lora", "config", "options", "grid", "checkpoint", "world_size")
+    hidden = ("lora", "config", "options", "grid", "resume_from", "world_size")
     pprint({k: v for k, v in locals().items() if k not in hidden})
-    devices = parse_devices(devices)
     precision = precision or default_precision()
-    plugins, trained_in = None, precision
-    if quantize is not None:
+    run = Run(**{name: value for name, value in locals().items() if name in Run.__dataclass_fields__})
+    plugins = None
+    if quantize is not None:  # the run records the precision it trains in; Fabric takes the plugin's
         plugins, precision = bitsandbytes_plugin(quantize, precision), None
     name, log_args = f"finetune-skip2lora-{config.name}", dataclasses.asdict(log)
     logger = choose_logger(logger_name, out_dir, name=name, log_interval=train.log_interval, log_args=log_args)
-    strategy = "ddp" if world_size > 1 else "auto"
+    strategy, devices = "ddp" if world_size > 1 else "auto", parse_devices(devices)
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
-    )
-    run = Run(
-        config=config,
-        grid=grid,
-        checkpoint_dir=checkpoint_dir,
-        out_dir=out_dir,
-        data=data,
-        train=train,
-        eval=eval,
-        cache=cache,
-        optimizer=optimizer,
-        sweep=sweep,
-        seed=seed,
-        resume_from=checkpoint,
-        precision=trained_in,
-        quantize=quantize,
     )
     fabric.launch(main, run)
 

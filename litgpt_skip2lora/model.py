@@ -103,22 +103,13 @@ class Block(litgpt.lora.Block):
         frozen = config.skip2lora_enabled and block_idx < config.skip2lora_tail_start < config.n_layer
         super().__init__(replace(config, **{flag: False for flag in LORA_FLAGS}) if frozen else config, block_idx)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        input_pos_maxp1: int | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """LitGPT's block; with ``rows``, a ``(B, T)`` mask, only those rows come out, so the MLP runs on them alone
-        (in the tail's last block, the rows the loss reads)."""
+    def forward(self, x: torch.Tensor, *rope: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """LitGPT's block (``rope``: its cos, sin, mask and positions); with ``rows``, a ``(B, T)`` mask, only those
+        rows come out, so the MLP runs on them alone (in the tail's last block, the rows the loss reads)."""
         if rows is None:
-            return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)
+            return super().forward(x, *rope)
         x_normed = self.norm_1(x)
-        attention_output = self.post_attention_norm(self.attn(x_normed, cos, sin, mask, input_pos, input_pos_maxp1))
+        attention_output = self.post_attention_norm(self.attn(x_normed, *rope))
         attention_output, x = attention_output[rows], x[rows]
         if self.config.parallel_residual:
             x_normed = x_normed[rows] if self.config.shared_attention_norm else self.norm_2(x)
@@ -249,7 +240,7 @@ class GPT(litgpt.lora.GPT):
         if self.config.rope_indices is not None:
             which = self.config.rope_indices[i]
             cos, sin = cos[..., which], sin[..., which]
-        return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1, rows)
+        return self.transformer.h[i](x, cos, sin, rope.mask, rope.input_pos, rope.input_pos_maxp1, rows=rows)
 
     def _rope_and_mask(self, T: int, input_pos: torch.Tensor | None, input_pos_maxp1: int | None) -> Rope:
         """RoPE tables and attention mask for T tokens, as LitGPT 0.5.13's forward makes them."""

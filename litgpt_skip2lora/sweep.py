@@ -132,22 +132,19 @@ class Configuration:
     model_config: Config
     """The model's config with its adapter options: what its checkpoint is loaded with."""
     adapters: Adapters
-    lora: dict[str, nn.Parameter]
-    """Its own copies of the tail's LoRA parameters, by their names in the model."""
+    lora: dict[str, nn.Parameter]  # its own copies of the tail's LoRA parameters, by their names in the model
     seed: int
     optimizer_spec: dict
     """The run's optimizer, ``{"class_path": ..., "init_args": {...}}``, with its swept values."""
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    rng: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Its dropout stream: the generator state it continues from."""
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)  # its dropout stream's generator state
     alive: bool = True
     steps: int = 0
     val_loss: float = math.nan
     best_val_loss: float = math.nan
     best_step: int = 0
-    best: list[torch.Tensor] | None = None
-    """Its trained parameters at ``best_step``, with ``--sweep.best_step``."""
+    best: list[torch.Tensor] | None = None  # its trained parameters at best_step, with --sweep.best_step
     accuracy: float = math.nan
 
     def tagged(self, metric: str) -> str:

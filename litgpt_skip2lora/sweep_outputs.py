@@ -123,8 +123,7 @@ def export_configuration(configuration_dir: Path, final_dir: Path | None = None,
 
     Args:
         configuration_dir: ``<out_dir>/sweep/<name>``, written by a sweep.
-        final_dir: The sweep's ``final/``, whose frozen weights and tokenizer are reused; default
-            ``<out_dir>/final``.
+        final_dir: The sweep's ``final/``, whose frozen weights and tokenizer are reused; default ``<out_dir>/final``.
         out_dir: Where the checkpoint goes; default ``<out_dir>/final-<name>``.
     """
     configuration_dir = Path(configuration_dir)

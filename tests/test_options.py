@@ -13,7 +13,7 @@ from litgpt.utils import select_sft_generate_example
 
 from litgpt_skip2lora.cache import CacheArgs
 from litgpt_skip2lora.checks import check_train_args, optimizer_spec
-from litgpt_skip2lora.finetune import setup
+from litgpt_skip2lora.finetune import Run, setup
 from litgpt_skip2lora.sweep import SWEPT, SweepArgs
 
 PACKAGE = Path(__file__).parents[1] / "litgpt_skip2lora"
@@ -62,7 +62,7 @@ def test_every_option_of_a_group_is_read_or_refused(group: str) -> None:
 def test_every_argument_of_setup_is_read() -> None:
     body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(setup))).body[0]
     names = {n.id for n in ast.walk(body) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    names |= {"locals"} if "locals()" in inspect.getsource(setup) else set()
+    names |= {field.name for field in dataclasses.fields(Run)}  # handed to main by name, from locals()
     unread = [p for p in inspect.signature(setup).parameters if p not in names]
     assert not unread, f"finetune_skip2lora arguments never read: {unread}"
 
