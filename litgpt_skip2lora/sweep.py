@@ -354,7 +354,7 @@ def check_fits(sweep: Sweep, rows: int, available: int) -> None:
     """Refuse, in one line, a sweep that would not fit ``available`` bytes: its trained state, shared masks, and
     head. The plain head holds in each lane one configuration's logits, softmax and gradient in float32, and in a
     validation a group's logits and as much again; the factored one ``head(stream)`` and every configuration's
-    graph. A lane's graph of the tail, which a solo run holds too, is not counted."""
+    graph. The tail's graphs, one per lane, are not counted (a solo run holds one)."""
     model, count = sweep.model, len(sweep.configurations)
     vocab, value = model.config.padded_vocab_size, head_value_bytes(model)
     factored = factors_head(model, rows, [c.adapters for c in sweep.configurations], training=True)
