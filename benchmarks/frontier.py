@@ -17,14 +17,15 @@ and a plot of accuracy against wall time.
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
+import litgpt_skip2lora.__main__ as cli
 from benchmarks import end_to_end
-from benchmarks.runs import run_logged
 from litgpt_skip2lora.sweep_outputs import export_configuration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,12 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def scored(final: Path, data: dict, answers: Path, work: Path) -> dict:
-    """Greedy exact match of ``final`` on the data's held-out items, its per-item answers in ``answers``."""
-    command = [sys.executable, "-m", "litgpt_skip2lora", "evaluate_accuracy", str(final), "--data", json.dumps(data)]
-    done = run_logged([*command, "--labels", "[]", "--out_file", str(answers)], work / "evaluate.log", cwd=REPO)
-    if done.returncode:
-        raise SystemExit(f"evaluate_accuracy failed on {final}: see {work / 'evaluate.log'}")
+def scored(final: Path, data: dict, answers: Path) -> dict:
+    """Greedy exact match of ``final`` on the data's held-out items, its per-item answers in ``answers``: the
+    ``evaluate_accuracy`` command, run in this process from the repository (scoring is not timed)."""
+    argv = ["litgpt-skip2lora", "evaluate_accuracy", str(final), "--data", json.dumps(data), "--labels", "[]"]
+    before, sys.argv = (os.getcwd(), sys.argv), [*argv, "--out_file", str(answers)]
+    try:
+        os.chdir(REPO)
+        cli.main()
+    finally:
+        os.chdir(before[0])
+        sys.argv = before[1]
     report = json.loads(answers.read_text())
     return {"exact_match": report["exact_match"], "count": report["count"], "answers": answers.name}
 
@@ -61,11 +67,11 @@ def run_point(point: dict, configs: dict[str, Path], spec: dict, args: argparse.
     if spec["score"] == "exact_match":
         data = yaml.safe_load(configs[method].read_text())["data"]
         answers = args.out / f"frontier-{spec['task']}-{stamp}-{point['name']}.json"
-        row.update(scored(out_dir / "final", data, answers, out_dir))
+        row.update(scored(out_dir / "final", data, answers))
         for c in row.get("sweep", []) if point.get("score_each") else []:  # e.g. the seeds of one configuration
             export_configuration(out_dir / "sweep" / c["name"])
             answers = answers.with_name(f"frontier-{spec['task']}-{stamp}-{point['name']}-{c['name']}.json")
-            c.update(scored(out_dir / f"final-{c['name']}", data, answers, out_dir))
+            c.update(scored(out_dir / f"final-{c['name']}", data, answers))
     return row
 
 
