@@ -30,6 +30,7 @@ ROUTE_OPTIONS = ("skip2lora_output_layer", "skip2lora_block_indices")  # each ta
 ADAPTER_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout")  # shape the adapters and the tail's LoRA layers
 OPTIMIZER_OPTIONS = ("lr", "weight_decay")
 SWEPT = (*ROUTE_OPTIONS, *OPTIMIZER_OPTIONS, *ADAPTER_OPTIONS, "seed")  # in the order names list them
+PROGRESS = ("alive", "steps", "val_loss", "best_val_loss", "best_step", "best", "accuracy")  # a checkpoint's
 
 
 @dataclass
@@ -202,12 +203,8 @@ class Configuration:
 
     def state_dict(self) -> dict[str, Any]:
         modules = {name: getattr(self, name).state_dict() for name in ("adapters", "optimizer", "scheduler")}
-        return {**modules, "lora": {n: p.detach() for n, p in self.lora.items()}, **self.progress_state()}
-
-    def progress_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps of its progress: whether it trains, its steps, losses, best step and accuracy."""
-        names = ("alive", "steps", "val_loss", "best_val_loss", "best_step", "best", "accuracy")
-        return {name: getattr(self, name) for name in names}
+        progress = {name: getattr(self, name) for name in PROGRESS}
+        return {**modules, "lora": {n: p.detach() for n, p in self.lora.items()}, **progress}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("adapters", "optimizer", "scheduler"):
@@ -215,7 +212,7 @@ class Configuration:
         with torch.no_grad():
             for name, p in self.lora.items():
                 p.copy_(state["lora"][name])
-        for name in self.progress_state():
+        for name in PROGRESS:
             setattr(self, name, state[name])
 
 
@@ -393,10 +390,9 @@ def shared_mask_bytes(sweep: Sweep, rows: int) -> int:
     """What :class:`~litgpt_skip2lora.dropout.SharedMasks` holds through a step: a mask is kept until every stream
     that began in its state took it, so one configuration's masks per way of drawing in each shared state."""
     device = sweep.model.lm_head.linear.weight.device.type
-    states = Counter(root(c.rng[device]) for c in sweep.configurations)
-    ways = {}
-    for c in sweep.configurations:
-        state = root(c.rng[device])
+    roots = [root(c.rng[device]) for c in sweep.configurations]
+    states, ways = Counter(roots), {}
+    for c, state in zip(sweep.configurations, roots):
         if states[state] > 1 and c.model_config.lora_dropout:
             ways.setdefault((state, c.model_config.lora_dropout, c.adapters.reads), c)
     return sum(dropout_input_bytes(sweep.model, c, rows) for c in ways.values())
